@@ -1,0 +1,8 @@
+//! kiln: train and checkpoint models outside Python, with files the Hugging Face
+//! ecosystem reads and writes.
+//!
+//! This facade re-exports the workspace's crates so that one dependency gives the whole
+//! toolkit; each crate can also be used on its own.
+#![deny(missing_docs)]
+
+pub use kiln_formats as formats;
