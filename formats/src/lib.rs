@@ -25,6 +25,7 @@
 //! - [`detect`]: telling formats apart by their bytes, not their names.
 #![deny(missing_docs)]
 
+mod atomic;
 pub mod detect;
 mod dtype;
 mod error;
