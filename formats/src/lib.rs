@@ -29,6 +29,7 @@ mod atomic;
 pub mod detect;
 mod dtype;
 mod error;
+pub mod pyjson;
 pub mod safetensors;
 pub mod shard;
 mod tensor;
