@@ -26,6 +26,8 @@
 #![deny(missing_docs)]
 
 mod atomic;
+pub mod compare;
+pub mod convert;
 pub mod detect;
 mod dtype;
 mod error;

@@ -106,7 +106,7 @@ pub fn shard_name(format: Format, i: usize, n: usize) -> String {
 /// Whether `name` is a weights file or index that a save in `dir` would own: the
 /// single files and indexes of both formats, and anything named like a shard
 /// (`model-00001-of-00002.safetensors`, `pytorch_model-00002-of-00005.bin`).
-fn is_weights_file(name: &str) -> bool {
+pub(crate) fn is_weights_file(name: &str) -> bool {
     let singles = [Format::Safetensors, Format::PyTorch]
         .iter()
         .flat_map(|f| [f.hf_weights_name(), f.hf_index_name()])
