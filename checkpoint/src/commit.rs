@@ -226,6 +226,7 @@ pub enum Op {
 pub struct Fault {
     op: Option<Op>,
     path_contains: Option<String>,
+    path_ends_with: Option<PathBuf>,
     nth: u64,
     kind: io::ErrorKind,
     seen: u64,
@@ -237,6 +238,7 @@ impl Fault {
         Fault {
             op: Some(op),
             path_contains: None,
+            path_ends_with: None,
             nth: 1,
             kind: io::ErrorKind::Other,
             seen: 0,
@@ -263,6 +265,13 @@ impl Fault {
         self
     }
 
+    /// Counts only operations on a path that ends with the components of `tail`
+    /// (`Path::ends_with`: `"out"` matches `/tmp/x/out`, not `/tmp/x/out/a`).
+    pub fn path_ends_with(mut self, tail: impl Into<PathBuf>) -> Self {
+        self.path_ends_with = Some(tail.into());
+        self
+    }
+
     /// The kind of the injected error (default [`io::ErrorKind::Other`]); e.g.
     /// [`io::ErrorKind::StorageFull`] to imitate a full disk.
     pub fn with_kind(mut self, kind: io::ErrorKind) -> Self {
@@ -276,6 +285,10 @@ impl Fault {
                 .path_contains
                 .as_deref()
                 .is_none_or(|p| path.to_string_lossy().contains(p))
+            && self
+                .path_ends_with
+                .as_deref()
+                .is_none_or(|t| path.ends_with(t))
     }
 }
 

@@ -20,7 +20,9 @@
 //! - [`Completeness::Foreign`]: no manifest, but what transformers' Trainer writes:
 //!   a `trainer_state.json` that parses (Trainer writes it last) and weights
 //!   (`model.safetensors`, `pytorch_model.bin`, an adapter, or an index whose shards
-//!   are all present). kiln resumes such checkpoints.
+//!   are all present). kiln resumes such checkpoints. This is transformers' own
+//!   criterion and no stronger: a kiln checkpoint whose manifest was lost (or not yet
+//!   copied) but that holds those files is taken for a foreign one.
 //! - [`Completeness::Incomplete`]: anything else, with the reason (e.g. "copied in
 //!   half: manifest lists optimizer.safetensors, missing"). Never returned by
 //!   [`last_checkpoint`], never counted nor deleted by rotation.
