@@ -217,11 +217,19 @@ impl AsyncSaver {
     pub fn submit(&mut self, job: SaveJob) -> Result<Duration> {
         let start = Instant::now();
         let max = self.max_in_flight;
-        let mut st = self
-            .shared
-            .wait_until(|s| !s.errors.is_empty() || s.in_flight < max);
+        let mut blocked = false;
+        let mut st = self.shared.wait_until(|s| {
+            let ready = !s.errors.is_empty() || s.in_flight < max;
+            blocked |= !ready;
+            ready
+        });
         take_error(&mut st)?;
-        let wait = start.elapsed();
+        // Only real backpressure counts, not taking an uncontended lock.
+        let wait = if blocked {
+            start.elapsed()
+        } else {
+            Duration::ZERO
+        };
         st.in_flight += 1;
         drop(st);
         self.threads.retain(|t| !t.is_finished());

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 
-use common::{SMALL, Sizes, assert_content, names, save, save_with};
+use common::{SMALL, Sizes, assert_content, copy_dir, names, save, save_with};
 use kiln_checkpoint::commit::{
     Coordinator, Fault, FaultyFs, MANIFEST_NAME, Manifest, Op, SingleProcess, Staging,
 };
@@ -309,10 +309,12 @@ fn every_single_fault_leaves_a_consistent_folder() {
         let ops = probe.log().len() as u64;
         assert!(ops > 10, "{ops}");
 
+        let template = tempfile::tempdir().unwrap();
+        save(template.path(), 1, 0, SMALL).unwrap();
         for n in 1..=ops {
             let tmp = tempfile::tempdir().unwrap();
             let out = tmp.path();
-            save(out, 1, 0, SMALL).unwrap();
+            copy_dir(template.path(), out);
             let fs = Arc::new(FaultyFs::new().with_fault(Fault::any().nth(n)));
             let result = save_with(out, step, 1, SMALL, fs.clone());
             let (op, path) = fs.injected()[0].clone();
