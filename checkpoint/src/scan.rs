@@ -452,11 +452,14 @@ pub struct Verified {
 
 /// Checks a checkpoint folder in depth (`kiln verify`): it must be complete (or a
 /// complete transformers checkpoint), every tensor file must open and read back in
-/// full (`*.safetensors`, `*.bin` but `training_args.bin`, and shard indexes, whose
-/// shards are then read once through the index), and every `*.json` must parse.
+/// full, and every `*.json` must parse (Python's `NaN`/`Infinity` accepted).
 ///
-/// Other files (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`: pickles of general
-/// objects) are checked for presence and size only, through the manifest.
+/// Tensor files: every `*.safetensors`, the PyTorch weights (`pytorch_model*.bin`,
+/// `adapter_model.bin`) and shard indexes (`*.index.json`, whose shards are then read
+/// once, through the index). Other files, such as `training_args.bin`, `optimizer.pt`,
+/// `optimizer.bin` (accelerate FSDP), `scheduler.pt` or `rng_state.pth`, are pickles of
+/// general objects rather than flat state dicts: they are checked for presence and
+/// size only, through the manifest.
 pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
     let completeness = completeness(dir)?;
     if let Completeness::Incomplete(reason) = completeness {
@@ -494,7 +497,8 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
     for path in &files {
         let name = file_name(path);
         let tensor_file = name.ends_with(".safetensors")
-            || (name.ends_with(".bin") && name != "training_args.bin");
+            || (name.ends_with(".bin")
+                && (name.starts_with("pytorch_model") || name == "adapter_model.bin"));
         if !tensor_file || covered.contains(path) {
             continue;
         }
