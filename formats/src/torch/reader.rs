@@ -71,6 +71,7 @@ impl TorchFile {
         }
         let archive = Archive::parse(&map)?;
         let prefix = find_prefix(&archive)?;
+        archive.require_stored()?;
         if let Some(order) = archive.get(&format!("{prefix}byteorder")) {
             match archive.data(&map, order) {
                 b"little" => {}

@@ -20,10 +20,13 @@ pub(crate) struct Entry {
     pub header_start: u64,
     /// Offset of the first byte of data.
     pub data_start: u64,
-    /// Length of the data (stored: compressed size = size).
+    /// Length of the data as stored in the file (the compressed size).
     pub size: u64,
     /// CRC-32 from the central directory.
     pub crc32: u32,
+    /// The compression method, for entries that are not stored (refused by
+    /// [`Archive::require_stored`]).
+    pub compression: Option<String>,
 }
 
 /// The entries of a zip archive, validated: stored, inside the file, not
@@ -57,14 +60,8 @@ impl Archive {
             if e.encrypted() {
                 return Err(zip_err(format!("entry {name} is encrypted")));
             }
-            if e.compression() != CompressionMethod::Stored {
-                return Err(Error::Unsupported(format!(
-                    "entry {name} is compressed ({}); torch checkpoints store entries \
-                     uncompressed (re-save with torch.save)",
-                    e.compression()
-                )));
-            }
-            if e.compressed_size() != e.size() {
+            let stored = e.compression() == CompressionMethod::Stored;
+            if stored && e.compressed_size() != e.size() {
                 return Err(zip_err(format!(
                     "stored entry {name} has size {} but compressed size {}",
                     e.size(),
@@ -72,23 +69,24 @@ impl Archive {
                 )));
             }
             let header_start = e.header_start();
-            let data_start = local_data_start(bytes, header_start, &name)?;
+            let data_start = local_data_start(bytes, header_start, &name, stored)?;
             data_start
-                .checked_add(e.size())
+                .checked_add(e.compressed_size())
                 .filter(|&end| end <= file_len)
                 .ok_or_else(|| {
                     zip_err(format!(
                         "entry {name} ({} bytes at offset {data_start}) runs past the end \
                          of the file ({file_len} bytes)",
-                        e.size()
+                        e.compressed_size()
                     ))
                 })?;
             entries.push(Entry {
                 name,
                 header_start,
                 data_start,
-                size: e.size(),
+                size: e.compressed_size(),
                 crc32: e.crc32(),
+                compression: (!stored).then(|| e.compression().to_string()),
             });
         }
         check_overlaps(&entries)?;
@@ -98,6 +96,21 @@ impl Archive {
             .map(|(i, e)| (e.name.clone(), i))
             .collect();
         Ok(Archive { entries, by_name })
+    }
+
+    /// Refuses the archive if any entry is compressed: torch stores every entry, and
+    /// a compressed storage record cannot be mapped (torch's own `mmap=True` load
+    /// silently reads it wrong).
+    pub fn require_stored(&self) -> Result<()> {
+        match self.entries.iter().find(|e| e.compression.is_some()) {
+            Some(e) => Err(Error::Unsupported(format!(
+                "entry {} is compressed ({}); torch checkpoints store entries \
+                 uncompressed (re-save with torch.save)",
+                e.name,
+                e.compression.as_deref().unwrap_or("?")
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Every entry, in central-directory order.
@@ -110,7 +123,8 @@ impl Archive {
         self.by_name.get(name).map(|&i| &self.entries[i])
     }
 
-    /// The data of `entry` within `bytes` (the file the archive was parsed from).
+    /// The data of `entry` within `bytes` (the file the archive was parsed from): the
+    /// compressed bytes for an entry that is not stored.
     pub fn data<'a>(&self, bytes: &'a [u8], entry: &Entry) -> &'a [u8] {
         // Validated in `parse`: data_start + size <= bytes.len().
         let start = entry.data_start as usize;
@@ -134,7 +148,7 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 /// Checks the local header at `at` and returns where its data starts.
-fn local_data_start(bytes: &[u8], at: u64, name: &str) -> Result<u64> {
+fn local_data_start(bytes: &[u8], at: u64, name: &str, stored: bool) -> Result<u64> {
     let bad = |why: &str| zip_err(format!("entry {name}: {why}"));
     let header = usize::try_from(at)
         .ok()
@@ -144,8 +158,8 @@ fn local_data_start(bytes: &[u8], at: u64, name: &str) -> Result<u64> {
         return Err(bad("no local header where the central directory points"));
     }
     let method = u16::from_le_bytes([header[8], header[9]]);
-    if method != 0 {
-        return Err(bad("local header says compressed"));
+    if (method == 0) != stored {
+        return Err(bad("local and central headers disagree on compression"));
     }
     let name_len = u64::from(u16::from_le_bytes([header[26], header[27]]));
     let extra_len = u64::from(u16::from_le_bytes([header[28], header[29]]));

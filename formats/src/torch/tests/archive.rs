@@ -135,6 +135,12 @@ fn refuses_compressed_entries() {
         matches!(&e, Error::Unsupported(m) if m.contains("compressed")),
         "{e}"
     );
+    // Headers that disagree.
+    let mut bytes = good();
+    let l = local(&bytes, "archive/data/0");
+    set_u16(&mut bytes, l + 8, 8);
+    let e = open_err(&bytes);
+    assert!(matches!(&e, Error::Zip(m) if m.contains("disagree")), "{e}");
 }
 
 #[test]
@@ -183,6 +189,23 @@ fn refuses_torchscript_legacy_and_other_files() {
         ("archive/constants.pkl", b"\x80\x02).".as_slice()),
         ("archive/data/0", &W),
     ]);
+    let e = open_err(&bytes);
+    assert!(
+        matches!(&e, Error::Unsupported(m) if m.contains("TorchScript")),
+        "{e}"
+    );
+    // TorchScript deflates its code entries: still named as TorchScript.
+    let mut bytes = zip_bytes(&[
+        ("archive/data.pkl", &pkl),
+        ("archive/code/m.py", b"x"),
+        ("archive/constants.pkl", b"\x80\x02).".as_slice()),
+    ]);
+    let (c, l) = (
+        central(&bytes, "archive/code/m.py"),
+        local(&bytes, "archive/code/m.py"),
+    );
+    set_u16(&mut bytes, c + 10, 8);
+    set_u16(&mut bytes, l + 8, 8);
     let e = open_err(&bytes);
     assert!(
         matches!(&e, Error::Unsupported(m) if m.contains("TorchScript")),
