@@ -12,7 +12,7 @@ const MAX_EXPANSION: u64 = 16;
 const EXPANSION_FLOOR: u64 = 64 << 20;
 
 /// Checks with overflow-safe arithmetic that every element `t` can reach lies inside
-/// a storage of `storage_bytes` bytes, and that its size fits in memory.
+/// a storage of `storage_bytes` bytes, and that its byte size fits in `usize`.
 pub(crate) fn check_bounds(t: &TensorRef, storage_bytes: u64) -> Result<()> {
     if t.shape.len() != t.stride.len() {
         return Err(Error::Tensor(format!(
@@ -26,7 +26,7 @@ pub(crate) fn check_bounds(t: &TensorRef, storage_bytes: u64) -> Result<()> {
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
         .ok_or_else(|| Error::Tensor(format!("shape {:?} overflows", t.shape)))?;
-    let nbytes = numel
+    numel
         .checked_mul(es)
         .filter(|&n| usize::try_from(n).is_ok())
         .ok_or_else(|| Error::Tensor(format!("shape {:?} too large", t.shape)))?;
@@ -56,11 +56,6 @@ pub(crate) fn check_bounds(t: &TensorRef, storage_bytes: u64) -> Result<()> {
             t.stride
         )));
     }
-    if nbytes > EXPANSION_FLOOR && nbytes / MAX_EXPANSION > storage_bytes {
-        return Err(Error::Unsupported(format!(
-            "a view of {nbytes} bytes repeating a {storage_bytes}-byte storage (stride 0)"
-        )));
-    }
     Ok(())
 }
 
@@ -72,6 +67,13 @@ pub(crate) fn materialize<'a>(t: &TensorRef, storage: &'a [u8]) -> Result<Tensor
     // Bounds are checked: every product below fits in u64 and in usize.
     let numel = t.numel() as usize;
     let nbytes = numel * es;
+    let storage_bytes = storage.len() as u64;
+    if nbytes as u64 > EXPANSION_FLOOR && nbytes as u64 / MAX_EXPANSION > storage_bytes {
+        return Err(Error::Unsupported(format!(
+            "a view of {nbytes} bytes repeating a {storage_bytes}-byte storage (stride 0) \
+             is not expanded"
+        )));
+    }
     if numel == 0 {
         return TensorView::new(t.dtype, t.shape.clone(), Cow::Borrowed(&[][..]));
     }

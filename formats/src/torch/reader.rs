@@ -312,7 +312,9 @@ impl TensorCollection for TorchFile {
     }
 
     /// Reads every entry and checks its CRC-32 against the central directory, then
-    /// materialises every tensor of the flat view.
+    /// checks every tensor and storage of the tree (not only the flat view) against
+    /// its record: declared size, and every element its view can reach. Strided views
+    /// are not copied out (that is deterministic once the bounds hold).
     fn verify(&self) -> Result<()> {
         for e in self.archive.entries() {
             let crc = crc32fast::hash(self.archive.data(&self.map, e));
@@ -325,13 +327,6 @@ impl TensorCollection for TorchFile {
             }
         }
         self.check_tree().in_file(&self.path)?;
-        for (info, t) in self.infos.iter().zip(&self.refs) {
-            let v = self.read_tensor(t).in_file(&self.path)?;
-            if v.dtype() != info.dtype || v.shape() != info.shape.as_slice() {
-                return Err(Error::Tensor(format!("{}: inconsistent view", info.name)))
-                    .in_file(&self.path);
-            }
-        }
         Ok(())
     }
 }

@@ -86,6 +86,15 @@ impl StorageSource for CollectionSource<'_> {
 ///
 /// Tensors are read from the collection one at a time while writing.
 pub fn save(path: impl AsRef<Path>, tensors: &dyn TensorCollection) -> Result<()> {
+    // Storages are keyed by tensor name here: names must be unique.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = tensors.tensors().iter().find(|t| !seen.insert(&t.name)) {
+        return Err(Error::Tensor(format!(
+            "duplicate tensor name {:?}",
+            dup.name
+        )))
+        .in_file(path.as_ref());
+    }
     let root = Value::OrderedDict(
         tensors
             .tensors()

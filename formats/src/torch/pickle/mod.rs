@@ -16,6 +16,9 @@
 mod allowlist;
 mod ops;
 mod read;
+mod rebuild;
+mod text;
+mod tree;
 mod value;
 mod write;
 

@@ -232,3 +232,34 @@ fn flat_view_prefers_state_dict_entries() {
         assert_eq!(names, ["layer.weight"], "{key}");
     }
 }
+
+#[test]
+fn dimensions_and_strides_past_2_pow_31() {
+    // A stride-0 broadcast of one byte to 1 x 2^33, with a stride of 2^34 on the
+    // size-1 dimension: written with LONG1, read back exactly, never expanded.
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = StorageMap::new();
+    st.insert("b", vec![7u8]);
+    let t = TensorRef {
+        storage: StorageRef {
+            key: "b".into(),
+            dtype: Some(DType::U8),
+            nbytes: 1,
+            location: "cpu".into(),
+        },
+        dtype: DType::U8,
+        offset: 0,
+        shape: vec![1, 1 << 33],
+        stride: vec![1 << 34, 0],
+        requires_grad: false,
+    };
+    let path = dir.path().join("long.bin");
+    let tree = Value::Dict(vec![(s("b"), Value::Tensor(Box::new(t.clone())))]);
+    save_value(&path, &tree, &st).unwrap();
+    let f = TorchFile::open(&path).unwrap();
+    assert_eq!(f.tensors()[0].shape, vec![1, 1 << 33]);
+    let got = f.tensor_ref("b").unwrap();
+    assert_eq!((got.shape.clone(), got.stride.clone()), (t.shape, t.stride));
+    let e = f.tensor("b").unwrap_err();
+    assert!(e.to_string().contains("not expanded"), "{e}");
+}
