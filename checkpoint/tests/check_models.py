@@ -3,7 +3,10 @@ originals; called by checkpoint/tests/model_dir.rs (one invocation for all folde
 importing torch takes seconds).
 
 Usage: python check_models.py JOBS.json
-JOBS.json: [{"dir": ..., "original": ..., "auto": "AutoModelForCausalLM", "tied": [[t, s]]}]
+JOBS.json: [{"dir": ..., "original": ..., "auto": "AutoModelForCausalLM", "tied": [[t, s]],
+             "file_sharing": false}]
+With "file_sharing", every .bin file in "dir" is also read with torch.load(weights_only=True)
+and "unshared_in_file" lists the tied pairs (in one file) that do not share one storage.
 Prints one JSON line: {"results": [...]} or {"skip": "<reason>"}.
 """
 import json
@@ -47,7 +50,20 @@ def main():
             + [k for k in state if k not in original]
         )
         untied = [t for t, s in job["tied"] if state[t].data_ptr() != state[s].data_ptr()]
+        unshared = []
+        if job.get("file_sharing"):
+            import pathlib
+
+            for f in sorted(pathlib.Path(job["dir"]).glob("*.bin")):
+                sd = torch.load(f, weights_only=True)
+                for t, s in job["tied"]:
+                    if t in sd and s in sd:
+                        if sd[t].untyped_storage().data_ptr() != sd[s].untyped_storage().data_ptr():
+                            unshared.append(f"{f.name}: {t} / {s}")
+                    elif t in sd or s in sd:
+                        unshared.append(f"{f.name}: {t} / {s} in different files")
         results.append({
+            "unshared_in_file": unshared,
             "dir": job["dir"],
             "class": type(model).__name__,
             "missing": sorted(info.get("missing_keys", [])),

@@ -772,6 +772,48 @@ fn python() -> Result<PathBuf, String> {
     }
 }
 
+/// Runs `check_models.py` on `jobs` (one Python process for all); `None`, after printing
+/// why, when Python, torch or transformers is not available.
+fn transformers_check(jobs: &[Value], work: &Path) -> Option<Vec<Value>> {
+    let python = match python() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("skipping: {why}");
+            return None;
+        }
+    };
+    let jobs_path = work.join("jobs.json");
+    std::fs::write(&jobs_path, serde_json::to_string(jobs).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check_models.py");
+    let out = match Command::new(&python)
+        .arg(&script)
+        .arg(&jobs_path)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            println!("skipping: cannot run {}: {e}", python.display());
+            return None;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    if let Some(why) = report.get("skip") {
+        println!("skipping: {why}");
+        return None;
+    }
+    Some(report["results"].as_array().unwrap().clone())
+}
+
 #[test]
 fn transformers_fixtures_load_in_kiln_and_kiln_resaves_load_in_transformers() {
     let bin = torch_format_available();
@@ -846,43 +888,9 @@ fn transformers_fixtures_load_in_kiln_and_kiln_resaves_load_in_transformers() {
         }
     }
 
-    let python = match python() {
-        Ok(p) => p,
-        Err(why) => {
-            println!("skipping: {why}");
-            return;
-        }
-    };
-    let jobs_path = work.path().join("jobs.json");
-    std::fs::write(&jobs_path, serde_json::to_string(&jobs).unwrap()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check_models.py");
-    let out = match Command::new(&python)
-        .arg(&script)
-        .arg(&jobs_path)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .env("TOKENIZERS_PARALLELISM", "false")
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => {
-            println!("skipping: cannot run {}: {e}", python.display());
-            return;
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{} failed:\n{stdout}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
-    if let Some(why) = report.get("skip") {
-        println!("skipping: {why}");
+    let Some(results) = transformers_check(&jobs, work.path()) else {
         return;
-    }
-    let results = report["results"].as_array().unwrap();
+    };
     assert_eq!(results.len(), jobs.len());
     for r in results {
         let dir = r["dir"].as_str().unwrap();
@@ -902,5 +910,42 @@ fn transformers_fixtures_load_in_kiln_and_kiln_resaves_load_in_transformers() {
             "transformers loaded {dir}: {} tensors identical",
             r["compared"]
         );
+    }
+}
+
+/// PENDING: transformers' `.bin` keeps both tied names on ONE storage. kiln writes `.bin`
+/// through `kiln_formats::shard::save_sharded`, whose torch writer stores one storage per
+/// name, so the tied name is for now a second copy (transformers loads it, and re-ties,
+/// all the same: the interop test above checks that). Un-ignore once the torch module's
+/// shared-storage writer is on main and `model` writes ties through it.
+#[test]
+#[ignore = "pending: .bin tied names on one storage needs the torch shared-storage writer"]
+fn bin_tied_names_share_one_storage_in_the_file() {
+    if !torch_format_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = fixtures_dir().join("gpt2");
+    let (_, expected, tied) = expected_of("gpt2");
+    let loaded = load(&src, &expected, &tied);
+    let mut jobs = Vec::new();
+    for (name, max) in [("single", 5_000_000_000), ("sharded", 3_000)] {
+        let out = work.path().join(name);
+        let mut save = ModelSave::new(loaded.config.clone(), loaded.weights.as_ref());
+        save.tied = tied.clone();
+        let opts = SaveOptions::default()
+            .with_safetensors(false)
+            .with_max_shard_size(max);
+        model::save_pretrained(&out, &save, &opts).unwrap();
+        jobs.push(
+            json!({"dir": out, "original": src, "auto": "AutoModelForCausalLM",
+                         "tied": tied, "file_sharing": true}),
+        );
+    }
+    let Some(results) = transformers_check(&jobs, work.path()) else {
+        return;
+    };
+    for r in results {
+        assert_eq!(r["unshared_in_file"], json!([]), "{r}");
     }
 }

@@ -22,7 +22,11 @@
 //!   the index's `weight_map`, exactly as transformers leaves it out, and it is re-tied on
 //!   load. For `.bin`, both names are written, as transformers' `.bin` keeps both.
 //!   A tied name missing from the weights handed to a save is added back for `.bin`
-//!   (read from its source).
+//!   (read from its source). PENDING: transformers stores the two names on one storage;
+//!   kiln writes `.bin` through [`shard::save_sharded`], whose torch writer gives each
+//!   name its own storage, so the tied name is a second copy (and is counted in the
+//!   shard sizes) until the torch module's shared-storage writer is used here. Loading
+//!   is unaffected: transformers and kiln read both names either way.
 //! - **Aliasing is checked, never silently resolved.** Two tensors whose bytes overlap
 //!   in memory (as the collection lends them) must be a declared tie, and a declared tie
 //!   whose two tensors differ in dtype, shape or bytes is refused: saving either one

@@ -248,3 +248,54 @@ impl TensorCollection for Selection<'_> {
 pub(super) fn name_set(infos: &[TensorInfo]) -> HashSet<&str> {
     infos.iter().map(|i| i.name.as_str()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_formats::{DType, TensorMap};
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn partners_put_the_source_first() {
+        let ties = Ties::new(&pairs(&[("lm_head.weight", "wte"), ("out.weight", "wte")])).unwrap();
+        assert_eq!(ties.partners("lm_head.weight"), ["wte", "out.weight"]);
+        assert_eq!(ties.partners("wte"), ["lm_head.weight", "out.weight"]);
+        assert!(ties.partners("other").is_empty());
+        assert!(ties.is_tied("out.weight") && !ties.is_tied("wte"));
+    }
+
+    /// A collection that hands out a fresh owned copy on every read (as a strided
+    /// PyTorch tensor is read): the allocator may reuse one copy's address for the next,
+    /// which must not be taken for aliasing.
+    struct Copying(TensorMap<'static>);
+
+    impl TensorCollection for Copying {
+        fn format(&self) -> Option<Format> {
+            None
+        }
+        fn metadata(&self) -> &BTreeMap<String, String> {
+            self.0.metadata()
+        }
+        fn tensors(&self) -> &[TensorInfo] {
+            self.0.tensors()
+        }
+        fn tensor(&self, name: &str) -> kiln_formats::Result<TensorView<'_>> {
+            Ok(self.0.tensor(name)?.into_owned())
+        }
+    }
+
+    #[test]
+    fn owned_copies_are_not_aliases() {
+        let mut m = TensorMap::new();
+        for name in ["a", "b", "c"] {
+            let v = TensorView::new(DType::F32, vec![4], vec![name.as_bytes()[0]; 16]).unwrap();
+            m.insert(name, v).unwrap();
+        }
+        check_save(&Copying(m), &Ties::default()).unwrap();
+    }
+}
