@@ -173,6 +173,12 @@ fn untied_safetensors_round_trip_writes_config_like_transformers() {
     );
     assert_eq!(saved.weights.index, None);
     assert!(saved.dropped_tied.is_empty());
+    let written: BTreeSet<String> = saved
+        .files()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(written, files_in(dir.path()));
     assert_eq!(
         files_in(dir.path()),
         [
@@ -313,6 +319,22 @@ fn bin_round_trips_keep_both_tied_names() {
         assert_eq!(saved.weights.files.len() > 1, max_shard_size == 200);
         let names = names_in_files(dir.path(), Format::PyTorch);
         assert!(names.contains(LM_HEAD) && names.contains(WTE), "{names:?}");
+        // One storage for both names, in the shard of the source.
+        let first = &saved.weights.files[0];
+        let file = kiln_formats::torch::TorchFile::open(first).unwrap();
+        let (head, wte_ref) = (
+            file.tensor_ref(LM_HEAD).unwrap(),
+            file.tensor_ref(WTE).unwrap(),
+        );
+        assert_eq!(head.storage.key, wte_ref.storage.key);
+        if let Some(index) = &saved.weights.index {
+            let index: Value =
+                serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
+            assert_eq!(index["weight_map"][LM_HEAD], index["weight_map"][WTE]);
+            // The tie is counted once, as huggingface_hub counts storages.
+            assert_eq!(index["metadata"]["total_size"], 4 * (32 + 24 + 48 + 12 + 4));
+            assert_eq!(index["metadata"]["total_parameters"], 32 + 24 + 48 + 12 + 4);
+        }
         let loaded = load(dir.path(), &infos(&weights), &tie());
         assert!(loaded.report.is_clean(), "{:?}", loaded.report);
         assert!(loaded.report.retied.is_empty());
@@ -336,8 +358,12 @@ fn bin_round_trips_keep_both_tied_names() {
         &SaveOptions::default().with_safetensors(false),
     )
     .unwrap();
-    let file = kiln_formats::open(dir.path().join("pytorch_model.bin")).unwrap();
+    let file = kiln_formats::torch::TorchFile::open(dir.path().join("pytorch_model.bin")).unwrap();
     assert_eq!(file.tensor(LM_HEAD).unwrap().data(), &wte[..]);
+    assert_eq!(
+        file.tensor_ref(LM_HEAD).unwrap().storage.key,
+        file.tensor_ref(WTE).unwrap().storage.key
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -884,7 +910,10 @@ fn transformers_fixtures_load_in_kiln_and_kiln_resaves_load_in_transformers() {
             let again = load(&out, &expected, &tied);
             assert!(again.report.is_clean());
             assert_same_tensors(loaded.weights.as_ref(), again.weights.as_ref());
-            jobs.push(json!({"dir": out, "original": src, "auto": fx.auto, "tied": tied}));
+            jobs.push(
+                json!({"dir": out, "original": src, "auto": fx.auto, "tied": tied,
+                             "file_sharing": !safetensors}),
+            );
         }
     }
 
@@ -901,6 +930,7 @@ fn transformers_fixtures_load_in_kiln_and_kiln_resaves_load_in_transformers() {
             "errors",
             "different",
             "untied",
+            "unshared_in_file",
             "warnings",
         ] {
             assert_eq!(r[key], json!([]), "{dir}: {key}: {r}");
@@ -910,42 +940,5 @@ fn transformers_fixtures_load_in_kiln_and_kiln_resaves_load_in_transformers() {
             "transformers loaded {dir}: {} tensors identical",
             r["compared"]
         );
-    }
-}
-
-/// PENDING: transformers' `.bin` keeps both tied names on ONE storage. kiln writes `.bin`
-/// through `kiln_formats::shard::save_sharded`, whose torch writer stores one storage per
-/// name, so the tied name is for now a second copy (transformers loads it, and re-ties,
-/// all the same: the interop test above checks that). Un-ignore once the torch module's
-/// shared-storage writer is on main and `model` writes ties through it.
-#[test]
-#[ignore = "pending: .bin tied names on one storage needs the torch shared-storage writer"]
-fn bin_tied_names_share_one_storage_in_the_file() {
-    if !torch_format_available() {
-        return;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let src = fixtures_dir().join("gpt2");
-    let (_, expected, tied) = expected_of("gpt2");
-    let loaded = load(&src, &expected, &tied);
-    let mut jobs = Vec::new();
-    for (name, max) in [("single", 5_000_000_000), ("sharded", 3_000)] {
-        let out = work.path().join(name);
-        let mut save = ModelSave::new(loaded.config.clone(), loaded.weights.as_ref());
-        save.tied = tied.clone();
-        let opts = SaveOptions::default()
-            .with_safetensors(false)
-            .with_max_shard_size(max);
-        model::save_pretrained(&out, &save, &opts).unwrap();
-        jobs.push(
-            json!({"dir": out, "original": src, "auto": "AutoModelForCausalLM",
-                         "tied": tied, "file_sharing": true}),
-        );
-    }
-    let Some(results) = transformers_check(&jobs, work.path()) else {
-        return;
-    };
-    for r in results {
-        assert_eq!(r["unshared_in_file"], json!([]), "{r}");
     }
 }

@@ -20,13 +20,10 @@
 //! - **Tied weights.** safetensors cannot store two names on one buffer, so for
 //!   safetensors the tied name (GPT-2's `lm_head.weight`) is left out of the files and of
 //!   the index's `weight_map`, exactly as transformers leaves it out, and it is re-tied on
-//!   load. For `.bin`, both names are written, as transformers' `.bin` keeps both.
-//!   A tied name missing from the weights handed to a save is added back for `.bin`
-//!   (read from its source). PENDING: transformers stores the two names on one storage;
-//!   kiln writes `.bin` through [`shard::save_sharded`], whose torch writer gives each
-//!   name its own storage, so the tied name is a second copy (and is counted in the
-//!   shard sizes) until the torch module's shared-storage writer is used here. Loading
-//!   is unaffected: transformers and kiln read both names either way.
+//!   load. For `.bin`, both names are written on one storage, as transformers' `.bin`
+//!   keeps them: the tied name goes into its source's shard and is not counted again
+//!   in shard sizes nor in the index totals. A tied name missing from the weights handed
+//!   to a save is added back for `.bin` (viewing its source's storage).
 //! - **Aliasing is checked, never silently resolved.** Two tensors whose bytes overlap
 //!   in memory (as the collection lends them) must be a declared tie, and a declared tie
 //!   whose two tensors differ in dtype, shape or bytes is refused: saving either one
@@ -65,6 +62,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bin;
 mod tied;
 
 use std::collections::{BTreeMap, HashSet};
@@ -226,6 +224,20 @@ pub struct SavedModel {
     pub training_args: Option<PathBuf>,
 }
 
+impl SavedModel {
+    /// Every file the save wrote (config, weights, index, tokenizer files, training
+    /// arguments), for a manifest.
+    pub fn files(&self) -> Vec<&Path> {
+        std::iter::once(self.config.as_path())
+            .chain(self.generation_config.as_deref())
+            .chain(self.weights.files.iter().map(PathBuf::as_path))
+            .chain(self.weights.index.as_deref())
+            .chain(self.tokenizer_files.iter().map(PathBuf::as_path))
+            .chain(self.training_args.as_deref())
+            .collect()
+    }
+}
+
 /// Writes a model folder that `transformers`' `from_pretrained` loads (see the
 /// [module documentation](self) for what goes where).
 ///
@@ -269,7 +281,10 @@ pub fn save_pretrained(
 
     let format = options.format();
     let (weights, dropped_tied) = weights_to_write(model.weights, &ties, format);
-    let saved = shard::save_sharded(dir, format, &weights, options.max_shard_size)?;
+    let saved = match format {
+        Format::Safetensors => shard::save_sharded(dir, format, &weights, options.max_shard_size)?,
+        Format::PyTorch => bin::save(dir, &weights, &ties, options.max_shard_size)?,
+    };
 
     let mut tokenizer_files = Vec::with_capacity(model.tokenizer_files.len());
     for (name, bytes) in &model.tokenizer_files {

@@ -51,6 +51,11 @@ impl Ties {
         self.source.contains_key(name)
     }
 
+    /// The source `name` is tied to, if it is a tied name.
+    pub(super) fn source_of(&self, name: &str) -> Option<&str> {
+        self.source.get(name).map(String::as_str)
+    }
+
     /// The tie pairs (tied, source), in name order.
     pub(super) fn pairs(&self) -> Vec<(&str, &str)> {
         let mut v: Vec<_> = self
