@@ -39,7 +39,11 @@ pub const DATA_STATE_NAME: &str = "data_state.json";
 /// The RNG state file of `rank` among `world_size` processes: `rng_state.json` alone,
 /// `rng_state_<rank>.json` with several (as transformers names its `.pth` files).
 pub fn rng_state_name(rank: usize, world_size: usize) -> String {
-    if world_size <= 1 { "rng_state.json".into() } else { format!("rng_state_{rank}.json") }
+    if world_size <= 1 {
+        "rng_state.json".into()
+    } else {
+        format!("rng_state_{rank}.json")
+    }
 }
 
 /// Everything that goes into one checkpoint, owned, so that it can be written on
@@ -150,7 +154,10 @@ pub struct ResumeState {
 /// none of kiln's optimizer, scheduler, RNG or data files, so those come back `None`.
 pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<ResumeState> {
     if let Completeness::Incomplete(reason) = completeness(dir)? {
-        return Err(Error::Incomplete { path: dir.to_path_buf(), reason });
+        return Err(Error::Incomplete {
+            path: dir.to_path_buf(),
+            reason,
+        });
     }
     let read_json = |name: &str| -> Result<Option<Value>> {
         let path = dir.join(name);
@@ -158,11 +165,17 @@ pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<Res
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).at(&path)?;
-        serde_json::from_str(&text).map(Some).map_err(|e| Error::json(&path, e))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::json(&path, e))
     };
     let state = TrainerState::load(&dir.join(TRAINER_STATE_NAME))?;
     let opt_path = dir.join(OPTIMIZER_NAME);
-    let optimizer = if opt_path.exists() { Some(OptimizerState::load(&opt_path)?) } else { None };
+    let optimizer = if opt_path.exists() {
+        Some(OptimizerState::load(&opt_path)?)
+    } else {
+        None
+    };
     Ok(ResumeState {
         path: dir.to_path_buf(),
         state,
