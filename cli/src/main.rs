@@ -307,6 +307,9 @@ fn diff(a: &std::path::Path, b: &std::path::Path, tol: Tolerance) -> CmdResult {
 
 fn checkpoints(output_dir: &std::path::Path, as_json: bool) -> CmdResult {
     use kiln_checkpoint::scan::{Completeness, last_checkpoint, list_checkpoints};
+    if !output_dir.is_dir() {
+        return Err(kiln_checkpoint::Error::Invalid(format!("{}: not a folder", output_dir.display())).into());
+    }
     let list = list_checkpoints(output_dir)?;
     let last = last_checkpoint(output_dir)?;
     // The best checkpoint, as the newest complete checkpoint's trainer state records it.
