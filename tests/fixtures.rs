@@ -216,39 +216,54 @@ fn sharded_folder_index_and_shard_agree() {
     assert_same_tensors(one.as_ref(), &in_shard, &shard);
 }
 
-/// Every fixture written back by kiln's writers (safetensors and torch) and read again
-/// keeps every tensor bit for bit.
-#[test]
-fn fixtures_survive_both_writers() {
+/// Writes fixtures back with one of kiln's writers, reads them again and checks every
+/// tensor bit for bit, and the order kept.
+fn rewrite(rels: &[&str], ext: &str) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for rel in [
-        "all_dtypes.pt",
-        "views.pt",
-        "shapes.pt",
-        "optimizer.pt",
-        "st_all_dtypes.safetensors",
-    ] {
+    for rel in rels {
         let m = Manifest::of_fixture(rel);
         let c = formats::open(fixture(rel)).unwrap_or_else(|e| panic!("open {rel}: {e}"));
-        let st = tmp.path().join(format!("{rel}.safetensors"));
-        formats::safetensors::save(&st, c.as_ref()).unwrap_or_else(|e| panic!("{rel}: {e}"));
-        let back = formats::open(&st).unwrap_or_else(|e| panic!("reopen {}: {e}", st.display()));
-        assert_same_tensors(back.as_ref(), &m.tensors, &format!("{rel} -> safetensors"));
-        let bin = tmp.path().join(format!("{rel}.bin"));
-        formats::torch::save(&bin, c.as_ref()).unwrap_or_else(|e| panic!("{rel}: {e}"));
-        let back = formats::open(&bin).unwrap_or_else(|e| panic!("reopen {}: {e}", bin.display()));
-        assert_same_tensors(back.as_ref(), &m.tensors, &format!("{rel} -> bin"));
-        // The writer keeps the order it was given.
-        let order: Vec<_> = back.tensors().iter().map(|t| t.name.clone()).collect();
-        let given: Vec<_> = c.tensors().iter().map(|t| t.name.clone()).collect();
-        assert_eq!(order, given, "{rel} -> bin: order");
+        let out = tmp.path().join(format!("{rel}.{ext}"));
+        let saved = match ext {
+            "safetensors" => formats::safetensors::save(&out, c.as_ref()),
+            _ => formats::torch::save(&out, c.as_ref()),
+        };
+        saved.unwrap_or_else(|e| panic!("{rel} -> {ext}: save: {e}"));
+        let back = formats::open(&out).unwrap_or_else(|e| panic!("{rel} -> {ext}: reopen: {e}"));
+        let what = format!("{rel} -> {ext}");
+        assert_same_tensors(back.as_ref(), &m.tensors, &what);
+        let order: Vec<_> = back.tensors().iter().map(|t| &t.name).collect();
+        let given: Vec<_> = c.tensors().iter().map(|t| &t.name).collect();
+        if ext == "bin" {
+            assert_eq!(order, given, "{what}: a .bin keeps the order it was given");
+        }
         back.verify()
-            .unwrap_or_else(|e| panic!("{rel} -> bin: verify: {e}"));
+            .unwrap_or_else(|e| panic!("{what}: verify: {e}"));
+        if ext == "safetensors" && c.format() == Some(Format::Safetensors) {
+            assert_eq!(back.metadata(), c.metadata(), "{what}: metadata");
+        }
     }
-    // Metadata survives a safetensors round trip.
-    let c = formats::open(fixture("st_all_dtypes.safetensors")).expect("open");
-    let st = tmp.path().join("meta.safetensors");
-    formats::safetensors::save(&st, c.as_ref()).expect("save");
-    let back = formats::open(&st).expect("reopen");
-    assert_eq!(back.metadata(), c.metadata());
+}
+
+const TORCH_FIXTURES: &[&str] = &["all_dtypes.pt", "views.pt", "shapes.pt", "optimizer.pt"];
+const SAFETENSORS_FIXTURES: &[&str] = &["st_all_dtypes.safetensors", "st_shapes.safetensors"];
+
+#[test]
+fn safetensors_fixtures_rewritten_as_safetensors() {
+    rewrite(SAFETENSORS_FIXTURES, "safetensors");
+}
+
+#[test]
+fn safetensors_fixtures_rewritten_as_bin() {
+    rewrite(SAFETENSORS_FIXTURES, "bin");
+}
+
+#[test]
+fn torch_fixtures_rewritten_as_safetensors() {
+    rewrite(TORCH_FIXTURES, "safetensors");
+}
+
+#[test]
+fn torch_fixtures_rewritten_as_bin() {
+    rewrite(TORCH_FIXTURES, "bin");
 }
