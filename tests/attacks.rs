@@ -2,6 +2,8 @@
 //! error that says what is wrong, by the library and by `kiln inspect` / `kiln verify`,
 //! and nothing in them is ever executed (the canary test).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

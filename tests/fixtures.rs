@@ -2,6 +2,8 @@
 //! (tests/fixtures/torch/make_fixtures.py) and checks it against its manifest:
 //! tensor count, names and order, dtypes, shapes, and the sha256 of every tensor's bytes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
