@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use kiln::formats::{DType, TensorCollection, TensorMap, TensorView};
+use kiln::formats::{self, DType, Format, TensorCollection, TensorMap, TensorView};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -402,7 +402,7 @@ pub fn python() -> Result<PathBuf, String> {
 
 /// Runs a Python snippet with `args` (sys.argv[1..]); panics with its output on failure.
 /// Returns stdout.
-pub fn run_python(py: &Path, script: &str, args: &[&Path]) -> String {
+pub fn run_python<A: AsRef<std::ffi::OsStr>>(py: &Path, script: &str, args: &[A]) -> String {
     let out = Command::new(py)
         .arg("-c")
         .arg(script)
@@ -431,4 +431,94 @@ pub fn last_json_line(stdout: &str) -> Value {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// The weight files of a folder (shards or single files), sorted.
+pub fn weight_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".bin"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Checks a sharded folder against Hugging Face's rules, for tensors taken in
+/// `order` (name, bytes): file names, index layout, totals, and the greedy split.
+pub fn check_hf_sharding(dir: &Path, format: Format, order: &[(String, u64)], max: u64) {
+    let (prefix, ext, index_name) = match format {
+        Format::Safetensors => ("model", "safetensors", "model.safetensors.index.json"),
+        Format::PyTorch => ("pytorch_model", "bin", "pytorch_model.bin.index.json"),
+    };
+    let files = weight_files(dir);
+    let n = files.len();
+    assert!(n > 1, "{}: expected shards, got {files:?}", dir.display());
+    let want: Vec<String> = (1..=n)
+        .map(|i| format!("{prefix}-{i:05}-of-{n:05}.{ext}"))
+        .collect();
+    assert_eq!(files, want, "shard names");
+
+    let text = std::fs::read_to_string(dir.join(index_name)).unwrap();
+    assert!(
+        text.starts_with("{\n  \"metadata\": {\n") && text.ends_with("}\n"),
+        "index not written as json.dumps(indent=2, sort_keys=True) + newline:\n{text}"
+    );
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let total_size: u64 = order.iter().map(|(_, b)| b).sum();
+    assert_eq!(
+        index["metadata"]["total_size"],
+        Value::from(total_size),
+        "total_size"
+    );
+    let weight_map = index["weight_map"].as_object().expect("weight_map");
+    let keys: Vec<&String> = weight_map.keys().collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "weight_map keys sorted");
+    assert_eq!(
+        weight_map.len(),
+        order.len(),
+        "weight_map covers every tensor"
+    );
+
+    // Shards hold consecutive runs of `order`, each run as long as fits in `max`
+    // (a tensor over `max` alone).
+    let mut runs: Vec<Vec<(String, u64)>> = Vec::new();
+    let mut last_file = None;
+    for (name, bytes) in order {
+        let file = weight_map[name].as_str().expect("file name");
+        assert!(
+            files.iter().any(|f| f == file),
+            "{name} in unknown file {file}"
+        );
+        if last_file != Some(file) || *bytes > max {
+            runs.push(Vec::new());
+        }
+        runs.last_mut().unwrap().push((name.clone(), *bytes));
+        last_file = Some(file);
+    }
+    for w in runs.windows(2) {
+        let size: u64 = w[0].iter().map(|t| t.1).sum();
+        assert!(
+            w[0].len() == 1 || size <= max,
+            "shard over the limit: {:?}",
+            w[0]
+        );
+        if w[0].len() > 1 || w[0][0].1 <= max {
+            let next = w[1][0].1;
+            assert!(
+                size + next > max || next > max,
+                "shard closed early: {:?} then {:?}",
+                w[0],
+                w[1][0]
+            );
+        }
+    }
+    let c = formats::open(dir).unwrap();
+    assert_eq!(
+        index["metadata"]["total_parameters"],
+        Value::from(c.parameter_count()),
+        "total_parameters"
+    );
 }
