@@ -3,8 +3,8 @@
 //!
 //! Python comes from `$KILN_PYTHON`, else `/root/.cache/kiln/venv/bin/python`. Without
 //! one that imports torch, safetensors and transformers, each test prints
-//! `skipping: <reason>` and passes. Checks are batched into few Python runs (importing
-//! torch takes seconds).
+//! `skipping: <reason>` and passes (unless `KILN_REQUIRE_PYTHON=1`, as in CI). Checks
+//! are batched into few Python runs (importing torch takes seconds).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,6 +23,10 @@ macro_rules! python_or_skip {
     () => {
         match python() {
             Ok(py) => py,
+            // CI (.ci/run) sets KILN_REQUIRE_PYTHON: there, no Python is a failure.
+            Err(why) if std::env::var_os("KILN_REQUIRE_PYTHON").is_some_and(|v| v == "1") => {
+                panic!("KILN_REQUIRE_PYTHON=1 but {why}")
+            }
             Err(why) => {
                 println!("skipping: {why}");
                 return;
