@@ -145,9 +145,9 @@ attacks! {
     pickle_storage_record_missing: "pickle_storage_missing.pt", Read,
         ["data/7", "missing", "not found", "no record", "no storage"];
     pickle_view_past_its_storage: "pickle_view_out_of_bounds.pt", Read,
-        ["bound", "range", "exceed", "outside", "out of", "past", "beyond"];
+        ["bound", "range", "exceed", "outside", "out of", "past", "beyond", "reach"];
     pickle_stride_overflow: "pickle_stride_overflow.pt", Read,
-        ["overflow", "bound", "range", "exceed", "outside", "out of", "past", "beyond"];
+        ["overflow", "bound", "range", "exceed", "outside", "out of", "past", "beyond", "reach"];
     pickle_numel_disagrees_with_record: "pickle_numel_mismatch.pt", Read,
         ["bytes", "size", "numel", "length", "mismatch"];
     // Zip containers.
@@ -157,7 +157,7 @@ attacks! {
         ["/etc/x", "absolute", "outside", "unsafe"];
     zip_overlapping_entries: "zip_overlapping_entries.pt", Read, ["overlap"];
     zip_central_directory_lies_about_size: "zip_cd_size_mismatch.pt", Read,
-        ["size", "mismatch", "central", "local"];
+        ["size", "mismatch", "central", "local", "disagree", "differ", "match"];
     zip_size_past_end_of_file: "zip_cd_size_past_eof.pt", Read,
         ["end of", "past", "truncat", "eof", "beyond", "exceed", "outside"];
     zip_deflated_storage_record: "zip_deflated_storage.pt", Read,

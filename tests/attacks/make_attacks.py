@@ -280,10 +280,10 @@ def make_zips():
     count += 1
     write("zip_overlapping_entries.pt", out + central + eocd(count, len(central), len(out)))
 
-    # The central directory claims data/0 is 4096 bytes; the local header and the data
-    # say 24.
+    # The central directory claims data/0 is 28 bytes (still inside the file); the
+    # local header and the data say 24.
     lying = [dict(e) for e in good]
-    lying[2]["cd_csize"] = lying[2]["cd_usize"] = 4096
+    lying[2]["cd_csize"] = lying[2]["cd_usize"] = 28
     write("zip_cd_size_mismatch.pt", zip_archive(lying))
     # ... or 4 GB, far past the end of the file, local header agreeing.
     past = zip_archive(good)
