@@ -157,7 +157,7 @@ attacks! {
         ["/etc/x", "absolute", "outside", "unsafe"];
     zip_overlapping_entries: "zip_overlapping_entries.pt", Read, ["overlap"];
     zip_central_directory_lies_about_size: "zip_cd_size_mismatch.pt", Read,
-        ["size", "mismatch", "central", "local", "disagree", "differ", "match"];
+        ["size", "mismatch", "central", "local", "disagree", "differ", "match", "overlap"];
     zip_size_past_end_of_file: "zip_cd_size_past_eof.pt", Read,
         ["end of", "past", "truncat", "eof", "beyond", "exceed", "outside"];
     zip_deflated_storage_record: "zip_deflated_storage.pt", Read,

@@ -334,3 +334,68 @@ print(json.dumps(out))
         }
     }
 }
+
+/// candle (the tensor library kiln trains with) reads kiln's `.bin` with
+/// `candle_core::pickle::read_all` and kiln's safetensors with `candle_core::safetensors`,
+/// every tensor of the dtypes candle loads from `.bin` present (candle silently skips
+/// what it cannot read, so the count is checked) and bit-identical; kiln reads what
+/// candle writes. No Python needed.
+#[test]
+fn candle_reads_kiln_files_and_kiln_reads_candle_files() {
+    use candle_core::Device;
+    use kiln::formats::candle::from_candle;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut map = kiln::formats::TensorMap::new();
+    // The dtypes candle reads from a .bin (Float, Double, Half, BFloat16, Byte, Long).
+    let cases = [
+        (DType::F32, vec![2, 3]),
+        (DType::F64, vec![3]),
+        (DType::F16, vec![4, 1]),
+        (DType::BF16, vec![2, 2]),
+        (DType::U8, vec![5]),
+        (DType::I64, vec![1, 2, 2]),
+    ];
+    for (i, (dtype, shape)) in cases.iter().enumerate() {
+        let numel: usize = shape.iter().product();
+        let data = common::sample_bytes(*dtype, numel, 500 + i as u64);
+        let view = kiln::formats::TensorView::new(*dtype, shape.clone(), data).unwrap();
+        map.insert(format!("layer.{i}.{}", dtype.torch_name()), view)
+            .unwrap();
+    }
+    let want = expectations_of(&map);
+
+    let st = tmp.path().join("model.safetensors");
+    formats::safetensors::save(&st, &map).unwrap();
+    let loaded = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let mut from_st = kiln::formats::TensorMap::new();
+    for (name, t) in &loaded {
+        from_st
+            .insert(name.clone(), from_candle(t).unwrap())
+            .unwrap();
+    }
+    assert_same_tensors(&from_st, &want, "candle safetensors::load of kiln's file");
+
+    let by_candle = tmp.path().join("by_candle.safetensors");
+    candle_core::safetensors::save(&loaded, &by_candle).unwrap();
+    let back = formats::open(&by_candle).unwrap();
+    assert_same_tensors(back.as_ref(), &want, "kiln reading candle's safetensors");
+
+    let bin = tmp.path().join("pytorch_model.bin");
+    formats::torch::save(&bin, &map).unwrap();
+    let read = candle_core::pickle::read_all(&bin).unwrap();
+    assert_eq!(
+        read.len(),
+        cases.len(),
+        "candle read {} of {} tensors",
+        read.len(),
+        cases.len()
+    );
+    let mut from_bin = kiln::formats::TensorMap::new();
+    for (name, t) in &read {
+        from_bin
+            .insert(name.clone(), from_candle(t).unwrap())
+            .unwrap();
+    }
+    assert_same_tensors(&from_bin, &want, "candle pickle::read_all of kiln's .bin");
+}
