@@ -421,7 +421,9 @@ def make_legacy():
         print("torch not importable: keeping legacy_raw_pickle.pt, torchscript.pt, unsupported_complex128.pt")
         return
     torch.manual_seed(0)
-    torch.save({"w": torch.ones(2, 3)}, os.path.join(HERE, "legacy_raw_pickle.pt"), _use_new_zipfile_serialization=False)
+    legacy = os.path.join(HERE, "legacy_raw_pickle.pt")
+    if not os.path.exists(legacy):  # the legacy format embeds random storage keys
+        torch.save({"w": torch.ones(2, 3)}, legacy, _use_new_zipfile_serialization=False)
     torch.save({"w": torch.ones(2, dtype=torch.complex128)}, os.path.join(HERE, "unsupported_complex128.pt"))
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), os.path.join(HERE, "torchscript.pt"))
 
