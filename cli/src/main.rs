@@ -129,7 +129,10 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("kiln: {e}");
-            ExitCode::from(1)
+            // A bad combination of arguments that only the command itself can see
+            // (`convert a out.xyz` without --to) is a usage error, like clap's.
+            let usage = matches!(e, CliError::Formats(kiln_formats::Error::Argument(_)));
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
@@ -254,7 +257,9 @@ fn convert_cmd(
 fn verify(path: &std::path::Path) -> CmdResult {
     use kiln_checkpoint::commit::MANIFEST_NAME;
     use kiln_checkpoint::state::TRAINER_STATE_NAME;
-    if path.is_dir() && (path.join(MANIFEST_NAME).exists() || path.join(TRAINER_STATE_NAME).exists()) {
+    if path.is_dir()
+        && (path.join(MANIFEST_NAME).exists() || path.join(TRAINER_STATE_NAME).exists())
+    {
         let v = kiln_checkpoint::scan::verify_checkpoint(path)?;
         return ok(format!(
             "{}: ok (checkpoint, {:?}, {} tensor files, {} tensors, {} JSON files, {} bytes)\n",
@@ -266,11 +271,12 @@ fn verify(path: &std::path::Path) -> CmdResult {
             v.bytes
         ));
     }
-    if path.is_dir() {
-        kiln_checkpoint::model::read_config(path)?;
-    }
     let c = kiln_formats::open(path)?;
     c.verify()?;
+    // A model folder's config must parse too (a folder of bare weights has none).
+    if path.is_dir() && path.join(kiln_checkpoint::model::CONFIG_NAME).exists() {
+        kiln_checkpoint::model::read_config(path)?;
+    }
     ok(format!(
         "{}: ok ({}, {} tensors, {} bytes)\n",
         path.display(),
@@ -308,7 +314,11 @@ fn diff(a: &std::path::Path, b: &std::path::Path, tol: Tolerance) -> CmdResult {
 fn checkpoints(output_dir: &std::path::Path, as_json: bool) -> CmdResult {
     use kiln_checkpoint::scan::{Completeness, last_checkpoint, list_checkpoints};
     if !output_dir.is_dir() {
-        return Err(kiln_checkpoint::Error::Invalid(format!("{}: not a folder", output_dir.display())).into());
+        return Err(kiln_checkpoint::Error::Invalid(format!(
+            "{}: not a folder",
+            output_dir.display()
+        ))
+        .into());
     }
     let list = list_checkpoints(output_dir)?;
     let last = last_checkpoint(output_dir)?;
@@ -318,7 +328,10 @@ fn checkpoints(output_dir: &std::path::Path, as_json: bool) -> CmdResult {
         .rev()
         .filter(|c| c.is_complete())
         .find_map(|c| {
-            kiln_checkpoint::state::TrainerState::load(&c.path.join(kiln_checkpoint::state::TRAINER_STATE_NAME)).ok()
+            kiln_checkpoint::state::TrainerState::load(
+                &c.path.join(kiln_checkpoint::state::TRAINER_STATE_NAME),
+            )
+            .ok()
         })
         .and_then(|s| s.best_model_checkpoint)
         .and_then(|b| std::fs::canonicalize(b).ok());
@@ -351,8 +364,18 @@ fn checkpoints(output_dir: &std::path::Path, as_json: bool) -> CmdResult {
     }
     let mut s = format!("{:>10}  {:>14}  {:<6} status\n", "step", "bytes", "marks");
     for c in &list {
-        let marks = format!("{}{}", if is_best(&c.path) { "B" } else { "" }, if is_last(&c.path) { "L" } else { "" });
-        s += &format!("{:>10}  {:>14}  {:<6} {}\n", c.step, c.bytes, marks, status(&c.completeness));
+        let marks = format!(
+            "{}{}",
+            if is_best(&c.path) { "B" } else { "" },
+            if is_last(&c.path) { "L" } else { "" }
+        );
+        s += &format!(
+            "{:>10}  {:>14}  {:<6} {}\n",
+            c.step,
+            c.bytes,
+            marks,
+            status(&c.completeness)
+        );
     }
     s += "marks: B = best (best_model_checkpoint), L = last complete (what --resume_from_checkpoint last resumes)\n";
     ok(s)
