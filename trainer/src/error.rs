@@ -1,5 +1,7 @@
 //! The crate's error type.
 
+use std::path::PathBuf;
+
 /// Everything that can go wrong while training.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -19,7 +21,44 @@ pub enum Error {
     /// Bad data (file and line in the message).
     #[error("{0}")]
     Data(String),
+    /// A model folder lacks weights the model needs (and cannot initialise afresh).
+    #[error("{}: missing weights: {}", dir.display(), list_names(names))]
+    MissingWeights {
+        /// The model folder.
+        dir: PathBuf,
+        /// The parameters not found (under any name a loader accepts for them).
+        names: Vec<String>,
+    },
+    /// A model folder holds a weight whose shape differs from the model's.
+    #[error("{}: weight {name:?} has shape {found:?} in the folder, the model expects {expected:?}{hint}", dir.display())]
+    WeightShape {
+        /// The model folder.
+        dir: PathBuf,
+        /// The weight's name in the folder.
+        name: String,
+        /// The model's shape.
+        expected: Vec<usize>,
+        /// The folder's shape.
+        found: Vec<usize>,
+        /// What probably differs (e.g. `num_labels`), with a leading separator, or "".
+        hint: String,
+    },
 }
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `a, b, c` (the first 20, then how many more).
+fn list_names(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" (and {} more)", names.len() - SHOWN));
+    }
+    text
+}
