@@ -30,19 +30,26 @@ pub enum Error {
         names: Vec<String>,
     },
     /// A model folder holds a weight whose shape differs from the model's.
-    #[error("{}: weight {name:?} has shape {found:?} in the folder, the model expects {expected:?}{hint}", dir.display())]
-    WeightShape {
-        /// The model folder.
-        dir: PathBuf,
-        /// The weight's name in the folder.
-        name: String,
-        /// The model's shape.
-        expected: Vec<usize>,
-        /// The folder's shape.
-        found: Vec<usize>,
-        /// What probably differs (e.g. `num_labels`), with a leading separator, or "".
-        hint: String,
-    },
+    #[error(
+        "{}: weight {:?} has shape {:?} in the folder, the model expects {:?}{}",
+        .0.dir.display(), .0.name, .0.found, .0.expected, .0.hint
+    )]
+    WeightShape(Box<ShapeMismatch>),
+}
+
+/// A weight whose shape in a model folder differs from the model's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// The model folder.
+    pub dir: PathBuf,
+    /// The weight's name in the folder.
+    pub name: String,
+    /// The model's shape.
+    pub expected: Vec<usize>,
+    /// The folder's shape.
+    pub found: Vec<usize>,
+    /// What probably differs (e.g. `num_labels`), with a leading separator, or "".
+    pub hint: String,
 }
 
 /// The crate's result type.

@@ -18,4 +18,4 @@ pub mod models;
 pub mod rng;
 pub mod weights;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, ShapeMismatch};

@@ -41,7 +41,7 @@ use kiln_formats::{TensorInfo, TensorMap};
 use serde_json::Value;
 
 use crate::model::Model;
-use crate::{Error, Result};
+use crate::{Error, Result, ShapeMismatch};
 
 /// What a model contributes to a model folder: the pieces of a
 /// [`ModelSave`](kiln_checkpoint::model::ModelSave), owned.
@@ -248,13 +248,13 @@ pub fn load_into(
                     } else {
                         ""
                     };
-                    return Err(Error::WeightShape {
+                    return Err(Error::WeightShape(Box::new(ShapeMismatch {
                         dir: dir.to_path_buf(),
                         name: found.name.clone(),
                         expected: var.dims().to_vec(),
                         found: found.shape.clone(),
                         hint: hint.into(),
-                    });
+                    })));
                 }
                 if found.dtype.is_float() && dtype.is_float() && found.dtype != dtype {
                     info.converted.push((name.clone(), found.dtype.to_string()));

@@ -657,8 +657,8 @@ fn unused_heads_are_reported_and_missing_or_misshapen_weights_are_errors() {
     .unwrap();
     let err = five.init_from(&fixtures().join("bert")).unwrap_err();
     assert!(
-        matches!(&err, Error::WeightShape { name, expected, found, .. }
-            if name == "classifier.weight" && expected == &[5, 32] && found == &[3, 32]),
+        matches!(&err, Error::WeightShape(m)
+            if m.name == "classifier.weight" && m.expected == [5, 32] && m.found == [3, 32]),
         "{err}"
     );
     assert!(err.to_string().contains("num_labels"), "{err}");
