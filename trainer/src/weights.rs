@@ -44,7 +44,7 @@ use crate::model::Model;
 use crate::{Error, Result, ShapeMismatch};
 
 /// What a model contributes to a model folder: the pieces of a
-/// [`ModelSave`](kiln_checkpoint::model::ModelSave), owned.
+/// [`ModelSave`], owned.
 #[derive(Debug)]
 pub struct ModelExport {
     /// `config.json` (the model's [`Model::config`]).

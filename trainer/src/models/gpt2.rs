@@ -205,6 +205,11 @@ struct Block {
 /// (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight` in Conv1D's
 /// `[in, out]` layout, …), `lm_head.weight` tied to `transformer.wte.weight` (unless
 /// `tie_word_embeddings` is false).
+///
+/// The forward pass is transformers': position ids `0..t` (also with padding), a
+/// causal mask combined with the batch's attention mask on the keys, token type ids
+/// (when a batch has them) embedded with `wte` and added, and the causal LM loss of
+/// `logits[:, :-1]` against `labels[:, 1:]`, ignoring -100.
 #[derive(Debug)]
 pub struct Gpt2LMHeadModel {
     config: Gpt2Config,
