@@ -6,7 +6,8 @@
 //! [`load_into`] maps each parameter to a tensor of the folder and reads it through
 //! [`kiln_checkpoint::model::load_pretrained`] (which picks the weights file in
 //! transformers' order of precedence and checks dtypes and shapes). It follows what
-//! transformers' `from_pretrained` does, with two differences, both stricter:
+//! transformers' `from_pretrained` does; where it differs (missing weights, the
+//! legacy buffers it drops silently) it is stricter or quieter, as said below:
 //!
 //! - **Names.** A parameter is found under its own name, else under the legacy
 //!   LayerNorm names of old checkpoints (`LayerNorm.gamma` / `LayerNorm.beta` for
@@ -24,7 +25,9 @@
 //! - **Unexpected tensors** (another head, a language-model head when loading a
 //!   classifier) are left unused and listed in [`LoadInfo::unexpected`], as transformers
 //!   reports them; those matching [`LoadRules::ignore`] (buffers older transformers
-//!   saved, such as `bert.embeddings.position_ids`) go to [`LoadInfo::ignored`] instead.
+//!   saved, such as `bert.embeddings.position_ids` and GPT-2's `attn.bias` and
+//!   `attn.masked_bias`) go to [`LoadInfo::ignored`] instead (transformers 5 drops the
+//!   first two silently and reports `attn.masked_bias` as unexpected).
 //! - **Shapes** must match (transformers errors too, unless `ignore_mismatched_sizes`).
 //! - **Dtypes**: a folder saved in f16 or bf16 is read and converted to each parameter's
 //!   dtype (f32 for kiln's models), as `from_pretrained` converts to the default dtype.
