@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use common::{
     Expected, assert_same_tensors, check_hf_sharding, every_dtype_map, expectations_of,
-    last_json_line, python, run_python, weight_files,
+    last_json_line, run_python, weight_files,
 };
 use kiln::formats::{self, DType, Format, TensorCollection};
 use serde_json::Value;
