@@ -1,0 +1,4 @@
+#![no_main]
+//! `cargo fuzz run inspect`: see kiln_fuzz::harness::inspect.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::harness::inspect(data));

@@ -1,0 +1,4 @@
+#![no_main]
+//! `cargo fuzz run pickle`: see kiln_fuzz::harness::pickle.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::harness::pickle(data));

@@ -1,0 +1,4 @@
+#![no_main]
+//! `cargo fuzz run safetensors`: see kiln_fuzz::harness::safetensors.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::harness::safetensors(data));

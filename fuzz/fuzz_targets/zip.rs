@@ -1,0 +1,4 @@
+#![no_main]
+//! `cargo fuzz run zip`: see kiln_fuzz::harness::zip.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::harness::zip(data));
