@@ -336,11 +336,18 @@ mod tests {
     /// `json.loads` and a loads/dumps round trip changed the value.
     #[test]
     fn floats_parse_correctly_rounded() {
-        for text in ["5.2345678901234568e+51", "2.2250738585072011e-308", "0.30000000000000004"] {
+        for text in [
+            "5.2345678901234568e+51",
+            "2.2250738585072011e-308",
+            "0.30000000000000004",
+        ] {
             let want: f64 = text.parse().unwrap();
             let got = loads(text).unwrap().as_f64().unwrap();
             assert_eq!(got.to_bits(), want.to_bits(), "{text}");
-            let again = loads(&dumps_py(&PyValue::Float(got))).unwrap().as_f64().unwrap();
+            let again = loads(&dumps_py(&PyValue::Float(got)))
+                .unwrap()
+                .as_f64()
+                .unwrap();
             assert_eq!(again.to_bits(), want.to_bits(), "{text}");
         }
         assert_eq!(float_repr(5.2345678901234568e+51), "5.234567890123457e+51");
