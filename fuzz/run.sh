@@ -47,10 +47,11 @@ repro)
     cargo fuzz run "${build[@]}" "$target" "$@" -- "${LIMITS[@]}" -runs=1
     ;;
 cmin)
-    # Rebuild the committed corpus from itself and what runs found, keeping only the
-    # inputs that add coverage (libFuzzer's merge: smallest inputs first).
+    # Rebuild the committed corpus: the named seeds (make_seeds.py) stay, and of the
+    # other inputs (earlier merges and what runs found) only those that add coverage
+    # to them come back (libFuzzer's merge, smallest inputs first).
     old=$(mktemp -d "$scratch/old.XXXXXX")
-    mv "corpus/$target"/* "$old"/ 2>/dev/null || true
+    find "corpus/$target" -maxdepth 1 -type f ! -name 'seed-*' -exec mv -t "$old" {} +
     bin=target/x86_64-unknown-linux-gnu/release/$target
     "$bin" "${LIMITS[@]}" -merge=1 "corpus/$target" "$old" "target/corpus/$target"
     du -sh "corpus/$target"

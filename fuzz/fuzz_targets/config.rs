@@ -1,4 +1,6 @@
 #![no_main]
 //! `cargo fuzz run config`: see kiln_fuzz::harness::config.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::harness::config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = kiln_fuzz::harness::config(data);
+});

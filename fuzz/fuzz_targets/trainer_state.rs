@@ -1,4 +1,6 @@
 #![no_main]
 //! `cargo fuzz run trainer_state`: see kiln_fuzz::harness::trainer_state.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_fuzz::harness::trainer_state(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = kiln_fuzz::harness::trainer_state(data);
+});

@@ -4,6 +4,10 @@
 //! invariant checked here (a file that opens but cannot be read, a round trip that
 //! changes a value).
 //!
+//! Each function returns whether kiln accepted the input (the target's main parse
+//! succeeded), which the replay test uses to check that the valid seeds reach the
+//! code past the parsers.
+//!
 //! The file-based APIs get the bytes through a scratch folder of their own per thread
 //! and per target, under `std::env::temp_dir()` (`fuzz/run.sh` points `TMPDIR` at a
 //! tmpfs). Shared by the fuzz targets (`fuzz/src/lib.rs`) and by the replay test
@@ -23,7 +27,7 @@ use kiln_formats::torch::{TorchFile, Value};
 use kiln_formats::{DType, TensorCollection, TensorMap, TensorView, pyjson};
 
 /// The targets, by name, as `fuzz/run.sh` and the corpus folders spell them.
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, fn(&[u8]) -> bool); 8] = [
     ("safetensors", safetensors),
     ("pickle", pickle),
     ("zip", zip),
@@ -50,16 +54,18 @@ pub const SHARD_FILES: [&str; 3] = [
 ];
 
 /// 1. safetensors: header and data, through `SafetensorsFile`.
-pub fn safetensors(data: &[u8]) {
+pub fn safetensors(data: &[u8]) -> bool {
     let path = input("safetensors", "model.safetensors", data, Prepared::Nothing);
-    if let Ok(f) = SafetensorsFile::open(&path) {
-        assert!(f.data_start() >= 8 && f.data_start() <= data.len());
-        read_all(&f, true);
-    }
+    let Ok(f) = SafetensorsFile::open(&path) else {
+        return false;
+    };
+    assert!(f.data_start() >= 8 && f.data_start() <= data.len());
+    read_all(&f, true);
+    true
 }
 
 /// 2. The weights-only pickle reader, with the default limits and with small ones.
-pub fn pickle(data: &[u8]) {
+pub fn pickle(data: &[u8]) -> bool {
     let full = pickle::load(data);
     if let Ok(v) = &full {
         walk(v);
@@ -79,16 +85,17 @@ pub fn pickle(data: &[u8]) {
         };
         assert_eq!(format!("{small:?}"), format!("{full:?}"));
     }
+    full.is_ok()
 }
 
 /// 3. The zip reader: `TorchFile` opened on the bytes as a file, every tensor read,
 ///    the whole tree walked, `verify`, and a re-save that must read back the same.
-pub fn zip(data: &[u8]) {
+pub fn zip(data: &[u8]) -> bool {
     let dir = scratch("zip", Prepared::Nothing);
     let path = dir.join("pytorch_model.bin");
     write(&path, data);
     let Ok(f) = TorchFile::open(&path) else {
-        return;
+        return false;
     };
     let _ = f.prefix();
     let _ = f.entry_names().count();
@@ -109,30 +116,35 @@ pub fn zip(data: &[u8]) {
         let back = back.unwrap_or_else(|e| panic!("save_state_dict wrote an unreadable file: {e}"));
         same_tensors(&f, &back);
     }
+    true
 }
 
 /// 4. The shard index: `model.safetensors.index.json` = the bytes, in a folder holding
 ///    valid shards it may name.
-pub fn shard_index(data: &[u8]) {
+pub fn shard_index(data: &[u8]) -> bool {
     let path = input(
         "shard_index",
         "model.safetensors.index.json",
         data,
         Prepared::Shards,
     );
-    if let Ok(set) = ShardedSet::open(&path) {
-        assert!(!set.shard_paths().is_empty() || set.tensors().is_empty());
-        let _ = set.index_path();
-        read_all(&set, true);
-    }
+    let Ok(set) = ShardedSet::open(&path) else {
+        return false;
+    };
+    assert!(!set.shard_paths().is_empty() || set.tensors().is_empty());
+    let _ = set.index_path();
+    read_all(&set, true);
+    true
 }
 
 /// 5. `config.json` through `read_config`, then the trainer's model configs.
-pub fn config(data: &[u8]) {
+pub fn config(data: &[u8]) -> bool {
     let path = input("config", "config.json", data, Prepared::Nothing);
-    let Some(dir) = path.parent() else { return };
+    let Some(dir) = path.parent() else {
+        return false;
+    };
     let Ok(value) = kiln_checkpoint::model::read_config(dir) else {
-        return;
+        return false;
     };
     assert!(value.is_object());
     if let Ok(c) = kiln_trainer::models::BertConfig::from_json(&value) {
@@ -151,13 +163,14 @@ pub fn config(data: &[u8]) {
             assert!(back.is_ok(), "Gpt2Config::to_json is unreadable: {back:?}");
         }
     }
+    true
 }
 
 /// 6. `trainer_state.json` (and the Python-style JSON reader under it), with round
 ///    trips: `loads(dumps(v)) == v`, and `from_json(to_json(s)) == s`.
-pub fn trainer_state(data: &[u8]) {
+pub fn trainer_state(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
     if let Ok(v) = pyjson::loads(text) {
         let dumped = pyjson::dumps_py(&v);
@@ -166,7 +179,7 @@ pub fn trainer_state(data: &[u8]) {
         assert_eq!(format!("{back:?}"), format!("{v:?}"), "pyjson round trip");
     }
     let Ok(state) = TrainerState::from_json(text) else {
-        return;
+        return false;
     };
     let json = state.to_json();
     let back = TrainerState::from_json(&json);
@@ -178,15 +191,16 @@ pub fn trainer_state(data: &[u8]) {
     } else {
         assert_eq!(back, state, "trainer_state round trip");
     }
+    true
 }
 
 /// 7. The optimizer state file, and a save/load round trip of what loaded.
-pub fn optimizer(data: &[u8]) {
+pub fn optimizer(data: &[u8]) -> bool {
     let dir = scratch("optimizer", Prepared::Nothing);
     let path = dir.join("optimizer.safetensors");
     write(&path, data);
     let Ok(state) = OptimizerState::load(&path) else {
-        return;
+        return false;
     };
     let mut total = 0u64;
     for p in state.params() {
@@ -213,18 +227,20 @@ pub fn optimizer(data: &[u8]) {
         };
         assert_eq!(slots(&back), slots(&state));
     }
+    true
 }
 
 /// 8. `kiln inspect` on arbitrary bytes: `kiln_formats::open`, then everything the
 ///    command prints (both its text and `--json` forms), then `verify` as `kiln verify`.
-pub fn inspect(data: &[u8]) {
+pub fn inspect(data: &[u8]) -> bool {
     let path = input("inspect", "input", data, Prepared::Shards);
     let Ok(c) = kiln_formats::open(&path) else {
-        return;
+        return false;
     };
     let _ = inspect_text(&path, c.as_ref());
     let _ = inspect_json(c.as_ref());
     let _ = c.verify();
+    true
 }
 
 /// What `kiln inspect` prints (cli/src/main.rs, `inspect`), built the same way.
