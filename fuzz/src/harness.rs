@@ -26,8 +26,11 @@ use kiln_formats::torch::pickle::{self, Limits};
 use kiln_formats::torch::{TorchFile, Value};
 use kiln_formats::{DType, TensorCollection, TensorMap, TensorView, pyjson};
 
+/// A target: the bytes in, whether kiln accepted them out.
+pub type Target = fn(&[u8]) -> bool;
+
 /// The targets, by name, as `fuzz/run.sh` and the corpus folders spell them.
-pub const TARGETS: [(&str, fn(&[u8]) -> bool); 8] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("safetensors", safetensors),
     ("pickle", pickle),
     ("zip", zip),
@@ -53,7 +56,8 @@ pub const SHARD_FILES: [&str; 3] = [
     "pytorch_model-00001-of-00001.bin",
 ];
 
-/// 1. safetensors: header and data, through `SafetensorsFile`.
+/// 1. safetensors: header and data, through `SafetensorsFile`; then re-saved as
+///    safetensors and converted to a PyTorch file, each read back the same.
 pub fn safetensors(data: &[u8]) -> bool {
     let path = input("safetensors", "model.safetensors", data, Prepared::Nothing);
     let Ok(f) = SafetensorsFile::open(&path) else {
@@ -61,6 +65,22 @@ pub fn safetensors(data: &[u8]) -> bool {
     };
     assert!(f.data_start() >= 8 && f.data_start() <= data.len());
     read_all(&f, true);
+    let dir = scratch("safetensors", Prepared::Nothing);
+    // What kiln writes from what it read (`kiln convert` either way), it reads back
+    // the same.
+    let out = dir.join("resaved.safetensors");
+    if kiln_formats::safetensors::save(&out, &f).is_ok() {
+        let back = SafetensorsFile::open(&out);
+        let back = back.unwrap_or_else(|e| panic!("safetensors::save wrote junk: {e}"));
+        same_tensors(&f, &back);
+        assert_eq!(back.metadata(), f.metadata());
+    }
+    let out = dir.join("converted.bin");
+    if kiln_formats::torch::save(&out, &f).is_ok() {
+        let back = TorchFile::open(&out);
+        let back = back.unwrap_or_else(|e| panic!("torch::save wrote junk: {e}"));
+        same_tensors(&f, &back);
+    }
     true
 }
 
@@ -89,7 +109,8 @@ pub fn pickle(data: &[u8]) -> bool {
 }
 
 /// 3. The zip reader: `TorchFile` opened on the bytes as a file, every tensor read,
-///    the whole tree walked, `verify`, and a re-save that must read back the same.
+///    the whole tree walked, `verify`, then a re-save and a conversion to safetensors
+///    that must read back the same.
 pub fn zip(data: &[u8]) -> bool {
     let dir = scratch("zip", Prepared::Nothing);
     let path = dir.join("pytorch_model.bin");
@@ -114,6 +135,12 @@ pub fn zip(data: &[u8]) -> bool {
     if f.save_state_dict(&out).is_ok() {
         let back = TorchFile::open(&out);
         let back = back.unwrap_or_else(|e| panic!("save_state_dict wrote an unreadable file: {e}"));
+        same_tensors(&f, &back);
+    }
+    let out = dir.join("converted.safetensors");
+    if kiln_formats::safetensors::save(&out, &f).is_ok() {
+        let back = SafetensorsFile::open(&out);
+        let back = back.unwrap_or_else(|e| panic!("safetensors::save wrote junk: {e}"));
         same_tensors(&f, &back);
     }
     true
@@ -324,10 +351,13 @@ fn read_all(c: &dyn TensorCollection, tensors_must_read: bool) {
     let _ = c.verify();
 }
 
-/// Both collections hold the same tensors, byte for byte.
+/// Both collections hold the same tensors (in any order: safetensors sorts them),
+/// byte for byte.
 fn same_tensors(a: &dyn TensorCollection, b: &dyn TensorCollection) {
     let names = |c: &dyn TensorCollection| -> Vec<String> {
-        c.tensors().iter().map(|t| t.name.clone()).collect()
+        let mut names: Vec<String> = c.tensors().iter().map(|t| t.name.clone()).collect();
+        names.sort();
+        names
     };
     assert_eq!(names(a), names(b));
     for info in a.tensors() {
