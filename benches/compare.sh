@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Side by side, in one run and one folder: kiln's tensor file I/O against dd, Python
+# safetensors and torch. See benches/README.md.
+#
+#   benches/compare.sh
+#
+# Environment:
+#   KILN_BENCH_BYTES  total tensor size (default 1GiB; binary suffixes K/M/G, KiB/MiB/GiB)
+#   KILN_BENCH_DIR    folder to write in (default target/bench-tmp in the repository);
+#                     a fresh subfolder is made and removed at the end
+#   KILN_BENCH_RUNS   runs per measurement, the median is reported (default 3)
+#   KILN_PYTHON       Python with torch, safetensors and numpy
+#                     (default /root/.cache/kiln/venv/bin/python); without one the
+#                     Python rows are skipped, and the script says so
+#
+# Each measurement runs in its own process under /usr/bin/time -v (peak RSS), after a
+# `sync` and with its output file deleted first; the timed part is the save (or open, or
+# read) only, never building the tensors. Reads are warm-cache: the files were just
+# written and fit in RAM; nothing drops the page cache (that needs root and would
+# disturb everyone else on the machine).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+runs=${KILN_BENCH_RUNS:-3}
+export KILN_BENCH_BYTES=${KILN_BENCH_BYTES:-1GiB}
+py=${KILN_PYTHON:-/root/.cache/kiln/venv/bin/python}
+
+echo "== building io_compare (release, cargo bench --no-run)"
+bin=$(cd "$repo" && cargo bench --bench io_compare --no-run --message-format=json-render-diagnostics |
+    grep '"name":"io_compare"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+if [[ -z "$bin" || ! -x "$bin" ]]; then
+    echo "compare.sh: could not find the io_compare executable" >&2
+    exit 1
+fi
+
+base=${KILN_BENCH_DIR:-$repo/target/bench-tmp}
+mkdir -p "$base"
+work=$(mktemp -d "$base/compare-XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+"$bin" layout >"$work/layout.json"
+expected=$("$bin" checksum | sed -n 's/.*"checksum":\([0-9]*\).*/\1/p')
+bytes=$(sed -n 's/^{"bytes":\([0-9]*\),.*/\1/p' "$work/layout.json")
+mib=$(awk -v b="$bytes" 'BEGIN { printf "%.0f", b / 1048576 }')
+
+have_py=0
+if [[ -x "$py" ]] && "$py" -c 'import torch, safetensors, numpy' 2>/dev/null; then
+    have_py=1
+    pyver=$("$py" -c 'import sys, torch, safetensors, numpy
+print("python %d.%d, torch %s, safetensors %s, numpy %s" % (sys.version_info[:2] + (torch.__version__, safetensors.__version__, numpy.__version__)))')
+else
+    pyver="none"
+    echo "== Python rows skipped: $py has no torch/safetensors/numpy (set KILN_PYTHON)"
+fi
+
+echo "== $bytes bytes (${mib} MiB) of f32 in 32 tensors, in $work"
+echo "== $runs runs per measurement, median reported; Python: $pyver"
+
+declare -A SEC RUNS PEAK DELTA TBYTES JSON
+
+field() { # field NAME FILE: a number from a one-line JSON object
+    sed -n "s/.*\"$1\": *\([0-9.eE+-]*\).*/\1/p" "$2" | head -n 1
+}
+
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.9g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# measure KEY OUTPUT_FILE_OR_- COMMAND...: runs COMMAND $runs times; records the median
+# seconds, the largest peak RSS (KiB, /usr/bin/time -v) and, for saves, the largest
+# growth of the resident set during the save itself.
+measure() {
+    local key=$1 out=$2
+    shift 2
+    local times=() peak=0 delta=0 r s rss
+    for ((r = 1; r <= runs; r++)); do
+        [[ "$out" != - ]] && rm -f "$out"
+        sync
+        if ! /usr/bin/time -v -o "$work/time.txt" "$@" >"$work/out.json" 2>"$work/err.txt"; then
+            echo "   $key: failed: $(tail -n 1 "$work/err.txt")"
+            return 0
+        fi
+        s=$(field seconds "$work/out.json")
+        if [[ -z "$s" ]]; then # dd reports its own time on stderr
+            s=$(LC_ALL=C sed -n 's/.* copied, \([0-9.eE+-]*\) s,.*/\1/p' "$work/err.txt")
+        fi
+        times+=("$s")
+        rss=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$work/time.txt")
+        ((rss > peak)) && peak=$rss
+        if [[ -n "$(field hwm_kib "$work/out.json")" ]]; then
+            local d=$(($(field hwm_kib "$work/out.json") - $(field rss_before_kib "$work/out.json")))
+            ((d > delta)) && delta=$d
+            TBYTES[$key]=$(field tensor_bytes "$work/out.json")
+        fi
+        JSON[$key]=$(cat "$work/out.json")
+    done
+    SEC[$key]=$(median "${times[@]}")
+    RUNS[$key]="${times[*]}"
+    PEAK[$key]=$peak
+    DELTA[$key]=$delta
+    echo "   $key: ${SEC[$key]} s (runs: ${RUNS[$key]})"
+}
+
+st="$work/model.safetensors"
+echo "== writes"
+measure dd "$work/dd.out" env LC_ALL=C dd if=/dev/zero of="$work/dd.out" bs=1M count="$bytes" iflag=count_bytes
+measure dd_fsync "$work/dd.out" env LC_ALL=C dd if=/dev/zero of="$work/dd.out" bs=1M count="$bytes" iflag=count_bytes conv=fsync
+rm -f "$work/dd.out"
+measure kiln_st "$st" "$bin" save-st "$st"
+measure kiln_st_fsync "$st" "$bin" save-st "$st" --fsync
+measure kiln_bin "$work/kiln.bin" "$bin" save-bin "$work/kiln.bin"
+if ((have_py)); then
+    measure py_st "$work/py.safetensors" "$py" "$here/py_io.py" save-st "$work/layout.json" "$work/py.safetensors"
+    rm -f "$work/py.safetensors"
+    measure torch_save "$work/torch.bin" "$py" "$here/py_io.py" save-pt "$work/layout.json" "$work/torch.bin"
+fi
+
+echo "== reads (warm page cache: each file was just written)"
+# The common input of the .bin reads: the file torch.save wrote, else kiln's own.
+if ((have_py)) && [[ -f "$work/torch.bin" ]]; then
+    binfile="$work/torch.bin" binwho="torch.save's file"
+else
+    binfile="$work/kiln.bin" binwho="kiln's file"
+fi
+[[ -f "$binfile" ]] && measure kiln_read_bin - "$bin" read-bin "$binfile"
+if ((have_py)) && [[ -f "$binfile" ]]; then
+    measure torch_load - "$py" "$here/py_io.py" load-pt "$binfile"
+    measure torch_load_mmap - "$py" "$here/py_io.py" load-pt "$binfile" --mmap
+fi
+[[ "$binfile" != "$work/kiln.bin" && -f "$work/kiln.bin" ]] &&
+    measure kiln_read_own_bin - "$bin" read-bin "$work/kiln.bin"
+[[ -f "$st" ]] && measure kiln_read_st - "$bin" read-st "$st"
+
+echo "== header open (median of 51 opens per process)"
+small="$work/small.safetensors"
+KILN_BENCH_BYTES=64MiB "$bin" save-st "$small" >/dev/null 2>&1 || true
+[[ -f "$st" ]] && measure open_big - "$bin" open-st "$st"
+[[ -f "$small" ]] && measure open_small - "$bin" open-st "$small"
+rm -f "$work"/*.safetensors "$work"/*.bin "$work"/*.out
+
+# ---------------------------------------------------------------------------- table
+fmt_t() { # seconds -> "0.512 s" or "0.031 ms"
+    [[ -z "${1:-}" ]] && { printf -- "-"; return; }
+    awk -v s="$1" 'BEGIN { if (s < 0.01) printf "%.3f ms", s * 1000; else printf "%.3f s", s }'
+}
+
+# row LABEL KILN_KEY OTHER_KEY OP LIMIT: ratio kiln/other against "ratio OP LIMIT"
+row() {
+    local label=$1 k=${SEC[$2]:-} o=${SEC[$3]:-} op=$4 lim=$5 ratio="-" ok="n/a"
+    if [[ -n "$k" && -n "$o" ]]; then
+        ratio=$(awk -v a="$k" -v b="$o" 'BEGIN { printf "%.2f", a / b }')
+        ok=$(awk -v a="$k" -v b="$o" -v l="$lim" -v op="$op" \
+            'BEGIN { r = a / b; print ((op == "<" ? r < l : r <= l) ? "yes" : "NO") }')
+    fi
+    printf "%-52s %11s %11s %8s  %-8s %s\n" "$label" "$(fmt_t "$k")" "$(fmt_t "$o")" "$ratio" "$op $lim" "$ok"
+}
+
+echo
+echo "kiln vs others, ${mib} MiB of f32 in 32 tensors; median of $runs runs; ratio = kiln/other"
+printf "%-52s %11s %11s %8s  %-8s %s\n" "measurement (kiln vs other)" "kiln" "other" "ratio" "target" "ok"
+printf '%.0s-' {1..100}
+echo
+row "safetensors save vs dd bs=1M (no fsync)" kiln_st dd "<=" 1.2
+row "safetensors save+fsync vs dd conv=fsync" kiln_st_fsync dd_fsync "<=" 1.2
+row "safetensors save vs Python save_file (no fsync)" kiln_st py_st "<" 1.0
+row ".bin save vs kiln safetensors save (no fsync)" kiln_bin kiln_st "<=" 1.3
+row ".bin save vs torch.save (no fsync)" kiln_bin torch_save "<" 1.0
+row ".bin read all bytes vs torch.load mmap=False" kiln_read_bin torch_load "<=" 1.0
+row ".bin read all bytes vs torch.load mmap=True" kiln_read_bin torch_load_mmap "<=" 1.0
+row "header open: 1 GiB file vs 64 MiB file" open_big open_small "<=" 1.5
+for k in open_big open_small; do
+    s=${SEC[$k]:-}
+    [[ -z "$s" ]] && continue
+    ok=$(awk -v s="$s" 'BEGIN { print (s < 0.005 ? "yes" : "NO") }')
+    printf "%-52s %11s %11s %8s  %-8s %s\n" "header open, $([[ $k == open_big ]] && echo "${mib} MiB" || echo "64 MiB") file (absolute)" "$(fmt_t "$s")" "-" "-" "< 5 ms" "$ok"
+done
+echo
+echo ".bin reads use $binwho; all reads are warm-cache (page cache holds the file)."
+[[ -n "${SEC[kiln_read_own_bin]:-}" ]] && echo "kiln .bin read of kiln's own file: $(fmt_t "${SEC[kiln_read_own_bin]}")"
+[[ -n "${SEC[kiln_read_st]:-}" ]] && echo "kiln safetensors read, all bytes:   $(fmt_t "${SEC[kiln_read_st]}")"
+bad=""
+for k in kiln_read_bin torch_load torch_load_mmap kiln_read_own_bin kiln_read_st; do
+    [[ -z "${JSON[$k]:-}" ]] && continue
+    sum=$(field checksum <(echo "${JSON[$k]}"))
+    [[ "$sum" != "$expected" ]] && bad+=" $k=$sum"
+done
+if [[ -n "$bad" ]]; then
+    echo "CHECKSUM MISMATCH (expected $expected):$bad"
+else
+    echo "every read returned the checksum of the tensors written ($expected)"
+fi
+
+echo
+echo "peak memory of each save (own process; MiB; tensors = $((bytes / 1048576)) MiB)"
+printf "%-26s %12s %16s %22s\n" "save" "peak RSS" "peak - tensors" "growth during save"
+for k in kiln_st kiln_st_fsync kiln_bin py_st torch_save; do
+    [[ -z "${SEC[$k]:-}" ]] && continue
+    awk -v k="$k" -v p="${PEAK[$k]}" -v d="${DELTA[$k]}" -v t="${TBYTES[$k]:-$bytes}" \
+        'BEGIN { printf "%-26s %12.1f %16.1f %22.1f\n", k, p / 1024, p / 1024 - t / 1048576, d / 1024 }'
+done
+echo "peak RSS: /usr/bin/time -v, largest of the runs; the high-water mark is reset"
+echo "(/proc/self/clear_refs) just before the save, so building the tensors does not count."
+echo "growth during save: VmHWM after the save minus VmRSS just before it (in-process)."
+echo "Python's peak includes the interpreter and torch (~0.5 GiB) besides the tensors."
