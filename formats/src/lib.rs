@@ -25,9 +25,13 @@
 //! - [`detect`]: telling formats apart by their bytes, not their names.
 #![deny(missing_docs)]
 
+mod atomic;
+pub mod compare;
+pub mod convert;
 pub mod detect;
 mod dtype;
 mod error;
+pub mod pyjson;
 pub mod safetensors;
 pub mod shard;
 mod tensor;

@@ -1,0 +1,187 @@
+//! JSON text exactly as Python's `json.dumps(obj, indent=2, sort_keys=True)` writes it,
+//! which is how transformers writes `config.json`, shard indexes and
+//! `trainer_state.json`: keys sorted, two-space indent, `", "`-free item separators
+//! at line ends, non-ASCII escaped as `\uXXXX` (`ensure_ascii`), floats in Python's
+//! `repr` (`3.875e-05`, `0.001`, `1e+16`, `2.0`).
+//!
+//! Files written this way diff cleanly against the ones transformers writes.
+
+use serde_json::Value;
+
+/// Renders `value` as `json.dumps(value, indent=2, sort_keys=True)` does (no trailing
+/// newline; transformers adds one).
+pub fn dumps(value: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, value, 0);
+    out
+}
+
+/// Python's `repr` of a float: the shortest text that reads back to the same value, in
+/// positional notation when the decimal exponent is in [-4, 16), scientific otherwise;
+/// `NaN`, `Infinity` and `-Infinity` as `json.dumps` spells them.
+pub fn float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
+    }
+    // `{:e}` gives the shortest round-trip digits: "-3.875e-5".
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        let text = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if (point as usize) >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            let (int, frac) = digits.split_at(point as usize);
+            format!("{int}.{frac}")
+        };
+        format!("{sign}{text}")
+    } else {
+        let mant = if digits.len() == 1 {
+            digits
+        } else {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{mant}e{esign}{:02}", exp.abs())
+    }
+}
+
+fn indent(out: &mut String, level: usize) {
+    out.push('\n');
+    for _ in 0..level {
+        out.push_str("  ");
+    }
+}
+
+fn write_value(out: &mut String, value: &Value, level: usize) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => out.push_str(&i.to_string()),
+            (_, Some(u), _) => out.push_str(&u.to_string()),
+            (_, _, Some(f)) => out.push_str(&float_repr(f)),
+            _ => out.push_str(&n.to_string()),
+        },
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            if items.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                indent(out, level + 1);
+                write_value(out, item, level + 1);
+            }
+            indent(out, level);
+            out.push(']');
+        }
+        Value::Object(map) => {
+            if map.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                indent(out, level + 1);
+                write_string(out, k);
+                out.push_str(": ");
+                write_value(out, v, level + 1);
+            }
+            indent(out, level);
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string with Python's escaping (`ensure_ascii=True`).
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn floats_read_like_python_repr() {
+        let cases = [
+            (3.875e-05, "3.875e-05"),
+            (0.0001, "0.0001"),
+            (1e-5, "1e-05"),
+            (2.0, "2.0"),
+            (0.5, "0.5"),
+            (123.25, "123.25"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (9999999999999998.0, "9999999999999998.0"),
+            (-0.001, "-0.001"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (f64::NAN, "NaN"),
+            (f64::NEG_INFINITY, "-Infinity"),
+            (-0.0, "-0.0"),
+            (5e-324, "5e-324"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(float_repr(x), want, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn layout_matches_json_dumps() {
+        let v = json!({"weight_map": {"b": "x", "a": "y"}, "metadata": {"total_size": 8}, "l": [], "o": {}, "u": "é\"", "f": [1.0, 2]});
+        let want = "{\n  \"f\": [\n    1.0,\n    2\n  ],\n  \"l\": [],\n  \"metadata\": {\n    \"total_size\": 8\n  },\n  \"o\": {},\n  \"u\": \"\\u00e9\\\"\",\n  \"weight_map\": {\n    \"a\": \"y\",\n    \"b\": \"x\"\n  }\n}";
+        assert_eq!(dumps(&v), want);
+    }
+}
