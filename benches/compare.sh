@@ -13,6 +13,8 @@
 #                     (default /root/.cache/kiln/venv/bin/python); without one the
 #                     Python rows are skipped, and the script says so
 #
+# kiln's saves always fsync (file and folder); they are compared to the others + fsync,
+# and, run under eatmydata (fsync a no-op) when it is installed, to the others as they are.
 # Each measurement runs in its own process under /usr/bin/time -v (peak RSS), after a
 # `sync` and with its output file deleted first; the timed part is the save (or open, or
 # read) only, never building the tensors. Reads are warm-cache: the files were just
@@ -57,7 +59,7 @@ fi
 echo "== $bytes bytes (${mib} MiB) of f32 in 32 tensors, in $work"
 echo "== $runs runs per measurement, median reported; Python: $pyver"
 
-declare -A SEC RUNS PEAK DELTA TBYTES JSON
+declare -A SEC RUNS PEAK HWM DELTA TBYTES JSON
 
 field() { # field NAME FILE: a number from a one-line JSON object
     sed -n "s/.*\"$1\": *\([0-9.eE+-]*\).*/\1/p" "$2" | head -n 1
@@ -73,7 +75,7 @@ median() {
 measure() {
     local key=$1 out=$2
     shift 2
-    local times=() peak=0 delta=0 r s rss
+    local times=() peak=0 hwm=0 delta=0 r s rss h
     for ((r = 1; r <= runs; r++)); do
         [[ "$out" != - ]] && rm -f "$out"
         sync
@@ -88,8 +90,10 @@ measure() {
         times+=("$s")
         rss=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$work/time.txt")
         ((rss > peak)) && peak=$rss
-        if [[ -n "$(field hwm_kib "$work/out.json")" ]]; then
-            local d=$(($(field hwm_kib "$work/out.json") - $(field rss_before_kib "$work/out.json")))
+        h=$(field hwm_kib "$work/out.json")
+        if [[ -n "$h" ]]; then
+            ((h > hwm)) && hwm=$h
+            local d=$((h - $(field rss_before_kib "$work/out.json")))
             ((d > delta)) && delta=$d
             TBYTES[$key]=$(field tensor_bytes "$work/out.json")
         fi
@@ -98,21 +102,36 @@ measure() {
     SEC[$key]=$(median "${times[@]}")
     RUNS[$key]="${times[*]}"
     PEAK[$key]=$peak
+    HWM[$key]=$hwm
     DELTA[$key]=$delta
     echo "   $key: ${SEC[$key]} s (runs: ${RUNS[$key]})"
 }
 
 st="$work/model.safetensors"
+# kiln's saves always fsync (temporary file, fsync, rename, fsync of the folder). Their
+# un-fsync'd variant runs under eatmydata, which turns fsync into a no-op (LD_PRELOAD).
+nosync=()
+if command -v eatmydata >/dev/null; then
+    nosync=(eatmydata)
+else
+    echo "== no eatmydata on PATH: the un-fsync'd kiln rows are skipped (kiln's saves always fsync)"
+fi
 echo "== writes"
 measure dd "$work/dd.out" env LC_ALL=C dd if=/dev/zero of="$work/dd.out" bs=1M count="$bytes" iflag=count_bytes
 measure dd_fsync "$work/dd.out" env LC_ALL=C dd if=/dev/zero of="$work/dd.out" bs=1M count="$bytes" iflag=count_bytes conv=fsync
 rm -f "$work/dd.out"
-measure kiln_st "$st" "$bin" save-st "$st"
-measure kiln_st_fsync "$st" "$bin" save-st "$st" --fsync
-measure kiln_bin "$work/kiln.bin" "$bin" save-bin "$work/kiln.bin"
+measure kiln_bin_fsync "$work/kiln.bin" "$bin" save-bin "$work/kiln.bin"
+measure kiln_st_fsync "$st" "$bin" save-st "$st"
+if ((${#nosync[@]})); then
+    measure kiln_bin "$work/kiln.bin" "${nosync[@]}" "$bin" save-bin "$work/kiln.bin"
+    measure kiln_st "$st" "${nosync[@]}" "$bin" save-st "$st"
+fi
 if ((have_py)); then
-    measure py_st "$work/py.safetensors" "$py" "$here/py_io.py" save-st "$work/layout.json" "$work/py.safetensors"
-    rm -f "$work/py.safetensors"
+    pyst="$work/py.safetensors"
+    measure py_st "$pyst" "$py" "$here/py_io.py" save-st "$work/layout.json" "$pyst"
+    measure py_st_fsync "$pyst" "$py" "$here/py_io.py" save-st "$work/layout.json" "$pyst" --fsync
+    rm -f "$pyst"
+    measure torch_save_fsync "$work/torch.bin" "$py" "$here/py_io.py" save-pt "$work/layout.json" "$work/torch.bin" --fsync
     measure torch_save "$work/torch.bin" "$py" "$here/py_io.py" save-pt "$work/layout.json" "$work/torch.bin"
 fi
 
@@ -145,6 +164,10 @@ fmt_t() { # seconds -> "0.512 s" or "0.031 ms"
     awk -v s="$1" 'BEGIN { if (s < 0.01) printf "%.3f ms", s * 1000; else printf "%.3f s", s }'
 }
 
+section() {
+    echo "$1"
+}
+
 # row LABEL KILN_KEY OTHER_KEY OP LIMIT: ratio kiln/other against "ratio OP LIMIT"
 row() {
     local label=$1 k=${SEC[$2]:-} o=${SEC[$3]:-} op=$4 lim=$5 ratio="-" ok="n/a"
@@ -153,7 +176,7 @@ row() {
         ok=$(awk -v a="$k" -v b="$o" -v l="$lim" -v op="$op" \
             'BEGIN { r = a / b; print ((op == "<" ? r < l : r <= l) ? "yes" : "NO") }')
     fi
-    printf "%-52s %11s %11s %8s  %-8s %s\n" "$label" "$(fmt_t "$k")" "$(fmt_t "$o")" "$ratio" "$op $lim" "$ok"
+    printf "  %-50s %11s %11s %8s  %-8s %s\n" "$label" "$(fmt_t "$k")" "$(fmt_t "$o")" "$ratio" "$op $lim" "$ok"
 }
 
 echo
@@ -161,45 +184,62 @@ echo "kiln vs others, ${mib} MiB of f32 in 32 tensors; median of $runs runs; rat
 printf "%-52s %11s %11s %8s  %-8s %s\n" "measurement (kiln vs other)" "kiln" "other" "ratio" "target" "ok"
 printf '%.0s-' {1..100}
 echo
-row "safetensors save vs dd bs=1M (no fsync)" kiln_st dd "<=" 1.2
-row "safetensors save+fsync vs dd conv=fsync" kiln_st_fsync dd_fsync "<=" 1.2
-row "safetensors save vs Python save_file (no fsync)" kiln_st py_st "<" 1.0
-row ".bin save vs kiln safetensors save (no fsync)" kiln_bin kiln_st "<=" 1.3
-row ".bin save vs torch.save (no fsync)" kiln_bin torch_save "<" 1.0
+section "fsync'd: kiln's saves as they are (file and folder synced) vs the others + fsync"
+row "safetensors save vs dd conv=fsync" kiln_st_fsync dd_fsync "<=" 1.2
+row "safetensors save vs save_file + fsync" kiln_st_fsync py_st_fsync "<" 1.0
+row ".bin save vs kiln safetensors save" kiln_bin_fsync kiln_st_fsync "<=" 1.3
+row ".bin save vs torch.save + fsync" kiln_bin_fsync torch_save_fsync "<" 1.0
+section "un-fsync'd: kiln under eatmydata (fsync a no-op) vs the others as they are"
+row "safetensors save vs dd bs=1M" kiln_st dd "<=" 1.2
+row "safetensors save vs Python save_file" kiln_st py_st "<" 1.0
+row ".bin save vs kiln safetensors save" kiln_bin kiln_st "<=" 1.3
+row ".bin save vs torch.save" kiln_bin torch_save "<" 1.0
+section "reads, warm page cache (.bin: the file torch.save wrote, if any)"
 row ".bin read all bytes vs torch.load mmap=False" kiln_read_bin torch_load "<=" 1.0
 row ".bin read all bytes vs torch.load mmap=True" kiln_read_bin torch_load_mmap "<=" 1.0
-row "header open: 1 GiB file vs 64 MiB file" open_big open_small "<=" 1.5
+section "header open: SafetensorsFile::open + tensor list, median of 51 per process"
+row "header open: ${mib} MiB file vs 64 MiB file" open_big open_small "<=" 1.5
 for k in open_big open_small; do
     s=${SEC[$k]:-}
     [[ -z "$s" ]] && continue
     ok=$(awk -v s="$s" 'BEGIN { print (s < 0.005 ? "yes" : "NO") }')
-    printf "%-52s %11s %11s %8s  %-8s %s\n" "header open, $([[ $k == open_big ]] && echo "${mib} MiB" || echo "64 MiB") file (absolute)" "$(fmt_t "$s")" "-" "-" "< 5 ms" "$ok"
+    printf "  %-50s %11s %11s %8s  %-8s %s\n" "header open, $([[ $k == open_big ]] && echo "${mib} MiB" || echo "64 MiB") file (absolute)" "$(fmt_t "$s")" "-" "-" "< 5 ms" "$ok"
 done
 echo
 echo ".bin reads use $binwho; all reads are warm-cache (page cache holds the file)."
 [[ -n "${SEC[kiln_read_own_bin]:-}" ]] && echo "kiln .bin read of kiln's own file: $(fmt_t "${SEC[kiln_read_own_bin]}")"
 [[ -n "${SEC[kiln_read_st]:-}" ]] && echo "kiln safetensors read, all bytes:   $(fmt_t "${SEC[kiln_read_st]}")"
-bad=""
+bad="" nreads=0
 for k in kiln_read_bin torch_load torch_load_mmap kiln_read_own_bin kiln_read_st; do
     [[ -z "${JSON[$k]:-}" ]] && continue
     sum=$(field checksum <(echo "${JSON[$k]}"))
+    nreads=$((nreads + 1))
     [[ "$sum" != "$expected" ]] && bad+=" $k=$sum"
 done
 if [[ -n "$bad" ]]; then
     echo "CHECKSUM MISMATCH (expected $expected):$bad"
-else
+elif ((nreads)); then
     echo "every read returned the checksum of the tensors written ($expected)"
 fi
 
 echo
 echo "peak memory of each save (own process; MiB; tensors = $((bytes / 1048576)) MiB)"
-printf "%-26s %12s %16s %22s\n" "save" "peak RSS" "peak - tensors" "growth during save"
-for k in kiln_st kiln_st_fsync kiln_bin py_st torch_save; do
+printf "%-30s %14s %15s %19s %13s\n" "save" "peak in save" "peak - tensors" "growth during save" "time -v max"
+declare -A NAME=(
+    [kiln_st_fsync]="kiln safetensors" [kiln_st]="kiln safetensors (eatmydata)"
+    [kiln_bin_fsync]="kiln .bin" [kiln_bin]="kiln .bin (eatmydata)"
+    [py_st]="Python save_file" [py_st_fsync]="Python save_file + fsync"
+    [torch_save]="torch.save" [torch_save_fsync]="torch.save + fsync"
+)
+for k in kiln_st_fsync kiln_st kiln_bin_fsync kiln_bin py_st py_st_fsync torch_save torch_save_fsync; do
     [[ -z "${SEC[$k]:-}" ]] && continue
-    awk -v k="$k" -v p="${PEAK[$k]}" -v d="${DELTA[$k]}" -v t="${TBYTES[$k]:-$bytes}" \
-        'BEGIN { printf "%-26s %12.1f %16.1f %22.1f\n", k, p / 1024, p / 1024 - t / 1048576, d / 1024 }'
+    awk -v k="${NAME[$k]}" -v h="${HWM[$k]}" -v d="${DELTA[$k]}" -v p="${PEAK[$k]}" \
+        -v t="${TBYTES[$k]:-$bytes}" 'BEGIN {
+        printf "%-30s %14.1f %15.1f %19.1f %13.1f\n", k, h / 1024, h / 1024 - t / 1048576, d / 1024, p / 1024 }'
 done
-echo "peak RSS: /usr/bin/time -v, largest of the runs; the high-water mark is reset"
-echo "(/proc/self/clear_refs) just before the save, so building the tensors does not count."
-echo "growth during save: VmHWM after the save minus VmRSS just before it (in-process)."
-echo "Python's peak includes the interpreter and torch (~0.5 GiB) besides the tensors."
+echo "peak in save: the process's VmHWM right after the save; the high-water mark is reset"
+echo "(/proc/self/clear_refs) just before it, so it is the larger of the resident set before"
+echo "the save (tensors + program) and the peak during it. growth during save: that peak minus"
+echo "VmRSS just before the save. time -v max: /usr/bin/time -v's maximum resident set size"
+echo "of the whole process (the reset applies to it too; Python's also holds the interpreter,"
+echo "torch (~0.5 GiB) and whatever it allocates at exit). Largest over the runs, in MiB."

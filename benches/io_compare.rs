@@ -5,15 +5,17 @@
 //! ```text
 //! io_compare layout                  names and shapes of the tensors (for py_io.py)
 //! io_compare checksum                the checksum of the tensors, as the reads report it
-//! io_compare save-st  PATH [--fsync] build the tensors, then time safetensors::save
-//! io_compare save-bin PATH [--fsync] the same with torch::save (.bin)
+//! io_compare save-st  PATH          build the tensors, then time safetensors::save
+//! io_compare save-bin PATH          the same with torch::save (.bin)
 //! io_compare open-st  PATH           time SafetensorsFile::open + the tensor list
 //! io_compare read-st  PATH           time open + reading every byte of every tensor
 //! io_compare read-bin PATH           the same for a PyTorch .bin
 //! ```
 //!
-//! Sizes come from `KILN_BENCH_BYTES` (default 1 GiB). `--fsync` adds an fsync of the
-//! file to the timed part, like `dd conv=fsync`. Saves also report memory: the resident
+//! Sizes come from `KILN_BENCH_BYTES` (default 1 GiB). kiln's saves are durable: they
+//! write a temporary file, fsync it, rename it and fsync the folder, so there is no
+//! un-fsync'd variant here; compare.sh gets one by running this under `eatmydata`
+//! (fsync made a no-op through LD_PRELOAD). Saves also report memory: the resident
 //! set just before the save, and the high-water mark during it (reset just before the
 //! save through `/proc/self/clear_refs`, so building the tensors does not count).
 //! Run without a mode (as `cargo test --benches` does), it prints this usage and exits 0.
@@ -28,7 +30,7 @@ use kiln::formats::safetensors::{self, SafetensorsFile};
 use kiln::formats::torch::{self, TorchFile};
 use kiln::formats::{Error, Result, TensorCollection};
 
-const USAGE: &str = "usage: io_compare layout | checksum | save-st PATH [--fsync] | save-bin PATH [--fsync] \
+const USAGE: &str = "usage: io_compare layout | checksum | save-st PATH | save-bin PATH \
                      | open-st PATH | read-st PATH | read-bin PATH";
 
 /// Header opens timed per process; the median is reported.
@@ -50,11 +52,7 @@ fn main() -> ExitCode {
         ["checksum"] => common::model_like(common::bench_bytes())
             .and_then(|t| common::read_all(&t))
             .map(|sum| format!("{{\"mode\":\"checksum\",\"checksum\":{sum}}}")),
-        [mode @ ("save-st" | "save-bin"), path, rest @ ..] => match rest {
-            [] => save(mode, Path::new(path), false),
-            ["--fsync"] => save(mode, Path::new(path), true),
-            _ => usage(),
-        },
+        [mode @ ("save-st" | "save-bin"), path] => save(mode, Path::new(path)),
         ["open-st", path] => open_header(Path::new(path)),
         [mode @ ("read-st" | "read-bin"), path] => read(mode, Path::new(path)),
         _ => usage(),
@@ -97,7 +95,7 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn save(mode: &str, path: &Path, fsync: bool) -> Result<String> {
+fn save(mode: &str, path: &Path) -> Result<String> {
     let total = common::bench_bytes();
     let tensors = common::model_like(total)?;
     let tensor_bytes = tensors.total_bytes();
@@ -110,18 +108,13 @@ fn save(mode: &str, path: &Path, fsync: bool) -> Result<String> {
     } else {
         torch::save(path, &tensors)?;
     }
-    if fsync {
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(path, e))?;
-    }
     let seconds = start.elapsed().as_secs_f64();
     let hwm = status_kib("VmHWM");
     let file_bytes = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
     Ok(format!(
-        "{{\"mode\":\"{mode}\",\"fsync\":{fsync},\"seconds\":{seconds:.6},\
+        "{{\"mode\":\"{mode}\",\"seconds\":{seconds:.6},\
          \"tensor_bytes\":{tensor_bytes},\"file_bytes\":{file_bytes},\
          \"rss_before_kib\":{rss_before},\"hwm_kib\":{hwm},\"hwm_reset\":{hwm_reset}}}"
     ))

@@ -1,7 +1,7 @@
 """The Python side of benches/compare.sh: one measurement per process, one JSON line out.
 
-    py_io.py save-st LAYOUT PATH          build the tensors, time safetensors.torch.save_file
-    py_io.py save-pt LAYOUT PATH          build the tensors, time torch.save
+    py_io.py save-st LAYOUT PATH [--fsync]  build the tensors, time safetensors save_file
+    py_io.py save-pt LAYOUT PATH [--fsync]  build the tensors, time torch.save
     py_io.py load-pt PATH [--mmap]        time torch.load(weights_only=True) + touching
                                           every byte (a checksum), then freeing it
 
@@ -10,10 +10,12 @@ values are those of benches/common/mod.rs, ((i * 7 + t) % 1021) / 1021 in f32, a
 checksum is common::checksum's, so kiln's and torch's checksums of the same file agree.
 Saves report the resident set just before the save and the high-water mark during it
 (reset through /proc/self/clear_refs first), like io_compare.
-Nothing is fsync'd: neither save_file nor torch.save does.
+Neither save_file nor torch.save fsyncs; --fsync adds, inside the timing, an fsync of the
+file and of its folder (what kiln's saves do, besides writing to a temporary name).
 """
 
 import json
+import os
 import sys
 import time
 
@@ -47,7 +49,16 @@ def build(layout_path):
     return tensors
 
 
-def save(mode, layout_path, path):
+def fsync_file_and_folder(path):
+    for p, flags in ((path, os.O_RDONLY), (os.path.dirname(os.path.abspath(path)), os.O_RDONLY)):
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(mode, layout_path, path, fsync):
     tensors = build(layout_path)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     rss_before = status_kib("VmRSS")
@@ -62,10 +73,12 @@ def save(mode, layout_path, path):
         safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     else:
         torch.save(tensors, path)
+    if fsync:
+        fsync_file_and_folder(path)
     seconds = time.perf_counter() - start
     return {
         "mode": mode,
-        "fsync": False,
+        "fsync": fsync,
         "seconds": seconds,
         "tensor_bytes": tensor_bytes,
         "rss_before_kib": rss_before,
@@ -108,8 +121,8 @@ def load(path, mmap):
 
 
 def main(argv):
-    if len(argv) == 3 and argv[0] in ("save-st", "save-pt"):
-        out = save(argv[0], argv[1], argv[2])
+    if len(argv) in (3, 4) and argv[0] in ("save-st", "save-pt") and argv[3:] in ([], ["--fsync"]):
+        out = save(argv[0], argv[1], argv[2], argv[3:] == ["--fsync"])
     elif argv[:1] == ["load-pt"] and len(argv) in (2, 3) and argv[2:] in ([], ["--mmap"]):
         out = load(argv[1], argv[2:] == ["--mmap"])
     else:
