@@ -6,3 +6,8 @@
 #![deny(missing_docs)]
 
 pub use kiln_formats as formats;
+
+/// The README's code, compiled as a doctest so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,1 @@
+//! Saving in the background. PLACEHOLDER: being implemented.

@@ -1,0 +1,1 @@
+//! Model folders (`save_pretrained` / `from_pretrained`). PLACEHOLDER: being implemented.

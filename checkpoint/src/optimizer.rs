@@ -1,0 +1,1 @@
+//! Optimizer state by parameter name. PLACEHOLDER: being implemented.

@@ -1,0 +1,1 @@
+//! `trainer_state.json`. PLACEHOLDER: being implemented.

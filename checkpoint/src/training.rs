@@ -1,0 +1,1 @@
+//! Whole training checkpoints. PLACEHOLDER: being implemented.
