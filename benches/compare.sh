@@ -58,6 +58,8 @@ fi
 
 echo "== $bytes bytes (${mib} MiB) of f32 in 32 tensors, in $work"
 echo "== $runs runs per measurement, median reported; Python: $pyver"
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== $(nproc) CPUs, load average $load0 (others' work on the machine adds noise)"
 
 declare -A SEC RUNS PEAK HWM DELTA TBYTES JSON
 
@@ -181,6 +183,7 @@ row() {
 
 echo
 echo "kiln vs others, ${mib} MiB of f32 in 32 tensors; median of $runs runs; ratio = kiln/other"
+echo "load average (1/5/15 min) at start: $load0, at end: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
 printf "%-52s %11s %11s %8s  %-8s %s\n" "measurement (kiln vs other)" "kiln" "other" "ratio" "target" "ok"
 printf '%.0s-' {1..100}
 echo
