@@ -6,11 +6,152 @@
 //!
 //! Files written this way diff cleanly against the ones transformers writes.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
+
+/// A JSON value as Python's `json` module sees it: integers and floats stay distinct
+/// (`2` vs `2.0`), and floats may be `NaN` or infinite (which `json.dumps` writes as the
+/// bare tokens `NaN`, `Infinity`, `-Infinity`, and `serde_json` cannot represent).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PyValue {
+    /// `null` / `None`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float, possibly non-finite.
+    Float(f64),
+    /// A string.
+    Str(String),
+    /// A list.
+    List(Vec<PyValue>),
+    /// An object; `json.dumps(sort_keys=True)` sorts the keys anyway.
+    Dict(BTreeMap<String, PyValue>),
+}
+
+impl PyValue {
+    /// The value as f64, for numbers.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            PyValue::Int(i) => Some(i as f64),
+            PyValue::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The value as i64, for integers.
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            PyValue::Int(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// The value as a string slice, for strings.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            PyValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl From<&Value> for PyValue {
+    fn from(v: &Value) -> Self {
+        match v {
+            Value::Null => PyValue::Null,
+            Value::Bool(b) => PyValue::Bool(*b),
+            Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                (Some(i), _) => PyValue::Int(i),
+                (None, Some(f)) if n.is_f64() => PyValue::Float(f),
+                // u64 beyond i64: keep the value as a float rather than wrap
+                (None, Some(f)) => PyValue::Float(f),
+                (None, None) => PyValue::Null,
+            },
+            Value::String(s) => match s.strip_prefix(NONFINITE) {
+                Some("NaN") => PyValue::Float(f64::NAN),
+                Some("Infinity") => PyValue::Float(f64::INFINITY),
+                Some("-Infinity") => PyValue::Float(f64::NEG_INFINITY),
+                _ => PyValue::Str(s.clone()),
+            },
+            Value::Array(a) => PyValue::List(a.iter().map(PyValue::from).collect()),
+            Value::Object(o) => PyValue::Dict(
+                o.iter()
+                    .map(|(k, v)| (k.clone(), PyValue::from(v)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl From<f64> for PyValue {
+    fn from(x: f64) -> Self {
+        PyValue::Float(x)
+    }
+}
+
+impl From<i64> for PyValue {
+    fn from(x: i64) -> Self {
+        PyValue::Int(x)
+    }
+}
+
+impl From<&str> for PyValue {
+    fn from(x: &str) -> Self {
+        PyValue::Str(x.to_string())
+    }
+}
+
+/// Marks a non-finite float token while text goes through serde_json in [`loads`].
+const NONFINITE: &str = "\u{0}kiln-nonfinite:";
+
+/// Parses JSON as Python's `json.loads` does, accepting the `NaN`, `Infinity` and
+/// `-Infinity` tokens that `json.dumps` writes.
+pub fn loads(text: &str) -> Result<PyValue, serde_json::Error> {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else {
+            let token = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|t| rest.starts_with(t));
+            if let Some(t) = token {
+                out.push('"');
+                out.push_str(&NONFINITE.replace('\0', "\\u0000"));
+                out.push_str(t);
+                out.push('"');
+                rest = &rest[t.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    let value: Value = serde_json::from_str(&out)?;
+    Ok(PyValue::from(&value))
+}
 
 /// Renders `value` as `json.dumps(value, indent=2, sort_keys=True)` does (no trailing
 /// newline; transformers adds one).
 pub fn dumps(value: &Value) -> String {
+    dumps_py(&PyValue::from(value))
+}
+
+/// Renders a [`PyValue`] as `json.dumps(value, indent=2, sort_keys=True)` does.
+pub fn dumps_py(value: &PyValue) -> String {
     let mut out = String::new();
     write_value(&mut out, value, 0);
     out
@@ -75,18 +216,14 @@ fn indent(out: &mut String, level: usize) {
     }
 }
 
-fn write_value(out: &mut String, value: &Value, level: usize) {
+fn write_value(out: &mut String, value: &PyValue, level: usize) {
     match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => out.push_str(&i.to_string()),
-            (_, Some(u), _) => out.push_str(&u.to_string()),
-            (_, _, Some(f)) => out.push_str(&float_repr(f)),
-            _ => out.push_str(&n.to_string()),
-        },
-        Value::String(s) => write_string(out, s),
-        Value::Array(items) => {
+        PyValue::Null => out.push_str("null"),
+        PyValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        PyValue::Int(i) => out.push_str(&i.to_string()),
+        PyValue::Float(f) => out.push_str(&float_repr(*f)),
+        PyValue::Str(s) => write_string(out, s),
+        PyValue::List(items) => {
             if items.is_empty() {
                 out.push_str("[]");
                 return;
@@ -102,15 +239,13 @@ fn write_value(out: &mut String, value: &Value, level: usize) {
             indent(out, level);
             out.push(']');
         }
-        Value::Object(map) => {
+        PyValue::Dict(map) => {
             if map.is_empty() {
                 out.push_str("{}");
                 return;
             }
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
             out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
+            for (i, (k, v)) in map.iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
@@ -183,5 +318,16 @@ mod tests {
         let v = json!({"weight_map": {"b": "x", "a": "y"}, "metadata": {"total_size": 8}, "l": [], "o": {}, "u": "é\"", "f": [1.0, 2]});
         let want = "{\n  \"f\": [\n    1.0,\n    2\n  ],\n  \"l\": [],\n  \"metadata\": {\n    \"total_size\": 8\n  },\n  \"o\": {},\n  \"u\": \"\\u00e9\\\"\",\n  \"weight_map\": {\n    \"a\": \"y\",\n    \"b\": \"x\"\n  }\n}";
         assert_eq!(dumps(&v), want);
+    }
+
+    #[test]
+    fn loads_accepts_python_tokens_and_round_trips() {
+        let text = "{\n  \"a\": NaN,\n  \"b\": [\n    Infinity,\n    -Infinity,\n    1.0,\n    2\n  ],\n  \"c\": \"NaN in a string\"\n}";
+        let v = loads(text).unwrap();
+        let PyValue::Dict(d) = &v else { panic!() };
+        assert!(d["a"].as_f64().unwrap().is_nan());
+        assert_eq!(d["c"], PyValue::Str("NaN in a string".into()));
+        assert_eq!(dumps_py(&v), text);
+        assert!(loads("{\"a\": Nan}").is_err());
     }
 }

@@ -197,27 +197,59 @@ pub fn save_sharded(
         files.push(path);
     }
     let index = if n > 1 {
-        let index = json!({
-            "metadata": {
-                "total_parameters": tensors.parameter_count(),
-                "total_size": tensors.total_bytes(),
-            },
-            "weight_map": weight_map,
-        });
-        let path = dir.join(format.hf_index_name());
-        let text = pyjson::dumps(&index) + "\n";
-        atomic::write_file(&path, |f| {
-            std::io::Write::write_all(f, text.as_bytes()).in_file(&path)
-        })?;
-        Some(path)
+        Some(write_index(
+            dir,
+            format,
+            weight_map,
+            tensors.parameter_count(),
+            tensors.total_bytes(),
+        )?)
     } else {
         None
     };
-    let keep: HashSet<&Path> = files
+    let keep: Vec<&Path> = files
         .iter()
         .map(PathBuf::as_path)
         .chain(index.as_deref())
         .collect();
+    let removed = remove_stale(dir, &keep)?;
+    Ok(SavedWeights {
+        files,
+        index,
+        removed,
+    })
+}
+
+/// Writes the shard index of `format` into `dir` as transformers does
+/// (`json.dumps(index, indent=2, sort_keys=True) + "\n"`, atomically) and returns its
+/// path. `total_parameters` and `total_size` count each storage once.
+pub fn write_index(
+    dir: &Path,
+    format: Format,
+    weight_map: serde_json::Map<String, serde_json::Value>,
+    total_parameters: u64,
+    total_size: u64,
+) -> Result<PathBuf> {
+    let index = json!({
+        "metadata": {
+            "total_parameters": total_parameters,
+            "total_size": total_size,
+        },
+        "weight_map": weight_map,
+    });
+    let path = dir.join(format.hf_index_name());
+    let text = pyjson::dumps(&index) + "\n";
+    atomic::write_file(&path, |f| {
+        std::io::Write::write_all(f, text.as_bytes()).in_file(&path)
+    })?;
+    Ok(path)
+}
+
+/// Removes from `dir` every weights file or index of either format (single files,
+/// indexes, anything named like a shard) that is not in `keep`, and returns them: the
+/// stale-file cleanup of [`save_sharded`], for writers that write their own shards.
+pub fn remove_stale(dir: &Path, keep: &[&Path]) -> Result<Vec<PathBuf>> {
+    let keep: HashSet<&Path> = keep.iter().copied().collect();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(dir).in_file(dir)? {
         let entry = entry.in_file(dir)?;
@@ -232,11 +264,7 @@ pub fn save_sharded(
     if !removed.is_empty() {
         atomic::sync_dir(dir)?;
     }
-    Ok(SavedWeights {
-        files,
-        index,
-        removed,
-    })
+    Ok(removed)
 }
 
 #[derive(Deserialize)]

@@ -1,46 +1,37 @@
-//! PyTorch zip checkpoints (`pytorch_model.bin`, `*.pt`, `*.pth`).
+//! PyTorch zip checkpoints (`pytorch_model.bin`, `*.pt`, `*.pth`), read and written.
 //!
-//! PLACEHOLDER: being written (reader, weights-only pickle, writer).
+//! Reading ([`TorchFile`]) maps the file, validates the zip container strictly
+//! (stored entries inside the file, no overlaps, no `..` names), reads `data.pkl`
+//! with a weights-only pickle reader ([`pickle`]) that refuses any global outside
+//! torch's allowlist and executes nothing, and serves tensors zero-copy when they
+//! are contiguous. Writing ([`save`], [`save_value`]) produces what `torch.save`
+//! would, minus its optional entries, so that `torch.load(weights_only=True)` loads
+//! the file with `mmap` on and off.
+//!
+//! ```no_run
+//! use kiln_formats::torch::{self, TorchFile};
+//! use kiln_formats::TensorCollection;
+//! # fn main() -> kiln_formats::Result<()> {
+//! let file = TorchFile::open("pytorch_model.bin")?;
+//! for info in file.tensors() {
+//!     let t = file.tensor(&info.name)?;
+//!     println!("{} {} {:?}", info.name, t.dtype(), t.shape());
+//! }
+//! torch::save("copy.bin", &file)?; // one storage per tensor
+//! file.save_state_dict("tied.bin")?; // storages shared as in the source
+//! # Ok(()) }
+//! ```
 
-use std::collections::BTreeMap;
-use std::path::Path;
+mod archive;
+mod layout;
+pub mod pickle;
+mod reader;
+mod writer;
 
-use crate::{Error, Format, Result, TensorCollection, TensorInfo, TensorView};
+pub use pickle::{StorageRef, TensorRef, Value};
+pub use reader::TorchFile;
+pub use writer::{StorageMap, StorageSource, save, save_value};
 
-/// A PyTorch zip checkpoint opened for reading.
-#[derive(Debug)]
-pub struct TorchFile {
-    tensors: Vec<TensorInfo>,
-    metadata: BTreeMap<String, String>,
-}
-
-impl TorchFile {
-    /// Opens a file.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Err(Error::Unsupported(format!(
-            "{}: not yet",
-            path.as_ref().display()
-        )))
-    }
-}
-
-impl TensorCollection for TorchFile {
-    fn format(&self) -> Option<Format> {
-        Some(Format::PyTorch)
-    }
-    fn metadata(&self) -> &BTreeMap<String, String> {
-        &self.metadata
-    }
-    fn tensors(&self) -> &[TensorInfo] {
-        &self.tensors
-    }
-    fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
-        Err(Error::NotFound(name.into()))
-    }
-}
-
-/// Writes `tensors` as a flat state dict that `torch.load(weights_only=True)` loads.
-pub fn save(path: impl AsRef<Path>, tensors: &dyn TensorCollection) -> Result<()> {
-    let _ = (path, tensors);
-    Err(Error::Unsupported("not yet".into()))
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;

@@ -1,1 +1,0 @@
-//! Model folders (`save_pretrained` / `from_pretrained`). PLACEHOLDER: being implemented.

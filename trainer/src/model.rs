@@ -1,0 +1,80 @@
+//! The [`Model`] trait: what the trainer needs from a model.
+//!
+//! kiln's own models (BERT for sequence classification, GPT-2 LM head) implement it, and
+//! so can yours: name the parameters as transformers names them, describe `config.json`,
+//! declare tied weights, and compute a loss in [`Model::forward`] when labels are given.
+
+use candle_core::{Tensor, Var};
+
+use crate::rng::Rng;
+
+/// One batch, as a collator makes it; every tensor on the model's device.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids, u32 `[batch, seq]`.
+    pub input_ids: Tensor,
+    /// 1 for real tokens, 0 for padding, u32 `[batch, seq]`.
+    pub attention_mask: Option<Tensor>,
+    /// Segment ids (BERT), u32 `[batch, seq]`.
+    pub token_type_ids: Option<Tensor>,
+    /// Targets: i64 class ids `[batch]` (classification), f32 `[batch]` or
+    /// `[batch, labels]` (regression), or i64 token ids `[batch, seq]` with -100 for
+    /// positions to ignore (causal LM; the model shifts them).
+    pub labels: Option<Tensor>,
+}
+
+impl Batch {
+    /// Number of examples in the batch.
+    pub fn len(&self) -> usize {
+        self.input_ids.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Whether the batch holds no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The mean loss over the batch, when labels were given.
+    pub loss: Option<Tensor>,
+    /// The logits (`[batch, labels]`, or `[batch, seq, vocab]` for a language model).
+    pub logits: Tensor,
+}
+
+/// A trainable model.
+pub trait Model: Send {
+    /// Runs the model. `train` carries the generator for dropout during training and is
+    /// `None` in evaluation, where dropout is off.
+    fn forward(&self, batch: &Batch, train: Option<&mut Rng>) -> candle_core::Result<Output>;
+
+    /// The trainable parameters with transformers' names, in the order transformers'
+    /// `state_dict()` lists them (sharding follows it), tied copies left out.
+    fn parameters(&self) -> Vec<(String, Var)>;
+
+    /// The keys of `config.json`, including `architectures` and `model_type`.
+    fn config(&self) -> serde_json::Value;
+
+    /// `generation_config.json`, for generative models.
+    fn generation_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Tied weights as (tied name, source name), e.g.
+    /// `("lm_head.weight", "transformer.wte.weight")`.
+    fn tied_weights(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Whether weight decay skips this parameter. transformers skips biases and the
+    /// parameters of normalisation layers; the default recognises their usual names.
+    fn no_weight_decay(&self, name: &str) -> bool {
+        name.ends_with("bias")
+            || name.contains("LayerNorm")
+            || name.contains("layer_norm")
+            || name.contains(".ln_")
+            || name.starts_with("ln_")
+    }
+}
