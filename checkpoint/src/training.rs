@@ -1,1 +1,187 @@
-//! Whole training checkpoints. PLACEHOLDER: being implemented.
+//! A whole training checkpoint, `output_dir/checkpoint-<step>/`:
+//!
+//! | file | written by | holds |
+//! |---|---|---|
+//! | `config.json`, weights, tokenizer files, `training_args.json` | main process | the model folder ([`model`](crate::model)) |
+//! | `optimizer.safetensors` | main process | optimizer state by parameter name ([`optimizer`](crate::optimizer)) |
+//! | `scheduler.json` | main process | the learning-rate schedule's state |
+//! | `data_state.json` | main process | the data loader's position (epoch, batches taken, seed) |
+//! | `rng_state.json`, or `rng_state_<rank>.json` with several processes | every rank | that rank's generator state |
+//! | `trainer_state.json` | main process, last | transformers' `TrainerState` ([`state`](crate::state)) |
+//! | `kiln_checkpoint.json` | the commit | the manifest that makes the folder complete ([`commit`](crate::commit)) |
+//!
+//! A [`CheckpointSnapshot`] owns everything (tensors copied to host memory), so it can
+//! be handed to a background writer ([`async_save`](crate::async_save)) while training
+//! goes on. transformers' names are kept where kiln writes the same content
+//! (`trainer_state.json`, the model files); kiln's own state files are JSON or
+//! safetensors with their own names, because transformers' `optimizer.pt`,
+//! `scheduler.pt` and `rng_state.pth` hold torch and numpy objects whose meaning only
+//! torch's implementation defines.
+
+use std::path::{Path, PathBuf};
+
+use kiln_formats::TensorMap;
+use serde_json::Value;
+
+use crate::commit::{Coordinator, Staging};
+use crate::error::IoContext;
+use crate::model::{ModelSave, SaveOptions, save_pretrained};
+use crate::optimizer::{OPTIMIZER_NAME, OptimizerState};
+use crate::scan::{Completeness, completeness};
+use crate::state::{TRAINER_STATE_NAME, TrainerState};
+use crate::{Error, Result};
+
+/// The scheduler state file.
+pub const SCHEDULER_NAME: &str = "scheduler.json";
+/// The data loader position file.
+pub const DATA_STATE_NAME: &str = "data_state.json";
+
+/// The RNG state file of `rank` among `world_size` processes: `rng_state.json` alone,
+/// `rng_state_<rank>.json` with several (as transformers names its `.pth` files).
+pub fn rng_state_name(rank: usize, world_size: usize) -> String {
+    if world_size <= 1 {
+        "rng_state.json".into()
+    } else {
+        format!("rng_state_{rank}.json")
+    }
+}
+
+/// Everything that goes into one checkpoint, owned, so that it can be written on
+/// another thread while training continues.
+#[derive(Debug, Clone)]
+pub struct CheckpointSnapshot {
+    /// The optimizer step the checkpoint is for (its folder is `checkpoint-<step>`).
+    pub step: u64,
+    /// `config.json` keys of the model.
+    pub config: Value,
+    /// `generation_config.json`, for generative models.
+    pub generation_config: Option<Value>,
+    /// The weights, in the model's parameter order, copied to host memory.
+    pub weights: TensorMap<'static>,
+    /// Tied weights as (tied name, source name).
+    pub tied: Vec<(String, String)>,
+    /// Tokenizer files (name, bytes).
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// `training_args.json`.
+    pub training_args: Option<Value>,
+    /// Optimizer state (`None` with `save_only_model`).
+    pub optimizer: Option<OptimizerState>,
+    /// Scheduler state (`None` with `save_only_model`).
+    pub scheduler: Option<Value>,
+    /// This rank's RNG state.
+    pub rng: Option<Value>,
+    /// Data loader position (`None` with `save_only_model`).
+    pub data: Option<Value>,
+    /// The trainer state, written last.
+    pub state: TrainerState,
+    /// Weight format and shard size.
+    pub save_options: SaveOptions,
+}
+
+impl CheckpointSnapshot {
+    /// Bytes of tensor data the snapshot holds (weights and optimizer state).
+    pub fn nbytes(&self) -> u64 {
+        use kiln_formats::TensorCollection;
+        self.weights.total_bytes() + self.optimizer.as_ref().map_or(0, OptimizerState::nbytes)
+    }
+
+    /// Writes and commits `output_dir/checkpoint-<step>`; returns its path.
+    ///
+    /// Every process of the run calls it: the main process writes the model, optimizer,
+    /// scheduler, data position and trainer state; every rank writes its RNG state; the
+    /// commit makes the folder appear complete or not at all.
+    pub fn write(&self, output_dir: &Path, coord: &dyn Coordinator) -> Result<PathBuf> {
+        let staging = Staging::begin(output_dir, self.step, coord)?;
+        match self.write_files(&staging, coord) {
+            Ok(()) => staging.commit(coord),
+            Err(e) => {
+                // Best effort: the error that matters is the one that stopped the save.
+                let _ = staging.abort();
+                Err(e)
+            }
+        }
+    }
+
+    fn write_files(&self, staging: &Staging, coord: &dyn Coordinator) -> Result<()> {
+        let json = |v: &Value| (kiln_formats::pyjson::dumps(v) + "\n").into_bytes();
+        if let Some(rng) = &self.rng {
+            staging.write(rng_state_name(coord.rank(), coord.world_size()), &json(rng))?;
+        }
+        if !coord.is_main() {
+            return Ok(());
+        }
+        let mut model = ModelSave::new(self.config.clone(), &self.weights);
+        model.generation_config = self.generation_config.clone();
+        model.tied = self.tied.clone();
+        model.tokenizer_files = self.tokenizer_files.clone();
+        model.training_args = self.training_args.clone();
+        save_pretrained(staging.dir(), &model, &self.save_options)?;
+        if let Some(opt) = &self.optimizer {
+            opt.save(&staging.dir().join(OPTIMIZER_NAME))?;
+        }
+        if let Some(s) = &self.scheduler {
+            staging.write(SCHEDULER_NAME, &json(s))?;
+        }
+        if let Some(d) = &self.data {
+            staging.write(DATA_STATE_NAME, &json(d))?;
+        }
+        staging.write(TRAINER_STATE_NAME, self.state.to_json().as_bytes())
+    }
+}
+
+/// What a resumed run reads back from a checkpoint (the weights are loaded separately,
+/// with [`load_pretrained`](crate::model::load_pretrained) on the same folder).
+#[derive(Debug, Clone)]
+pub struct ResumeState {
+    /// The checkpoint folder.
+    pub path: PathBuf,
+    /// `trainer_state.json`.
+    pub state: TrainerState,
+    /// The optimizer state, if saved.
+    pub optimizer: Option<OptimizerState>,
+    /// The scheduler state, if saved.
+    pub scheduler: Option<Value>,
+    /// This rank's RNG state, if saved.
+    pub rng: Option<Value>,
+    /// The data position, if saved.
+    pub data: Option<Value>,
+}
+
+/// Reads the resumable state of checkpoint `dir` for `rank` of `world_size`.
+///
+/// An incomplete folder (a crash or a half copy) is refused with the reason, never
+/// resumed silently. A transformers checkpoint (no kiln manifest) is accepted; it has
+/// none of kiln's optimizer, scheduler, RNG or data files, so those come back `None`.
+pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<ResumeState> {
+    if let Completeness::Incomplete(reason) = completeness(dir)? {
+        return Err(Error::Incomplete {
+            path: dir.to_path_buf(),
+            reason,
+        });
+    }
+    let read_json = |name: &str| -> Result<Option<Value>> {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).at(&path)?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::json(&path, e))
+    };
+    let state = TrainerState::load(&dir.join(TRAINER_STATE_NAME))?;
+    let opt_path = dir.join(OPTIMIZER_NAME);
+    let optimizer = if opt_path.exists() {
+        Some(OptimizerState::load(&opt_path)?)
+    } else {
+        None
+    };
+    Ok(ResumeState {
+        path: dir.to_path_buf(),
+        state,
+        optimizer,
+        scheduler: read_json(SCHEDULER_NAME)?,
+        rng: read_json(&rng_state_name(rank, world_size))?,
+        data: read_json(DATA_STATE_NAME)?,
+    })
+}

@@ -4,10 +4,23 @@
 //!   parties implement for their own models.
 //! - [`rng`]: kiln's seeded, checkpointable random generator (candle's CPU generator
 //!   cannot be seeded).
+//! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
+//! - [`schedule`]: learning-rate schedules as transformers computes them.
+//! - [`optim`]: AdamW and SGD whose state is saved by parameter name.
+//! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
+//! - [`trainer`]: the [`Trainer`](trainer::Trainer).
 #![deny(missing_docs)]
 
+pub mod args;
+pub mod callback;
 mod error;
 pub mod model;
+pub mod optim;
 pub mod rng;
+pub mod schedule;
+pub mod trainer;
 
 pub use error::{Error, Result};
+
+pub use args::TrainingArguments;
+pub use trainer::{BatchSource, EvalPrediction, TrainOutput, Trainer};

@@ -31,7 +31,9 @@ pub struct RngState {
 impl Rng {
     /// A generator for `seed` (same seed, same numbers, on every platform).
     pub fn seed_from_u64(seed: u64) -> Self {
-        Rng { inner: ChaCha20Rng::seed_from_u64(seed) }
+        Rng {
+            inner: ChaCha20Rng::seed_from_u64(seed),
+        }
     }
 
     /// A generator for `seed` on an independent `stream` (e.g. the epoch, for shuffling).
@@ -89,7 +91,9 @@ impl Rng {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| (mean + std * self.normal()) as f32).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| (mean + std * self.normal()) as f32)
+            .collect();
         Tensor::from_vec(data, shape, device)
     }
 
@@ -103,14 +107,20 @@ impl Rng {
     ) -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
         let keep = (1.0 / (1.0 - p)) as f32;
-        let data: Vec<f32> =
-            (0..n).map(|_| if self.uniform() < p { 0.0 } else { keep }).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| if self.uniform() < p { 0.0 } else { keep })
+            .collect();
         Tensor::from_vec(data, shape, device)
     }
 
     /// The state, for a checkpoint.
     pub fn state(&self) -> RngState {
-        let seed = self.inner.get_seed().iter().map(|b| format!("{b:02x}")).collect();
+        let seed = self
+            .inner
+            .get_seed()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         RngState {
             seed,
             stream: self.inner.get_stream(),
@@ -122,15 +132,21 @@ impl Rng {
     pub fn from_state(state: &RngState) -> Result<Self, String> {
         let bytes = state.seed.as_bytes();
         if bytes.len() != 64 {
-            return Err(format!("rng seed must be 64 hex digits, got {}", bytes.len()));
+            return Err(format!(
+                "rng seed must be 64 hex digits, got {}",
+                bytes.len()
+            ));
         }
         let mut seed = [0u8; 32];
         for (i, pair) in bytes.chunks(2).enumerate() {
             let text = std::str::from_utf8(pair).map_err(|_| "rng seed is not hex".to_string())?;
-            seed[i] = u8::from_str_radix(text, 16).map_err(|_| "rng seed is not hex".to_string())?;
+            seed[i] =
+                u8::from_str_radix(text, 16).map_err(|_| "rng seed is not hex".to_string())?;
         }
-        let word_pos: u128 =
-            state.word_pos.parse().map_err(|_| "rng word_pos is not a number".to_string())?;
+        let word_pos: u128 = state
+            .word_pos
+            .parse()
+            .map_err(|_| "rng word_pos is not a number".to_string())?;
         let mut inner = ChaCha20Rng::from_seed(seed);
         inner.set_stream(state.stream);
         inner.set_word_pos(word_pos);
@@ -154,13 +170,26 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(a.next_u64(), b.next_u64());
         }
-        assert!(Rng::from_state(&RngState { seed: "zz".into(), stream: 0, word_pos: "0".into() }).is_err());
+        assert!(
+            Rng::from_state(&RngState {
+                seed: "zz".into(),
+                stream: 0,
+                word_pos: "0".into()
+            })
+            .is_err()
+        );
     }
 
     #[test]
     fn seeded_and_streams_differ() {
-        assert_eq!(Rng::seed_from_u64(1).next_u64(), Rng::seed_from_u64(1).next_u64());
-        assert_ne!(Rng::with_stream(1, 0).next_u64(), Rng::with_stream(1, 1).next_u64());
+        assert_eq!(
+            Rng::seed_from_u64(1).next_u64(),
+            Rng::seed_from_u64(1).next_u64()
+        );
+        assert_ne!(
+            Rng::with_stream(1, 0).next_u64(),
+            Rng::with_stream(1, 1).next_u64()
+        );
         let mut r = Rng::seed_from_u64(3);
         let mean: f64 = (0..20000).map(|_| r.normal()).sum::<f64>() / 20000.0;
         assert!(mean.abs() < 0.05, "{mean}");

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -131,12 +131,11 @@ pub fn save_value(
 }
 
 /// Writes the archive for `root` into `out`.
-fn write_archive<W: Write>(out: W, root: &Value, storages: &dyn StorageSource) -> Result<W> {
+fn write_archive<W: Write + Seek>(out: W, root: &Value, storages: &dyn StorageSource) -> Result<W> {
     let pickled = pickle_tree(root)?;
     let mut zip = ZipWriter::new(out);
-    let io = |e: std::io::Error| Error::Zip(format!("write failed: {e}"));
-    zip.add("archive/data.pkl", &pickled.bytes).map_err(io)?;
-    zip.add("archive/byteorder", b"little").map_err(io)?;
+    zip.add("archive/data.pkl", &pickled.bytes)?;
+    zip.add("archive/byteorder", b"little")?;
     for (i, s) in pickled.storages.iter().enumerate() {
         let bytes = storages.storage_bytes(&s.key)?;
         if bytes.len() as u64 != s.nbytes {
@@ -147,10 +146,10 @@ fn write_archive<W: Write>(out: W, root: &Value, storages: &dyn StorageSource) -
                 bytes.len()
             )));
         }
-        zip.add(&format!("archive/data/{i}"), &bytes).map_err(io)?;
+        zip.add(&format!("archive/data/{i}"), &bytes)?;
     }
-    zip.add("archive/version", b"3\n").map_err(io)?;
-    zip.finish().map_err(io)
+    zip.add("archive/version", b"3\n")?;
+    zip.finish()
 }
 
 /// Writes through `f` into a temporary file next to `path`, syncs it and renames

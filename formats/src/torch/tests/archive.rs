@@ -48,6 +48,15 @@ fn local(zip: &[u8], name: &str) -> usize {
     u32::from_le_bytes(zip[c + 42..c + 46].try_into().unwrap()) as usize
 }
 
+/// Renames `from` to `to` (of the same length) in the local and central headers.
+fn rename(zip: &mut [u8], from: &str, to: &str) {
+    assert_eq!(from.len(), to.len());
+    for at in [local(zip, from) + 30, central(zip, from) + 46] {
+        assert_eq!(&zip[at..at + from.len()], from.as_bytes());
+        zip[at..at + to.len()].copy_from_slice(to.as_bytes());
+    }
+}
+
 fn set_u16(zip: &mut [u8], at: usize, v: u16) {
     zip[at..at + 2].copy_from_slice(&v.to_le_bytes());
 }
@@ -93,7 +102,7 @@ fn payloads_are_aligned_and_zip64_is_read() {
         assert_eq!(e.data_start % 64, 0, "{}", e.name);
     }
     let pkl = pkl();
-    let mut w = ZipWriter::new(Vec::new()).with_zip64();
+    let mut w = ZipWriter::new(std::io::Cursor::new(Vec::new())).with_zip64();
     for (name, data) in [
         ("archive/data.pkl", &pkl[..]),
         ("archive/data/0", &W[..]),
@@ -101,7 +110,7 @@ fn payloads_are_aligned_and_zip64_is_read() {
     ] {
         w.add(name, data).unwrap();
     }
-    let bytes = w.finish().unwrap();
+    let bytes = w.finish().unwrap().into_inner();
     let f = open(&bytes).unwrap();
     assert_eq!(f.tensor("w").unwrap().data(), &W);
     f.verify().unwrap();
@@ -272,13 +281,18 @@ fn refuses_bad_layouts() {
         matches!(&e, Error::Unsupported(m) if m.contains("big")),
         "{e}"
     );
-    // Duplicate names.
-    let e = open_err(&zip_bytes(&[
+    // Duplicate names (the writer refuses them: rename an entry in place).
+    let mut bytes = zip_bytes(&[
         ("archive/data.pkl", &pkl),
         ("archive/data/0", &W),
-        ("archive/data/0", &W),
-    ]));
-    assert!(matches!(&e, Error::Zip(_)), "{e}");
+        ("archive/data/1", &W),
+    ]);
+    rename(&mut bytes, "archive/data/1", "archive/data/0");
+    let e = open_err(&bytes);
+    assert!(
+        matches!(&e, Error::Zip(m) if m.contains("same name")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -317,4 +331,44 @@ fn failed_write_leaves_nothing() {
     assert_eq!(std::fs::read(&out).unwrap(), b"old");
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 1, "temporary file left behind");
+}
+
+#[test]
+fn refuses_local_headers_that_disagree() {
+    let zip_msg = |bytes: &[u8]| match open_err(bytes) {
+        Error::Zip(m) => m,
+        e => panic!("{e}"),
+    };
+    // CRC, name and time in the local header against the central directory.
+    let mut bytes = good();
+    let l = local(&bytes, "archive/data/0");
+    set_u32(&mut bytes, l + 14, 7);
+    let m = zip_msg(&bytes);
+    assert!(m.contains("disagree") && m.contains("CRC"), "{m}");
+    let mut bytes = good();
+    bytes[l + 30 + "archive/data/".len()] = b'1';
+    let m = zip_msg(&bytes);
+    assert!(m.contains("disagree") && m.contains("name"), "{m}");
+    let mut bytes = good();
+    set_u16(&mut bytes, l + 10, 0x1234);
+    let m = zip_msg(&bytes);
+    assert!(m.contains("disagree") && m.contains("time"), "{m}");
+    // A local header that is not one, or that is cut short.
+    let mut bytes = good();
+    let c = central(&bytes, "archive/data/0");
+    set_u32(&mut bytes, c + 42, (l + 1) as u32);
+    assert!(zip_msg(&bytes).contains("archive/data/0"));
+    let len = bytes.len() as u32;
+    set_u32(&mut bytes, c + 42, len - 10);
+    assert!(zip_msg(&bytes).contains("archive/data/0"));
+    // Data that runs on into the central directory.
+    let mut bytes = good();
+    let (l, c) = (
+        local(&bytes, "archive/version"),
+        central(&bytes, "archive/version"),
+    );
+    for at in [l + 18, l + 22, c + 20, c + 24] {
+        set_u32(&mut bytes, at, 3);
+    }
+    assert!(zip_msg(&bytes).contains("central directory"));
 }

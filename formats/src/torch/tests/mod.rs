@@ -12,11 +12,11 @@ use super::archive::ZipWriter;
 
 /// A zip built from `(name, bytes)` entries with kiln's writer.
 pub(super) fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut w = ZipWriter::new(Vec::new());
+    let mut w = ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, data) in entries {
         w.add(name, data).unwrap();
     }
-    w.finish().unwrap()
+    w.finish().unwrap().into_inner()
 }
 
 /// Writes `bytes` to `name` in `dir` and returns the path.

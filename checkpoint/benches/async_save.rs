@@ -1,0 +1,95 @@
+//! What a checkpoint save costs the training loop: a synchronous save (snapshot, write,
+//! fsync, commit) against the stall of an asynchronous one (snapshot + `submit`, the
+//! write running in the background).
+//!
+//! `cargo bench -p kiln-checkpoint --bench async_save`
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kiln_checkpoint::async_save::{AsyncSaver, SaveJob};
+use kiln_checkpoint::commit::{SingleProcess, Staging};
+use kiln_checkpoint::rotate::rotate;
+use kiln_formats::{DType, TensorMap, TensorView};
+
+const MIB: usize = 1 << 20;
+
+/// The "device" tensors: what a snapshot copies.
+fn weights(bytes: usize) -> Vec<Vec<u8>> {
+    (0..4).map(|i| vec![i as u8; bytes / 4]).collect()
+}
+
+fn write_checkpoint(
+    out: &std::path::Path,
+    step: u64,
+    snap: &[Vec<u8>],
+) -> kiln_checkpoint::Result<std::path::PathBuf> {
+    let s = Staging::begin(out, step, &SingleProcess)?;
+    let mut map = TensorMap::new();
+    for (i, t) in snap.iter().enumerate() {
+        map.insert(
+            format!("layer.{i}.weight"),
+            TensorView::new(DType::U8, vec![t.len()], t.as_slice())?,
+        )?;
+    }
+    kiln_formats::safetensors::save(s.dir().join("model.safetensors"), &map)?;
+    s.write(
+        "trainer_state.json",
+        format!("{{\"global_step\": {step}}}\n").as_bytes(),
+    )?;
+    let path = s.commit(&SingleProcess)?;
+    rotate(out, 2, None)?;
+    Ok(path)
+}
+
+fn bench(c: &mut Criterion) {
+    let size = 16 * MIB;
+    let device = weights(size);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut group = c.benchmark_group("save_16MiB");
+    group
+        .sample_size(10)
+        .throughput(Throughput::Bytes(size as u64));
+
+    let out = tmp.path().join("sync");
+    let mut step = 0u64;
+    group.bench_function("sync_save", |b| {
+        b.iter(|| {
+            step += 1;
+            let snap = device.clone();
+            write_checkpoint(&out, step, &snap).unwrap()
+        })
+    });
+
+    // The stall only: the background write of the previous save is waited for outside
+    // the timed region (a training step would overlap it).
+    let out = tmp.path().join("async");
+    let mut saver = AsyncSaver::new(1);
+    let mut step = 0u64;
+    group.bench_function("async_stall", |b| {
+        b.iter_custom(|iters| {
+            let mut stall = Duration::ZERO;
+            for _ in 0..iters {
+                saver.wait().unwrap();
+                step += 1;
+                let (o, s) = (out.clone(), step);
+                let start = Instant::now();
+                let job = SaveJob::snapshot(
+                    out.join(format!("checkpoint-{s}")),
+                    || Ok(device.clone()),
+                    move |snap| write_checkpoint(&o, s, &snap),
+                )
+                .unwrap();
+                saver.submit(job).unwrap();
+                stall += start.elapsed();
+            }
+            stall
+        })
+    });
+    group.finish();
+    saver.finish().unwrap();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,551 @@
+//! `TrainingArguments`: transformers' field names, defaults and validation (5.x, with
+//! 4.57's `warmup_ratio` still accepted), plus kiln's `device` and `async_save`.
+//!
+//! Every field can be set by name from text (`args.set("save_steps", "10")`), which is
+//! how `kiln train --save_steps 10` and the `[training]` table of a config reach it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::schedule::Schedule;
+use crate::{Error, Result};
+
+/// When to log, evaluate or save.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Never.
+    No,
+    /// Every N steps.
+    Steps,
+    /// At the end of every epoch.
+    Epoch,
+    /// After an evaluation that improved the best metric (saving only).
+    Best,
+}
+
+impl Strategy {
+    fn name(self) -> &'static str {
+        match self {
+            Strategy::No => "no",
+            Strategy::Steps => "steps",
+            Strategy::Epoch => "epoch",
+            Strategy::Best => "best",
+        }
+    }
+}
+
+/// The arguments of a training run, as transformers' `TrainingArguments` names them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingArguments {
+    /// Where checkpoints and the final model go.
+    pub output_dir: String,
+    /// Allow training into an `output_dir` that already holds checkpoints (they are
+    /// kept; new saves replace those of the same step).
+    pub overwrite_output_dir: bool,
+    /// Epochs to train (ignored when `max_steps` > 0).
+    pub num_train_epochs: f64,
+    /// Optimizer steps to train; -1 means "from num_train_epochs".
+    pub max_steps: i64,
+    /// Training batch size per device.
+    pub per_device_train_batch_size: usize,
+    /// Evaluation batch size per device.
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches accumulated per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Initial learning rate.
+    pub learning_rate: f64,
+    /// Decoupled weight decay (not applied to biases and normalisation weights).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    pub adam_epsilon: f64,
+    /// Gradient clipping by global norm; 0 disables it.
+    pub max_grad_norm: f64,
+    /// `adamw` (also accepted: `adamw_torch`, `adamw_torch_fused`) or `sgd`.
+    pub optim: String,
+    /// A name from [`Schedule::NAMES`].
+    pub lr_scheduler_type: String,
+    /// Extra parameters of the schedule.
+    pub lr_scheduler_kwargs: Map<String, Value>,
+    /// Warmup steps; a value below 1 is a ratio of the total steps (transformers 5).
+    pub warmup_steps: f64,
+    /// Warmup as a ratio of the total steps (transformers 4; used when warmup_steps is 0).
+    pub warmup_ratio: f64,
+    /// When to log.
+    pub logging_strategy: Strategy,
+    /// Log every N steps (a value below 1 is a ratio of max_steps).
+    pub logging_steps: f64,
+    /// Also log after the first step.
+    pub logging_first_step: bool,
+    /// When to evaluate.
+    pub eval_strategy: Strategy,
+    /// Evaluate every N steps (default: logging_steps).
+    pub eval_steps: Option<f64>,
+    /// No evaluation before this many steps (or epochs, with the epoch strategy).
+    pub eval_delay: f64,
+    /// When to save checkpoints.
+    pub save_strategy: Strategy,
+    /// Save every N steps (a value below 1 is a ratio of max_steps).
+    pub save_steps: f64,
+    /// Keep at most this many checkpoints (never deleting the best nor the newest).
+    pub save_total_limit: Option<usize>,
+    /// Checkpoints hold the model only (no optimizer, scheduler, RNG, data state):
+    /// smaller, but a run cannot resume from them exactly.
+    pub save_only_model: bool,
+    /// Weights as safetensors (else PyTorch `.bin`).
+    pub save_safetensors: bool,
+    /// In multi-node runs, save on the main process of every node.
+    pub save_on_each_node: bool,
+    /// Load the best checkpoint's weights at the end of training.
+    pub load_best_model_at_end: bool,
+    /// The metric that decides the best checkpoint (`eval_` prefix optional).
+    pub metric_for_best_model: Option<String>,
+    /// Whether a larger metric is better (default: unless the name ends in "loss").
+    pub greater_is_better: Option<bool>,
+    /// Seed of initialisation and dropout.
+    pub seed: u64,
+    /// Seed of data shuffling (default: `seed`).
+    pub data_seed: Option<u64>,
+    /// `last` (the newest complete checkpoint in output_dir) or a checkpoint folder.
+    pub resume_from_checkpoint: Option<String>,
+    /// On resume, do not skip the batches already seen in the current epoch.
+    pub ignore_data_skip: bool,
+    /// Drop the last incomplete batch of each epoch.
+    pub dataloader_drop_last: bool,
+    /// No progress bar (it is also off when stderr is not a terminal).
+    pub disable_tqdm: bool,
+    /// kiln: the device (`auto`, `cpu`, `cuda`, `cuda:N`, `metal`).
+    pub device: String,
+    /// kiln: write checkpoints in the background (training stalls only for the copy to
+    /// host memory).
+    pub async_save: bool,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        TrainingArguments {
+            output_dir: "trainer_output".into(),
+            overwrite_output_dir: false,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            optim: "adamw".into(),
+            lr_scheduler_type: "linear".into(),
+            lr_scheduler_kwargs: Map::new(),
+            warmup_steps: 0.0,
+            warmup_ratio: 0.0,
+            logging_strategy: Strategy::Steps,
+            logging_steps: 500.0,
+            logging_first_step: false,
+            eval_strategy: Strategy::No,
+            eval_steps: None,
+            eval_delay: 0.0,
+            save_strategy: Strategy::Steps,
+            save_steps: 500.0,
+            save_total_limit: None,
+            save_only_model: false,
+            save_safetensors: true,
+            save_on_each_node: false,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            greater_is_better: None,
+            seed: 42,
+            data_seed: None,
+            resume_from_checkpoint: None,
+            ignore_data_skip: false,
+            dataloader_drop_last: false,
+            disable_tqdm: false,
+            device: "auto".into(),
+            async_save: true,
+        }
+    }
+}
+
+/// The optimizer an `optim` value selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimKind {
+    /// AdamW with decoupled weight decay.
+    AdamW,
+    /// Plain SGD.
+    Sgd,
+}
+
+fn interval_error(name: &str, v: f64) -> Option<String> {
+    if !(v > 0.0 && v.is_finite()) {
+        Some(format!(
+            "{name} must be > 0 (a count, or a ratio below 1), got {v}"
+        ))
+    } else if v > 1.0 && v.fract() != 0.0 {
+        Some(format!(
+            "{name} must be a whole number when greater than 1, got {v}"
+        ))
+    } else {
+        None
+    }
+}
+
+impl TrainingArguments {
+    /// Arguments with `output_dir` and transformers' defaults otherwise.
+    pub fn new(output_dir: impl Into<String>) -> Self {
+        TrainingArguments {
+            output_dir: output_dir.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Sets field `name` from text, parsed as that field's type (`"10"`, `"true"`,
+    /// `"cosine"`, a JSON object for `lr_scheduler_kwargs`, `"none"` for an optional).
+    pub fn set(&mut self, name: &str, text: &str) -> Result<()> {
+        let mut obj = match serde_json::to_value(&*self) {
+            Ok(Value::Object(o)) => o,
+            _ => return Err(Error::Config("cannot represent TrainingArguments".into())),
+        };
+        let current = obj
+            .get(name)
+            .ok_or_else(|| Error::Config(format!("unknown training argument {name:?}")))?;
+        let value = parse_like(current, name, text)?;
+        obj.insert(name.to_string(), value);
+        *self = serde_json::from_value(Value::Object(obj))
+            .map_err(|e| Error::Config(format!("--{name} {text}: {e}")))?;
+        Ok(())
+    }
+
+    /// Whether `name` is a field.
+    pub fn has_field(name: &str) -> bool {
+        serde_json::to_value(TrainingArguments::default())
+            .ok()
+            .and_then(|v| v.get(name).map(|_| ()))
+            .is_some()
+    }
+
+    /// The optimizer selected by `optim`.
+    pub fn optim_kind(&self) -> Result<OptimKind> {
+        match self.optim.as_str() {
+            "adamw" | "adamw_torch" | "adamw_torch_fused" => Ok(OptimKind::AdamW),
+            "sgd" => Ok(OptimKind::Sgd),
+            other => Err(Error::Config(format!(
+                "optim {other:?} is not supported; use adamw or sgd"
+            ))),
+        }
+    }
+
+    /// The metric that decides the best model: `metric_for_best_model`, or `loss` when
+    /// `load_best_model_at_end` is set (transformers' default).
+    pub fn best_metric_name(&self) -> Option<String> {
+        self.metric_for_best_model
+            .clone()
+            .or_else(|| self.load_best_model_at_end.then(|| "loss".to_string()))
+    }
+
+    /// Whether a larger best metric is better.
+    pub fn is_greater_better(&self) -> bool {
+        self.greater_is_better
+            .unwrap_or_else(|| !self.best_metric_name().is_some_and(|m| m.ends_with("loss")))
+    }
+
+    /// The data shuffling seed.
+    pub fn shuffle_seed(&self) -> u64 {
+        self.data_seed.unwrap_or(self.seed)
+    }
+
+    /// Checks everything that can be checked without the data; each message says what
+    /// to change.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.output_dir.trim().is_empty() {
+            return fail("output_dir is empty; give a folder".into());
+        }
+        if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
+            return fail("batch sizes must be at least 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return fail("gradient_accumulation_steps must be at least 1".into());
+        }
+        if self.max_steps <= 0 && self.max_steps != -1 {
+            return fail(format!(
+                "max_steps must be > 0, or -1 to train by epochs; got {}",
+                self.max_steps
+            ));
+        }
+        if self.max_steps == -1
+            && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
+            return fail("num_train_epochs must be > 0 when max_steps is -1".into());
+        }
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !non_negative(self.learning_rate) || !non_negative(self.weight_decay) {
+            return fail("learning_rate and weight_decay must be >= 0".into());
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return fail("adam_beta1 and adam_beta2 must be in [0, 1)".into());
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return fail(format!(
+                "warmup_ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
+        }
+        if !non_negative(self.warmup_steps) {
+            return fail(format!(
+                "warmup_steps must be >= 0, got {}",
+                self.warmup_steps
+            ));
+        }
+        self.optim_kind()?;
+        Schedule::from_name(
+            &self.lr_scheduler_type,
+            &self.lr_scheduler_kwargs,
+            self.learning_rate,
+        )?;
+        if self.logging_strategy == Strategy::Best || self.eval_strategy == Strategy::Best {
+            return fail("\"best\" is a save_strategy only".into());
+        }
+        let mut intervals = vec![];
+        if self.logging_strategy == Strategy::Steps {
+            intervals.push(("logging_steps", self.logging_steps));
+        }
+        if self.save_strategy == Strategy::Steps {
+            intervals.push(("save_steps", self.save_steps));
+        }
+        if self.eval_strategy == Strategy::Steps {
+            intervals.push(("eval_steps", self.eval_steps()));
+        }
+        for (name, v) in intervals {
+            if let Some(m) = interval_error(name, v) {
+                return fail(m);
+            }
+        }
+        let metric = self.best_metric_name();
+        if self.save_strategy == Strategy::Best && metric.is_none() {
+            return fail("save_strategy \"best\" needs metric_for_best_model".into());
+        }
+        if (self.save_strategy == Strategy::Best || metric.is_some())
+            && self.eval_strategy == Strategy::No
+        {
+            return fail(format!(
+                "{} needs evaluations: set eval_strategy to steps or epoch",
+                if self.save_strategy == Strategy::Best {
+                    "save_strategy \"best\""
+                } else {
+                    "metric_for_best_model"
+                }
+            ));
+        }
+        if self.load_best_model_at_end && self.save_strategy != Strategy::Best {
+            if self.save_strategy != self.eval_strategy {
+                return fail(format!(
+                    "load_best_model_at_end needs matching strategies: save_strategy is {:?} but eval_strategy is {:?}; set both to the same",
+                    self.save_strategy.name(),
+                    self.eval_strategy.name()
+                ));
+            }
+            if self.save_strategy == Strategy::Steps {
+                let (save, eval) = (self.save_steps, self.eval_steps());
+                if (save < 1.0) != (eval < 1.0) {
+                    return fail("save_steps and eval_steps must both be counts or both be ratios with load_best_model_at_end".into());
+                }
+                let (s, e) = if save < 1.0 {
+                    ((save * 1e6).round(), (eval * 1e6).round())
+                } else {
+                    (save, eval)
+                };
+                if s % e != 0.0 {
+                    return fail(format!(
+                        "load_best_model_at_end needs save_steps to be a multiple of eval_steps: {save} is not a multiple of {eval}"
+                    ));
+                }
+            }
+        }
+        if self.save_strategy == Strategy::No && self.load_best_model_at_end {
+            return fail("load_best_model_at_end needs checkpoints: set save_strategy".into());
+        }
+        Ok(())
+    }
+
+    /// `eval_steps`, defaulting to `logging_steps`.
+    pub fn eval_steps(&self) -> f64 {
+        self.eval_steps.unwrap_or(self.logging_steps)
+    }
+
+    /// Warmup steps for a run of `total` steps: `warmup_steps` if it is at least 1, a
+    /// ratio of `total` if below 1, else `ceil(total * warmup_ratio)`.
+    pub fn warmup_steps_for(&self, total: u64) -> u64 {
+        if self.warmup_steps >= 1.0 {
+            self.warmup_steps as u64
+        } else if self.warmup_steps > 0.0 {
+            (total as f64 * self.warmup_steps).ceil() as u64
+        } else {
+            (total as f64 * self.warmup_ratio).ceil() as u64
+        }
+    }
+
+    /// The arguments as the `training_args.json` of a saved model: every field, as
+    /// transformers' `to_json_string` writes its own.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Resolves an interval that may be a ratio of `max_steps` (`ceil(max_steps * ratio)`).
+pub fn resolve_steps(v: f64, max_steps: u64) -> u64 {
+    if v < 1.0 {
+        ((max_steps as f64) * v).ceil().max(1.0) as u64
+    } else {
+        v as u64
+    }
+}
+
+/// Parses `text` as a value of the same JSON type as `current`.
+fn parse_like(current: &Value, name: &str, text: &str) -> Result<Value> {
+    let bad = |what: &str| Error::Config(format!("--{name}: expected {what}, got {text:?}"));
+    let t = text.trim();
+    Ok(match current {
+        Value::Bool(_) => match t.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Value::Bool(true),
+            "false" | "0" | "no" => Value::Bool(false),
+            _ => return Err(bad("true or false")),
+        },
+        Value::Number(_) => serde_json::from_str::<serde_json::Number>(t)
+            .map(Value::Number)
+            .map_err(|_| bad("a number"))?,
+        Value::String(_) => Value::String(t.to_string()),
+        Value::Object(_) => serde_json::from_str::<Map<String, Value>>(t)
+            .map(Value::Object)
+            .map_err(|_| bad("a JSON object"))?,
+        Value::Null | Value::Array(_) => {
+            if t.eq_ignore_ascii_case("none") || t == "null" {
+                Value::Null
+            } else if let Ok(n) = serde_json::from_str::<serde_json::Number>(t) {
+                Value::Number(n)
+            } else if let Ok(b) = t.parse::<bool>() {
+                Value::Bool(b)
+            } else {
+                Value::String(t.to_string())
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_transformers_defaults() {
+        let a = TrainingArguments::default();
+        assert_eq!(
+            (a.learning_rate, a.num_train_epochs, a.max_steps),
+            (5e-5, 3.0, -1)
+        );
+        assert_eq!((a.logging_steps, a.save_steps, a.seed), (500.0, 500.0, 42));
+        assert_eq!(a.lr_scheduler_type, "linear");
+        assert!(a.save_safetensors && a.async_save);
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn set_parses_by_field_type() {
+        let mut a = TrainingArguments::default();
+        a.set("save_steps", "10").unwrap();
+        a.set("load_best_model_at_end", "true").unwrap();
+        a.set("eval_strategy", "steps").unwrap();
+        a.set("save_total_limit", "2").unwrap();
+        a.set("metric_for_best_model", "accuracy").unwrap();
+        a.set("lr_scheduler_kwargs", "{\"num_cycles\": 2}").unwrap();
+        a.set("data_seed", "none").unwrap();
+        assert_eq!(a.save_steps, 10.0);
+        assert_eq!(a.save_total_limit, Some(2));
+        assert_eq!(a.metric_for_best_model.as_deref(), Some("accuracy"));
+        assert!(
+            a.set("nope", "1")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown training argument")
+        );
+        assert!(a.set("save_steps", "ten").is_err());
+        assert!(a.set("eval_strategy", "sometimes").is_err());
+        assert!(TrainingArguments::has_field("warmup_ratio"));
+    }
+
+    #[test]
+    fn invalid_combinations_say_what_to_change() {
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (
+                vec![
+                    ("load_best_model_at_end", "true"),
+                    ("eval_strategy", "epoch"),
+                ],
+                "matching strategies",
+            ),
+            (
+                vec![
+                    ("load_best_model_at_end", "true"),
+                    ("eval_strategy", "steps"),
+                    ("eval_steps", "30"),
+                    ("save_steps", "50"),
+                ],
+                "multiple of eval_steps",
+            ),
+            (
+                vec![("save_strategy", "best")],
+                "needs metric_for_best_model",
+            ),
+            (
+                vec![("save_strategy", "best"), ("metric_for_best_model", "loss")],
+                "eval_strategy",
+            ),
+            (vec![("save_steps", "2.5")], "whole number"),
+            (vec![("lr_scheduler_type", "bogus")], "not supported"),
+            (vec![("optim", "lion")], "adamw or sgd"),
+            (vec![("max_steps", "0")], "max_steps"),
+            (vec![("gradient_accumulation_steps", "0")], "at least 1"),
+        ];
+        for (sets, want) in cases {
+            let mut a = TrainingArguments::default();
+            for (k, v) in &sets {
+                a.set(k, v).unwrap();
+            }
+            let e = a.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{sets:?}: {e}");
+        }
+        let mut ok = TrainingArguments::default();
+        for (k, v) in [
+            ("load_best_model_at_end", "true"),
+            ("eval_strategy", "steps"),
+            ("eval_steps", "25"),
+            ("save_steps", "50"),
+        ] {
+            ok.set(k, v).unwrap();
+        }
+        ok.validate().unwrap();
+        assert_eq!(ok.best_metric_name().as_deref(), Some("loss"));
+        assert!(!ok.is_greater_better());
+    }
+
+    #[test]
+    fn warmup_and_ratios() {
+        let mut a = TrainingArguments::default();
+        assert_eq!(a.warmup_steps_for(100), 0);
+        a.warmup_ratio = 0.1;
+        assert_eq!(a.warmup_steps_for(95), 10);
+        a.warmup_steps = 0.05;
+        assert_eq!(a.warmup_steps_for(100), 5);
+        a.warmup_steps = 7.0;
+        assert_eq!(a.warmup_steps_for(100), 7);
+        assert_eq!(resolve_steps(0.25, 10), 3);
+        assert_eq!(resolve_steps(4.0, 10), 4);
+    }
+}

@@ -1,0 +1,345 @@
+//! kiln's optimizers, whose state is saved by parameter name (candle's `AdamW` keeps
+//! its moments private, so its state cannot be checkpointed).
+//!
+//! [`Optimizer::step`] follows `torch.optim.AdamW` (decoupled weight decay, bias
+//! correction, `eps` added after the square root) and `torch.optim.SGD` (weight decay
+//! as L2 added to the gradient, no momentum). Parameters for which the model says
+//! [`no_weight_decay`](crate::model::Model::no_weight_decay) get none, as transformers'
+//! `get_decay_parameter_names` arranges.
+
+use candle_core::{DType, Tensor, Var};
+use kiln_checkpoint::optimizer::OptimizerState;
+use serde_json::json;
+
+use crate::args::OptimKind;
+use crate::{Error, Result};
+
+/// Hyper-parameters of the optimizer (the learning rate comes per step).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hyper {
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    exp_avg: Option<Tensor>,
+    exp_avg_sq: Option<Tensor>,
+}
+
+/// An optimizer over named parameters.
+pub struct Optimizer {
+    kind: OptimKind,
+    hyper: Hyper,
+    step: u64,
+    slots: Vec<Slot>,
+}
+
+impl std::fmt::Debug for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Optimizer")
+            .field("kind", &self.kind)
+            .field("hyper", &self.hyper)
+            .field("step", &self.step)
+            .field("params", &self.slots.len())
+            .finish()
+    }
+}
+
+/// Gradients of the parameters, in the optimizer's parameter order.
+pub type Grads = Vec<Option<Tensor>>;
+
+impl Optimizer {
+    /// An optimizer over `params` as (name, variable, whether weight decay applies).
+    pub fn new(kind: OptimKind, hyper: Hyper, params: Vec<(String, Var, bool)>) -> Self {
+        let slots = params
+            .into_iter()
+            .map(|(name, var, decay)| Slot {
+                name,
+                var,
+                decay,
+                exp_avg: None,
+                exp_avg_sq: None,
+            })
+            .collect();
+        Optimizer {
+            kind,
+            hyper,
+            step: 0,
+            slots,
+        }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// The parameters' variables, in order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
+    }
+
+    /// Gradients of `loss` for every parameter (None where a parameter got none).
+    pub fn grads_of(&self, loss: &Tensor) -> Result<Grads> {
+        let store = loss.backward()?;
+        Ok(self
+            .slots
+            .iter()
+            .map(|s| store.get(s.var.as_tensor()).cloned())
+            .collect())
+    }
+
+    /// Adds `more` into `acc` (gradient accumulation).
+    pub fn accumulate(acc: &mut Grads, more: Grads) -> Result<()> {
+        if acc.is_empty() {
+            *acc = more;
+            return Ok(());
+        }
+        for (a, m) in acc.iter_mut().zip(more) {
+            *a = match (a.take(), m) {
+                (Some(x), Some(y)) => Some((x + y)?),
+                (x, y) => x.or(y),
+            };
+        }
+        Ok(())
+    }
+
+    /// The global L2 norm of the gradients (as `torch.nn.utils.clip_grad_norm_`).
+    pub fn grad_norm(grads: &Grads) -> Result<f64> {
+        let mut total = 0f64;
+        for g in grads.iter().flatten() {
+            total += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        Ok(total.sqrt())
+    }
+
+    /// Scales gradients so their global norm is at most `max_norm`; returns the norm
+    /// before clipping (what transformers logs as `grad_norm`).
+    pub fn clip(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+        let norm = Self::grad_norm(grads)?;
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = g.affine(coef, 0.0)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// One update with learning rate `lr`.
+    pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        if grads.len() != self.slots.len() {
+            return Err(Error::Config(
+                "gradient count differs from parameter count".into(),
+            ));
+        }
+        self.step += 1;
+        let h = self.hyper;
+        let t = self.step as i32;
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            let g = g.to_dtype(slot.var.dtype())?;
+            let wd = if slot.decay { h.weight_decay } else { 0.0 };
+            let p = slot.var.as_tensor();
+            match self.kind {
+                OptimKind::Sgd => {
+                    let g = if wd != 0.0 {
+                        (&g + p.affine(wd, 0.0)?)?
+                    } else {
+                        g
+                    };
+                    slot.var.set(&(p - g.affine(lr, 0.0)?)?)?;
+                }
+                OptimKind::AdamW => {
+                    let m = match &slot.exp_avg {
+                        Some(m) => (m.affine(h.beta1, 0.0)? + g.affine(1.0 - h.beta1, 0.0)?)?,
+                        None => g.affine(1.0 - h.beta1, 0.0)?,
+                    };
+                    let g2 = g.sqr()?;
+                    let v = match &slot.exp_avg_sq {
+                        Some(v) => (v.affine(h.beta2, 0.0)? + g2.affine(1.0 - h.beta2, 0.0)?)?,
+                        None => g2.affine(1.0 - h.beta2, 0.0)?,
+                    };
+                    let bc1 = 1.0 - h.beta1.powi(t);
+                    let bc2 = 1.0 - h.beta2.powi(t);
+                    let step_size = lr / bc1;
+                    let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), h.eps)?;
+                    let decayed = if wd != 0.0 {
+                        p.affine(1.0 - lr * wd, 0.0)?
+                    } else {
+                        p.clone()
+                    };
+                    let update = (m.div(&denom)?).affine(step_size, 0.0)?;
+                    slot.var.set(&(decayed - update)?)?;
+                    slot.exp_avg = Some(m);
+                    slot.exp_avg_sq = Some(v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The state, by parameter name.
+    pub fn state(&self) -> Result<OptimizerState> {
+        let kind = match self.kind {
+            OptimKind::AdamW => "adamw",
+            OptimKind::Sgd => "sgd",
+        };
+        let h = self.hyper;
+        let mut s = OptimizerState::new(kind).with_meta(json!({
+            "step": self.step,
+            "betas": [h.beta1, h.beta2],
+            "eps": h.eps,
+            "weight_decay": h.weight_decay,
+            "no_decay": self.slots.iter().filter(|s| !s.decay).map(|s| s.name.clone()).collect::<Vec<_>>(),
+        }));
+        for slot in &self.slots {
+            for (name, t) in [("exp_avg", &slot.exp_avg), ("exp_avg_sq", &slot.exp_avg_sq)] {
+                if let Some(t) = t {
+                    s.insert(
+                        slot.name.clone(),
+                        name,
+                        kiln_formats::candle::from_candle(t)?,
+                    )?;
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Restores a state saved by [`state`](Self::state); every parameter with state must
+    /// exist here with the same shape.
+    pub fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let expected = match self.kind {
+            OptimKind::AdamW => "adamw",
+            OptimKind::Sgd => "sgd",
+        };
+        if state.kind != expected {
+            return Err(Error::Config(format!(
+                "the checkpoint's optimizer is {:?} but this run uses {expected:?}",
+                state.kind
+            )));
+        }
+        self.step = state.meta["step"]
+            .as_u64()
+            .ok_or_else(|| Error::Config("optimizer state has no step count".into()))?;
+        for param in state.params() {
+            if !self.slots.iter().any(|s| s.name == param) {
+                return Err(Error::Config(format!(
+                    "the checkpoint's optimizer state has parameter {param:?}, which the model lacks"
+                )));
+            }
+        }
+        for slot in &mut self.slots {
+            let device = slot.var.device().clone();
+            let load = |name: &str| -> Result<Option<Tensor>> {
+                state
+                    .get(&slot.name, name)
+                    .map(|v| -> Result<Tensor> {
+                        let t = kiln_formats::candle::to_candle(v, &device)?;
+                        if t.dims() != slot.var.dims() {
+                            return Err(Error::Config(format!(
+                                "optimizer state {name} of {:?} has shape {:?}, the parameter {:?}",
+                                slot.name,
+                                t.dims(),
+                                slot.var.dims()
+                            )));
+                        }
+                        Ok(t)
+                    })
+                    .transpose()
+            };
+            slot.exp_avg = load("exp_avg")?;
+            slot.exp_avg_sq = load("exp_avg_sq")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn hyper() -> Hyper {
+        Hyper {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+
+    #[test]
+    fn adamw_matches_hand_computed_first_step() {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(
+            OptimKind::AdamW,
+            hyper(),
+            vec![("w".into(), var.clone(), true)],
+        );
+        let g = Tensor::new(&[0.5f32, -0.25], &Device::Cpu).unwrap();
+        opt.step(&vec![Some(g)], 0.1).unwrap();
+        // step 1: m̂ = g, v̂ = g², update = lr * g/(|g| + eps) ≈ lr * sign(g)
+        let w = var.as_tensor().to_vec1::<f32>().unwrap();
+        let want = [
+            1.0 * (1.0 - 0.1 * 0.01) - 0.1,
+            -2.0 * (1.0 - 0.1 * 0.01) + 0.1,
+        ];
+        for (a, b) in w.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_continues_identically() {
+        let run = |restore: bool| {
+            let var = Var::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
+            let mut opt = Optimizer::new(
+                OptimKind::AdamW,
+                hyper(),
+                vec![("w".into(), var.clone(), true)],
+            );
+            let g = |k: f32| vec![Some(Tensor::new(&[k, -k, 2.0 * k], &Device::Cpu).unwrap())];
+            opt.step(&g(0.3), 0.01).unwrap();
+            opt.step(&g(-0.1), 0.01).unwrap();
+            if restore {
+                let s = opt.state().unwrap();
+                let mut fresh = Optimizer::new(
+                    OptimKind::AdamW,
+                    hyper(),
+                    vec![("w".into(), var.clone(), true)],
+                );
+                fresh.load_state(&s).unwrap();
+                opt = fresh;
+            }
+            opt.step(&g(0.7), 0.01).unwrap();
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(false), run(true));
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let mut g = vec![
+            Some(Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()),
+            None,
+        ];
+        let norm = Optimizer::clip(&mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((Optimizer::grad_norm(&g).unwrap() - 1.0).abs() < 1e-5);
+    }
+}

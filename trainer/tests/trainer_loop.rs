@@ -1,0 +1,269 @@
+//! The training loop: strategies, best model, rotation, validation, and exact resume.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::{Synthetic, Tiny, args, history_without_timings, weights};
+use kiln_checkpoint::scan::list_checkpoints;
+use kiln_trainer::Trainer;
+use kiln_trainer::args::Strategy;
+use kiln_trainer::callback::EarlyStoppingCallback;
+use kiln_trainer::trainer::accuracy;
+
+fn steps_saved(out: &Path) -> Vec<u64> {
+    list_checkpoints(out)
+        .unwrap()
+        .iter()
+        .filter(|c| c.is_complete())
+        .map(|c| c.step)
+        .collect()
+}
+
+fn trainer(out: &Path, f: impl FnOnce(&mut kiln_trainer::TrainingArguments)) -> Trainer<Tiny> {
+    let mut a = args(out);
+    f(&mut a);
+    Trainer::new(Tiny::new(1), a)
+        .with_train_dataset(Synthetic::new(60, 7))
+        .with_eval_dataset(Synthetic::new(24, 8))
+        .with_compute_metrics(accuracy)
+        .with_quiet(true)
+}
+
+#[test]
+fn learns_and_saves_every_save_steps_and_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(dir.path(), |_| {});
+    let before = t.evaluate().unwrap()["eval_loss"];
+    let out = t.train(None).unwrap();
+    // 60 examples / 8 = 8 batches per epoch, 3 epochs = 24 steps.
+    assert_eq!(out.global_step, 24);
+    assert_eq!(steps_saved(dir.path()), [10, 20, 24]);
+    let losses: Vec<f64> = t
+        .state()
+        .log_history
+        .iter()
+        .filter_map(|e| e.get("loss").and_then(|v| v.as_f64()))
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "{losses:?}");
+    let first = &t.state().log_history[0];
+    for k in ["loss", "grad_norm", "learning_rate", "epoch", "step"] {
+        assert!(first.contains_key(k), "{first:?}");
+    }
+    assert!(out.metrics.contains_key("train_runtime"));
+    let m = t.evaluate().unwrap();
+    assert!(m["eval_loss"] < before - 0.03, "{before} -> {m:?}");
+    assert!(m.contains_key("eval_accuracy") && m.contains_key("eval_samples_per_second"));
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
+    let straight = tempfile::tempdir().unwrap();
+    let mut a = trainer(straight.path(), |a| a.save_strategy = Strategy::No);
+    a.train(None).unwrap();
+
+    let saving = tempfile::tempdir().unwrap();
+    let mut b = trainer(saving.path(), |a| a.save_steps = 3.0);
+    b.train(None).unwrap();
+    assert_eq!(
+        weights(a.model()),
+        weights(b.model()),
+        "saving must not change the run"
+    );
+
+    // Resume copies of several intermediate checkpoints (mid-epoch and at an epoch end).
+    for step in [3, 9, 15, 21] {
+        let resumed = tempfile::tempdir().unwrap();
+        let ckpt = resumed.path().join(format!("checkpoint-{step}"));
+        copy_dir(&saving.path().join(format!("checkpoint-{step}")), &ckpt);
+        let mut c = trainer(resumed.path(), |a| a.save_steps = 3.0);
+        c.train(Some(ckpt.to_str().unwrap())).unwrap();
+        assert_eq!(
+            weights(a.model()),
+            weights(c.model()),
+            "resumed from step {step}"
+        );
+        assert_eq!(
+            history_without_timings(a.state()),
+            history_without_timings(c.state()),
+            "history, resumed from {step}"
+        );
+        let (x, y) = (
+            saving.path().join("checkpoint-24"),
+            resumed.path().join("checkpoint-24"),
+        );
+        let (ox, oy) = (
+            kiln_checkpoint::optimizer::OptimizerState::load(&x.join("optimizer.safetensors"))
+                .unwrap(),
+            kiln_checkpoint::optimizer::OptimizerState::load(&y.join("optimizer.safetensors"))
+                .unwrap(),
+        );
+        for p in ox.params() {
+            for (slot, t) in ox.slots(p) {
+                assert_eq!(Some(t), oy.get(p, slot), "optimizer {p}.{slot} from {step}");
+            }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn best_model_is_kept_and_loaded_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(dir.path(), |a| {
+        a.eval_strategy = Strategy::Steps;
+        a.eval_steps = Some(4.0);
+        a.save_steps = 4.0;
+        a.save_total_limit = Some(1);
+        a.load_best_model_at_end = true;
+        a.metric_for_best_model = Some("accuracy".into());
+        a.learning_rate = 0.5; // noisy, so the best is rarely the last
+    });
+    t.train(None).unwrap();
+    let best = t
+        .state()
+        .best_model_checkpoint
+        .clone()
+        .expect("a best checkpoint");
+    let best_step = t.state().best_global_step.unwrap();
+    assert!(best.ends_with(&format!("checkpoint-{best_step}")));
+    let saved = steps_saved(dir.path());
+    assert!(
+        saved.contains(&best_step),
+        "best {best_step} deleted: {saved:?}"
+    );
+    assert!(saved.contains(&24), "newest deleted: {saved:?}");
+    assert!(saved.len() <= 2, "{saved:?}");
+    // Final weights are the best checkpoint's, bit for bit.
+    let final_dir = dir.path().join("final");
+    t.save_model(Some(&final_dir)).unwrap();
+    let a = kiln_formats::open(&final_dir).unwrap();
+    let b = kiln_formats::open(Path::new(&best)).unwrap();
+    let diffs = kiln_formats::compare::compare(a.as_ref(), b.as_ref(), Default::default()).unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+#[test]
+fn epoch_and_best_strategies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(dir.path(), |a| {
+        a.save_strategy = Strategy::Epoch;
+        a.eval_strategy = Strategy::Epoch;
+    });
+    t.train(None).unwrap();
+    assert_eq!(steps_saved(dir.path()), [8, 16, 24]);
+    let evals = t
+        .state()
+        .log_history
+        .iter()
+        .filter(|e| e.contains_key("eval_loss"))
+        .count();
+    assert_eq!(evals, 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(dir.path(), |a| {
+        a.save_strategy = Strategy::Best;
+        a.eval_strategy = Strategy::Steps;
+        a.eval_steps = Some(2.0);
+        a.metric_for_best_model = Some("loss".into());
+    });
+    t.train(None).unwrap();
+    let saved = steps_saved(dir.path());
+    let improvements: Vec<u64> = {
+        let mut best = f64::INFINITY;
+        t.state()
+            .log_history
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e.get("eval_loss")?.as_f64()?,
+                    e.get("step")?.as_i64()? as u64,
+                ))
+            })
+            .filter(|(l, _)| {
+                let better = *l < best;
+                if better {
+                    best = *l;
+                }
+                better
+            })
+            .map(|(_, s)| s)
+            .collect()
+    };
+    assert_eq!(saved, improvements);
+}
+
+#[test]
+fn early_stopping_stops_and_no_save_strategy_saves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(dir.path(), |a| {
+        a.eval_strategy = Strategy::Steps;
+        a.eval_steps = Some(1.0);
+        a.save_strategy = Strategy::No;
+        a.metric_for_best_model = Some("loss".into());
+        a.learning_rate = 0.0; // nothing improves after the first evaluation
+    })
+    .with_callback(EarlyStoppingCallback::new(2, 0.0));
+    let out = t.train(None).unwrap();
+    assert_eq!(out.global_step, 3);
+    assert!(steps_saved(dir.path()).is_empty());
+}
+
+#[test]
+fn refuses_to_overwrite_checkpoints_and_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    trainer(dir.path(), |a| a.max_steps = 10)
+        .train(None)
+        .unwrap();
+    let e = trainer(dir.path(), |_| {})
+        .train(None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--resume_from_checkpoint last") && e.contains("--overwrite_output_dir"),
+        "{e}"
+    );
+    // `last` resumes from the newest complete checkpoint and finishes the run.
+    let out = trainer(dir.path(), |a| a.max_steps = 12)
+        .train(Some("last"))
+        .unwrap();
+    assert_eq!(out.global_step, 12);
+    let e = trainer(
+        &dir.path().join("checkpoint-10").join("config.json"),
+        |_| {},
+    )
+    .train(None)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("is a file"), "{e}");
+}
+
+#[test]
+fn sync_and_async_saves_write_the_same_checkpoint() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    trainer(d1.path(), |a| a.max_steps = 10)
+        .train(None)
+        .unwrap();
+    trainer(d2.path(), |a| {
+        a.max_steps = 10;
+        a.async_save = false;
+    })
+    .train(None)
+    .unwrap();
+    let a = kiln_formats::open(d1.path().join("checkpoint-10")).unwrap();
+    let b = kiln_formats::open(d2.path().join("checkpoint-10")).unwrap();
+    assert!(
+        kiln_formats::compare::compare(a.as_ref(), b.as_ref(), Default::default())
+            .unwrap()
+            .is_empty()
+    );
+}
