@@ -19,6 +19,28 @@ pub enum Error {
     /// Bad data (file and line in the message).
     #[error("{0}")]
     Data(String),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The `tokenizers` library failed (building, training, encoding or (de)serializing a
+    /// tokenizer).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
 }
 
 /// The crate's result type.

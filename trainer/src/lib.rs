@@ -9,6 +9,8 @@
 //! - [`optim`]: AdamW and SGD whose state is saved by parameter name.
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`trainer`]: the [`Trainer`](trainer::Trainer).
+//! - [`tokenize`]: tokenizers loaded from or saved as transformers model folders, or
+//!   trained on the training texts (BERT WordPiece, GPT-2 byte-level BPE).
 #![deny(missing_docs)]
 
 pub mod args;
@@ -18,6 +20,7 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod schedule;
+pub mod tokenize;
 pub mod trainer;
 
 pub use error::{Error, Result};
