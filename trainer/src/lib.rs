@@ -11,10 +11,13 @@
 //! - [`trainer`]: the [`Trainer`](trainer::Trainer).
 //! - [`tokenize`]: tokenizers loaded from or saved as transformers model folders, or
 //!   trained on the training texts (BERT WordPiece, GPT-2 byte-level BPE).
+//! - [`data`]: JSONL/CSV/text datasets, label mapping, block grouping, the seeded
+//!   per-epoch shuffle, a resumable loader and the padding collator.
 #![deny(missing_docs)]
 
 pub mod args;
 pub mod callback;
+pub mod data;
 mod error;
 pub mod model;
 pub mod optim;

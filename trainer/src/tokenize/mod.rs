@@ -12,8 +12,8 @@
 //! - [`Tokenizer::encode`] truncates to `max_length` counting the special tokens, as
 //!   `tokenizer(text, truncation=True, max_length=n)` does.
 //! - [`Tokenizer::files`] gives the files of a model folder (`tokenizer.json`,
-//!   `tokenizer_config.json`, `special_tokens_map.json`, and `vocab.txt` or `vocab.json`
-//!   + `merges.txt`) as (name, bytes) for
+//!   `tokenizer_config.json`, `special_tokens_map.json`, and `vocab.txt`, or
+//!   `vocab.json` and `merges.txt`) as (name, bytes) for
 //!   `kiln_checkpoint::model::ModelSave::tokenizer_files`; [`Tokenizer::save`] writes
 //!   them into a folder.
 //!
@@ -193,7 +193,7 @@ impl Tokenizer {
         }
         value
             .as_f64()
-            .filter(|&f| f >= 0.0 && f < 9.0e15)
+            .filter(|f| (0.0..9.0e15).contains(f))
             .map(|f| f as usize)
     }
 
