@@ -4,8 +4,8 @@
 //! tokenizers) pipeline plus the keys of `tokenizer_config.json`:
 //!
 //! - [`Tokenizer::from_dir`] reads a model folder as transformers' `save_pretrained`
-//!   writes it: `tokenizer.json` (required), `tokenizer_config.json` and
-//!   `special_tokens_map.json` (optional).
+//!   writes it: `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`;
+//!   without `tokenizer.json`, BERT's `vocab.txt` or GPT-2's `vocab.json` + `merges.txt`.
 //! - [`TokenizerTrainer`] trains a BERT WordPiece or a GPT-2 byte-level BPE tokenizer on
 //!   the training texts, set up exactly as transformers' `BertTokenizer` /
 //!   `GPT2Tokenizer` rebuild them, so `AutoTokenizer.from_pretrained` gives the same ids.
@@ -31,6 +31,7 @@
 
 mod files;
 mod train;
+mod vocab;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -118,25 +119,51 @@ fn token_text(value: &Value) -> Option<&str> {
     }
 }
 
+/// `tokenizer_config.json` with the special tokens of `special_tokens_map.json` that it
+/// lacks.
+fn merged_config(
+    tokenizer_config: Option<&[u8]>,
+    special_tokens_map: Option<&[u8]>,
+) -> Result<Map<String, Value>> {
+    let mut config = match tokenizer_config {
+        Some(bytes) => json_object(bytes, TOKENIZER_CONFIG_FILE)?,
+        None => Map::new(),
+    };
+    if let Some(bytes) = special_tokens_map {
+        for (role, value) in json_object(bytes, SPECIAL_TOKENS_MAP_FILE)? {
+            if SPECIAL_TOKEN_ROLES.contains(&role.as_str()) && !config.contains_key(&role) {
+                config.insert(role, value);
+            }
+        }
+    }
+    Ok(config)
+}
+
 impl Tokenizer {
-    /// Loads the tokenizer of a model folder (`tokenizer.json`, plus
-    /// `tokenizer_config.json` and `special_tokens_map.json` when present).
+    /// Loads the tokenizer of a model folder: `tokenizer.json`, with
+    /// `tokenizer_config.json` and `special_tokens_map.json` when present. A folder
+    /// without `tokenizer.json` (transformers' slow tokenizers saved only their
+    /// vocabulary) is built as transformers builds it: BERT from `vocab.txt`, GPT-2 from
+    /// `vocab.json` and `merges.txt`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let json_path = dir.join(TOKENIZER_FILE);
-        let json = read_optional(&json_path)?.ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "{} not found: kiln reads fast tokenizers; make one with transformers: \
-                 AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
-                json_path.display()
-            ))
-        })?;
-        let config = read_optional(&dir.join(TOKENIZER_CONFIG_FILE))?;
-        let special = read_optional(&dir.join(SPECIAL_TOKENS_MAP_FILE))?;
-        Self::from_bytes(&json, config.as_deref(), special.as_deref()).map_err(|e| match e {
+        let in_dir = |e: Error| match e {
             Error::Tokenizer(m) => Error::Tokenizer(format!("{}: {m}", dir.display())),
             e => e,
-        })
+        };
+        let config = read_optional(&dir.join(TOKENIZER_CONFIG_FILE))?;
+        let special = read_optional(&dir.join(SPECIAL_TOKENS_MAP_FILE))?;
+        let config = merged_config(config.as_deref(), special.as_deref()).map_err(in_dir)?;
+        let json_path = dir.join(TOKENIZER_FILE);
+        match read_optional(&json_path)? {
+            Some(json) => Self::with_config(&json, config).map_err(in_dir),
+            None => vocab::from_vocab_files(dir, config)?.ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: no tokenizer.json, vocab.txt, or vocab.json and merges.txt",
+                    dir.display()
+                ))
+            }),
+        }
     }
 
     /// A tokenizer from the bytes of `tokenizer.json`, `tokenizer_config.json` and
@@ -146,21 +173,17 @@ impl Tokenizer {
         tokenizer_config: Option<&[u8]>,
         special_tokens_map: Option<&[u8]>,
     ) -> Result<Self> {
+        Self::with_config(
+            tokenizer_json,
+            merged_config(tokenizer_config, special_tokens_map)?,
+        )
+    }
+
+    fn with_config(tokenizer_json: &[u8], config: Map<String, Value>) -> Result<Self> {
         let mut inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| Error::Tokenizer(format!("{TOKENIZER_FILE}: {e}")))?;
         inner.with_truncation(None).map_err(tokenizer_error)?;
         inner.with_padding(None);
-        let mut config = match tokenizer_config {
-            Some(bytes) => json_object(bytes, TOKENIZER_CONFIG_FILE)?,
-            None => Map::new(),
-        };
-        if let Some(bytes) = special_tokens_map {
-            for (role, value) in json_object(bytes, SPECIAL_TOKENS_MAP_FILE)? {
-                if SPECIAL_TOKEN_ROLES.contains(&role.as_str()) && !config.contains_key(&role) {
-                    config.insert(role, value);
-                }
-            }
-        }
         Ok(Tokenizer { inner, config })
     }
 
