@@ -5,7 +5,9 @@
 //! toolkit; each crate can also be used on its own.
 #![deny(missing_docs)]
 
+pub use kiln_checkpoint as checkpoint;
 pub use kiln_formats as formats;
+pub use kiln_trainer as trainer;
 
 /// The README's code, compiled as a doctest so that it stays true.
 #[doc = include_str!("../README.md")]

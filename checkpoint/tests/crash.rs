@@ -67,7 +67,7 @@ fn sigkill_at_random_moments_never_leaves_a_broken_checkpoint() {
         seed
     };
     let start = Instant::now();
-    let (mut kills, mut cleanups, mut last_step) = (0, 0, 0);
+    let (mut kills, mut cleanups, mut last_step, mut stuck) = (0, 0, 0, 0);
     while kills < 30 && start.elapsed() < Duration::from_secs(15) {
         let mut child = Command::new(&exe)
             .args(["--exact", "crash_child", "--test-threads=1", "--nocapture"])
@@ -76,7 +76,9 @@ fn sigkill_at_random_moments_never_leaves_a_broken_checkpoint() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(10 + rand() % 250));
+        // Random moments; longer while the child makes no progress (a loaded machine
+        // starts processes slowly), so that the loop always gets somewhere.
+        std::thread::sleep(Duration::from_millis(10 + rand() % 250 + 100 * stuck));
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();
         if status.signal() != Some(libc::SIGKILL) {
@@ -93,6 +95,7 @@ fn sigkill_at_random_moments_never_leaves_a_broken_checkpoint() {
 
         cleanups += clean_leftovers(&out).unwrap().len();
         if !out.exists() {
+            stuck += 1;
             continue;
         }
         let hidden: Vec<String> = names(&out)
@@ -108,6 +111,11 @@ fn sigkill_at_random_moments_never_leaves_a_broken_checkpoint() {
         if let Some(newest) = list.last() {
             assert_eq!(last_checkpoint(&out).unwrap(), Some(newest.path.clone()));
             assert!(newest.step >= last_step, "a committed checkpoint vanished");
+            stuck = if newest.step > last_step {
+                0
+            } else {
+                stuck + 1
+            };
             last_step = newest.step;
             // Rotation keeps KEEP plus the best; a kill between a commit and the
             // rotation after it leaves one more.

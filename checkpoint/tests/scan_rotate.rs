@@ -230,6 +230,76 @@ fn transformers_checkpoints_are_complete_but_foreign() {
 }
 
 #[test]
+fn verify_reads_pytorch_weights_but_not_other_pickles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("checkpoint-20");
+    hf_checkpoint(&d);
+    fs::remove_file(d.join("model.safetensors")).unwrap();
+    let mut map = TensorMap::new();
+    map.insert(
+        "w",
+        TensorView::new(DType::F32, vec![3], vec![0u8; 12]).unwrap(),
+    )
+    .unwrap();
+    kiln_formats::torch::save(d.join("pytorch_model.bin"), &map).unwrap();
+    // accelerate's FSDP optimizer: a general pickle, not a state dict of tensors.
+    fs::write(d.join("optimizer.bin"), b"PK\x03\x04 general pickle").unwrap();
+    let v = verify_checkpoint(&d).unwrap();
+    assert_eq!(v.completeness, Completeness::Foreign);
+    assert_eq!(v.tensor_files, vec![d.join("pytorch_model.bin")]);
+    assert_eq!(v.tensors, 1);
+    // A corrupt weights file is caught.
+    let f = d.join("pytorch_model.bin");
+    let mut bytes = fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes.truncate(n - 10);
+    fs::write(&f, &bytes).unwrap();
+    let err = verify_checkpoint(&d).unwrap_err().to_string();
+    assert!(
+        err.contains("pytorch_model.bin") && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_reads_shards_through_their_index_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = kiln_checkpoint::commit::Staging::begin(
+        tmp.path(),
+        1,
+        &kiln_checkpoint::commit::SingleProcess,
+    )
+    .unwrap();
+    let mut map = TensorMap::new();
+    for name in ["a", "b", "c"] {
+        map.insert(
+            name,
+            TensorView::new(DType::F32, vec![256], vec![0u8; 1024]).unwrap(),
+        )
+        .unwrap();
+    }
+    let saved =
+        kiln_formats::shard::save_sharded(s.dir(), kiln_formats::Format::Safetensors, &map, 1500)
+            .unwrap();
+    assert_eq!(saved.files.len(), 3);
+    let dir = s.commit(&kiln_checkpoint::commit::SingleProcess).unwrap();
+    let v = verify_checkpoint(&dir).unwrap();
+    assert_eq!(
+        v.tensor_files,
+        vec![dir.join("model.safetensors.index.json")]
+    );
+    assert_eq!(v.tensors, 3);
+    // A shard deleted after the commit: incomplete.
+    fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
+    assert!(
+        verify_checkpoint(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("missing")
+    );
+}
+
+#[test]
 fn verify_reads_every_tensor_and_json() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path();

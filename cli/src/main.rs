@@ -49,8 +49,16 @@ enum Command {
     },
     /// Read every byte and check structure, CRCs and shard consistency.
     Verify {
-        /// File, shard index or model folder.
+        /// File, shard index, model folder or checkpoint folder.
         path: PathBuf,
+    },
+    /// List the checkpoints of a training output folder.
+    Checkpoints {
+        /// The training run's output_dir.
+        output_dir: PathBuf,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Compare the tensors of two files or folders of any formats.
     Diff {
@@ -107,6 +115,7 @@ fn main() -> ExitCode {
             max_shard_size,
         } => convert_cmd(&input, &output, to, max_shard_size),
         Command::Verify { path } => verify(&path),
+        Command::Checkpoints { output_dir, json } => checkpoints(&output_dir, json),
         Command::Diff { a, b, atol, rtol } => diff(&a, &b, Tolerance { atol, rtol }),
     };
     match result {
@@ -120,12 +129,43 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("kiln: {e}");
-            ExitCode::from(1)
+            // A bad combination of arguments that only the command itself can see
+            // (`convert a out.xyz` without --to) is a usage error, like clap's.
+            let usage = matches!(e, CliError::Formats(kiln_formats::Error::Argument(_)));
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
 
-type CmdResult = Result<Outcome, kiln_formats::Error>;
+/// Any error a command can meet; printed as one line.
+#[derive(Debug)]
+enum CliError {
+    Formats(kiln_formats::Error),
+    Checkpoint(kiln_checkpoint::Error),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Formats(e) => e.fmt(f),
+            CliError::Checkpoint(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<kiln_formats::Error> for CliError {
+    fn from(e: kiln_formats::Error) -> Self {
+        CliError::Formats(e)
+    }
+}
+
+impl From<kiln_checkpoint::Error> for CliError {
+    fn from(e: kiln_checkpoint::Error) -> Self {
+        CliError::Checkpoint(e)
+    }
+}
+
+type CmdResult = Result<Outcome, CliError>;
 
 fn ok(stdout: String) -> CmdResult {
     Ok(Outcome { stdout, code: 0 })
@@ -215,8 +255,28 @@ fn convert_cmd(
 }
 
 fn verify(path: &std::path::Path) -> CmdResult {
+    use kiln_checkpoint::commit::MANIFEST_NAME;
+    use kiln_checkpoint::state::TRAINER_STATE_NAME;
+    if path.is_dir()
+        && (path.join(MANIFEST_NAME).exists() || path.join(TRAINER_STATE_NAME).exists())
+    {
+        let v = kiln_checkpoint::scan::verify_checkpoint(path)?;
+        return ok(format!(
+            "{}: ok (checkpoint, {:?}, {} tensor files, {} tensors, {} JSON files, {} bytes)\n",
+            path.display(),
+            v.completeness,
+            v.tensor_files.len(),
+            v.tensors,
+            v.json_files,
+            v.bytes
+        ));
+    }
     let c = kiln_formats::open(path)?;
     c.verify()?;
+    // A model folder's config must parse too (a folder of bare weights has none).
+    if path.is_dir() && path.join(kiln_checkpoint::model::CONFIG_NAME).exists() {
+        kiln_checkpoint::model::read_config(path)?;
+    }
     ok(format!(
         "{}: ok ({}, {} tensors, {} bytes)\n",
         path.display(),
@@ -249,4 +309,74 @@ fn diff(a: &std::path::Path, b: &std::path::Path, tol: Tolerance) -> CmdResult {
         );
         Ok(Outcome { stdout: s, code: 1 })
     }
+}
+
+fn checkpoints(output_dir: &std::path::Path, as_json: bool) -> CmdResult {
+    use kiln_checkpoint::scan::{Completeness, last_checkpoint, list_checkpoints};
+    if !output_dir.is_dir() {
+        return Err(kiln_checkpoint::Error::Invalid(format!(
+            "{}: not a folder",
+            output_dir.display()
+        ))
+        .into());
+    }
+    let list = list_checkpoints(output_dir)?;
+    let last = last_checkpoint(output_dir)?;
+    // The best checkpoint, as the newest complete checkpoint's trainer state records it.
+    let best = list
+        .iter()
+        .rev()
+        .filter(|c| c.is_complete())
+        .find_map(|c| {
+            kiln_checkpoint::state::TrainerState::load(
+                &c.path.join(kiln_checkpoint::state::TRAINER_STATE_NAME),
+            )
+            .ok()
+        })
+        .and_then(|s| s.best_model_checkpoint)
+        .and_then(|b| std::fs::canonicalize(b).ok());
+    let is_best = |p: &std::path::Path| best.is_some() && std::fs::canonicalize(p).ok() == best;
+    let is_last = |p: &std::path::Path| last.as_deref() == Some(p);
+    let status = |c: &Completeness| match c {
+        Completeness::Complete => "complete".to_string(),
+        Completeness::Foreign => "complete (transformers)".to_string(),
+        Completeness::Incomplete(why) => format!("incomplete: {why}"),
+    };
+    if as_json {
+        let items: Vec<_> = list
+            .iter()
+            .map(|c| {
+                json!({
+                    "step": c.step,
+                    "path": c.path.display().to_string(),
+                    "bytes": c.bytes,
+                    "complete": c.is_complete(),
+                    "reason": match &c.completeness { Completeness::Incomplete(r) => Some(r.clone()), _ => None },
+                    "best": is_best(&c.path),
+                    "last": is_last(&c.path),
+                })
+            })
+            .collect();
+        return ok(format!("{}\n", serde_json::Value::Array(items)));
+    }
+    if list.is_empty() {
+        return ok(format!("{}: no checkpoints\n", output_dir.display()));
+    }
+    let mut s = format!("{:>10}  {:>14}  {:<6} status\n", "step", "bytes", "marks");
+    for c in &list {
+        let marks = format!(
+            "{}{}",
+            if is_best(&c.path) { "B" } else { "" },
+            if is_last(&c.path) { "L" } else { "" }
+        );
+        s += &format!(
+            "{:>10}  {:>14}  {:<6} {}\n",
+            c.step,
+            c.bytes,
+            marks,
+            status(&c.completeness)
+        );
+    }
+    s += "marks: B = best (best_model_checkpoint), L = last complete (what --resume_from_checkpoint last resumes)\n";
+    ok(s)
 }

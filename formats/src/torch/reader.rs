@@ -22,7 +22,8 @@ use crate::{Error, Format, Result, ResultExt, TensorCollection, TensorInfo, Tens
 ///
 /// As a [`TensorCollection`] the file shows a flat list of named tensors: the root
 /// dict when it maps names to tensors (a state dict), else the `state_dict` or
-/// `model` entry when that is one, else every tensor in the tree under a dotted path
+/// `model` entry when that is one holding every tensor of the file, else every tensor
+/// in the tree under a dotted path
 /// (`state.0.exp_avg` in an `optimizer.pt`). The whole tree is [`TorchFile::root`].
 #[derive(Debug)]
 pub struct TorchFile {
@@ -270,12 +271,18 @@ fn flat_view(root: &Value) -> Vec<(String, &TensorRef)> {
     if let Some(named) = tensor_dict(root) {
         return named;
     }
+    // A checkpoint dict wrapping a state dict is unwrapped only when the state dict holds
+    // every tensor of the file: otherwise (EMA weights beside the model, say) the
+    // dotted paths of all tensors are shown, so a conversion never drops one silently.
+    let all = root.tensors();
     for key in ["state_dict", "model"] {
-        if let Some(named) = root.get(key).and_then(tensor_dict) {
+        if let Some(named) = root.get(key).and_then(tensor_dict)
+            && named.len() == all.len()
+        {
             return named;
         }
     }
-    root.tensors()
+    all
 }
 
 /// The items of a dict whose keys are strings and whose values are all tensors.

@@ -1,0 +1,543 @@
+//! Shared helpers of the integration tests: where things are, running the `kiln` binary,
+//! hashing tensor bytes, reading fixture manifests, finding Python.
+//!
+//! Each test crate uses a different subset, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use kiln::formats::{self, DType, Format, TensorCollection, TensorMap, TensorView};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The repository root (the facade package's folder).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `tests/fixtures/torch/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures/torch").join(rel)
+}
+
+/// `tests/attacks/<rel>`.
+pub fn attack(rel: &str) -> PathBuf {
+    repo().join("tests/attacks").join(rel)
+}
+
+/// The `kiln` binary: `target/<profile>/kiln`, beside the `deps/` folder this test runs from.
+pub fn kiln_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/debug/deps/cli-0123abcd -> target/debug/kiln
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in target/<profile>/deps/");
+        let bin = profile_dir.join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            bin.is_file(),
+            "{} is missing: build the CLI first with `cargo build -p kiln-cli` \
+             (or run `cargo test --workspace`, which builds it)",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// What a run of `kiln` gave.
+#[derive(Debug)]
+pub struct Run {
+    /// The arguments, for messages.
+    pub args: Vec<String>,
+    /// The exit code; `None` if a signal ended it (a crash).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(args: Vec<String>, out: Output) -> Run {
+        Run {
+            args,
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the whole run unless it exited with `code`.
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "kiln {:?}: expected exit {code}\n--- stdout\n{}\n--- stderr\n{}",
+            self.args,
+            self.stdout,
+            self.stderr
+        );
+        self.expect_no_panic()
+    }
+
+    pub fn expect_success(&self) -> &Run {
+        self.expect_code(0)
+    }
+
+    pub fn expect_no_panic(&self) -> &Run {
+        for (what, text) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            assert!(
+                !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
+                "kiln {:?} panicked ({what}):\n{text}",
+                self.args
+            );
+        }
+        assert!(
+            self.code.is_some(),
+            "kiln {:?} was killed by a signal (crash?)\n{}",
+            self.args,
+            self.stderr
+        );
+        self
+    }
+
+    /// Panics unless stderr is exactly one non-empty line; returns it.
+    pub fn one_stderr_line(&self) -> &str {
+        let line = self.stderr.strip_suffix('\n').unwrap_or(&self.stderr);
+        assert!(
+            !line.trim().is_empty() && !line.contains('\n'),
+            "kiln {:?}: expected one line on stderr, got:\n{}",
+            self.args,
+            self.stderr
+        );
+        line
+    }
+
+    /// Exit 1 with one line on stderr that contains one of `keywords` (case-insensitive).
+    pub fn expect_error(&self, keywords: &[&str]) -> &str {
+        self.expect_code(1);
+        let line = self.one_stderr_line();
+        assert_mentions(line, keywords, &format!("kiln {:?}", self.args));
+        line
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "kiln {:?}: stdout is not JSON ({e}):\n{}",
+                self.args, self.stdout
+            )
+        })
+    }
+}
+
+/// Runs `kiln` with `args`.
+pub fn kiln<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let shown = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let out = Command::new(kiln_bin())
+        .args(&args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("run kiln");
+    Run::from_output(shown, out)
+}
+
+/// Panics unless `text` contains one of `keywords`, ignoring case.
+pub fn assert_mentions(text: &str, keywords: &[&str], context: &str) {
+    let lower = text.to_lowercase();
+    assert!(
+        keywords.iter().any(|k| lower.contains(&k.to_lowercase())),
+        "{context}: message should say what is wrong (one of {keywords:?}), got: {text}"
+    );
+}
+
+/// Lower-case hex sha256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One tensor of a manifest (or any expectation): dtype, shape, byte count and hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub nbytes: usize,
+    pub sha256: String,
+    /// safetensors only: `[begin, end]` in its file.
+    pub offsets: Option<(u64, u64)>,
+    /// sharded sets only: the file the tensor is in.
+    pub file: Option<String>,
+}
+
+/// A fixture manifest (`X.manifest.json`, written by make_fixtures.py).
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub path: String,
+    pub format: String,
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: Vec<Expected>,
+}
+
+impl Manifest {
+    pub fn load(manifest_path: &Path) -> Manifest {
+        let text = std::fs::read_to_string(manifest_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", manifest_path.display()));
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", manifest_path.display()));
+        let ctx = manifest_path.display().to_string();
+        let s = |v: &Value, k: &str| -> String {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("{ctx}: {k} is not a string"))
+                .to_string()
+        };
+        let metadata = v["metadata"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{ctx}: metadata"))
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("metadata value").to_string()))
+            .collect();
+        let tensors = v["tensors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{ctx}: tensors"))
+            .iter()
+            .map(|t| {
+                let dtype_name = s(t, "dtype");
+                Expected {
+                    name: s(t, "name"),
+                    dtype: DType::from_safetensors_name(&dtype_name)
+                        .unwrap_or_else(|| panic!("{ctx}: unknown dtype {dtype_name}")),
+                    shape: t["shape"]
+                        .as_array()
+                        .expect("shape")
+                        .iter()
+                        .map(|d| d.as_u64().expect("dim") as usize)
+                        .collect(),
+                    nbytes: t["nbytes"].as_u64().expect("nbytes") as usize,
+                    sha256: s(t, "sha256"),
+                    offsets: t["offsets"]
+                        .as_array()
+                        .map(|o| (o[0].as_u64().expect("begin"), o[1].as_u64().expect("end"))),
+                    file: t["file"].as_str().map(str::to_string),
+                }
+            })
+            .collect();
+        Manifest {
+            path: s(&v, "path"),
+            format: s(&v, "format"),
+            metadata,
+            tensors,
+        }
+    }
+
+    /// The manifest of fixture `rel` (`tests/fixtures/torch/<rel>.manifest.json`).
+    pub fn of_fixture(rel: &str) -> Manifest {
+        Manifest::load(&fixture(&format!("{rel}.manifest.json")))
+    }
+}
+
+/// Panics unless `collection` holds exactly `expected` (any order): names, dtypes, shapes
+/// and the sha256 of every tensor's bytes. `what` names the collection in messages.
+pub fn assert_same_tensors(collection: &dyn TensorCollection, expected: &[Expected], what: &str) {
+    let mut want: Vec<&str> = expected.iter().map(|e| e.name.as_str()).collect();
+    let mut got: Vec<&str> = collection
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want, "{what}: tensor names");
+    for e in expected {
+        let info = collection
+            .info(&e.name)
+            .unwrap_or_else(|| panic!("{what}: no info for {}", e.name));
+        assert_eq!(
+            (info.dtype, &info.shape),
+            (e.dtype, &e.shape),
+            "{what}: {} dtype/shape in the listing",
+            e.name
+        );
+        let t = collection
+            .tensor(&e.name)
+            .unwrap_or_else(|err| panic!("{what}: reading {}: {err}", e.name));
+        assert_eq!(
+            (t.dtype(), t.shape()),
+            (e.dtype, e.shape.as_slice()),
+            "{what}: {} dtype/shape of the tensor read",
+            e.name
+        );
+        assert_eq!(t.data().len(), e.nbytes, "{what}: {} byte length", e.name);
+        assert_eq!(
+            sha256_hex(t.data()),
+            e.sha256,
+            "{what}: {} bytes differ from the expected ones",
+            e.name
+        );
+    }
+}
+
+/// The expectations of every tensor of a collection (computed from its bytes).
+pub fn expectations_of(collection: &dyn TensorCollection) -> Vec<Expected> {
+    collection
+        .tensors()
+        .iter()
+        .map(|info| {
+            let t = collection
+                .tensor(&info.name)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", info.name));
+            Expected {
+                name: info.name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                nbytes: t.data().len(),
+                sha256: sha256_hex(t.data()),
+                offsets: None,
+                file: None,
+            }
+        })
+        .collect()
+}
+
+/// Deterministic bytes (xorshift), so tests need no RNG crate.
+pub fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Valid bytes for `n` elements of `dtype` (bool must be 0 or 1; the rest may be any
+/// bit pattern, NaNs included, which is what a bit-exact round trip must keep).
+pub fn sample_bytes(dtype: DType, numel: usize, seed: u64) -> Vec<u8> {
+    let mut b = pseudo_random_bytes(numel * dtype.size(), seed);
+    if dtype == DType::Bool {
+        b.iter_mut().for_each(|x| *x &= 1);
+    }
+    b
+}
+
+/// One tensor of every dtype kiln knows, plus 0-d and empty tensors of several ranks.
+pub fn every_dtype_map() -> TensorMap<'static> {
+    let mut map = TensorMap::new();
+    for (i, dtype) in DType::ALL.into_iter().enumerate() {
+        let shape = if i % 2 == 0 {
+            vec![2, 3]
+        } else {
+            vec![3, 1, 2]
+        };
+        let data = sample_bytes(dtype, 6, i as u64 + 1);
+        map.insert(
+            format!("t.{}", dtype.torch_name()),
+            TensorView::new(dtype, shape, data).expect("view"),
+        )
+        .expect("insert");
+    }
+    let extra: [(&str, DType, Vec<usize>); 6] = [
+        ("scalar.f32", DType::F32, vec![]),
+        ("scalar.i64", DType::I64, vec![]),
+        ("scalar.bf16", DType::BF16, vec![]),
+        ("empty.f32", DType::F32, vec![0]),
+        ("empty.f16.2x0x3", DType::F16, vec![2, 0, 3]),
+        ("rank4.u8", DType::U8, vec![2, 1, 3, 2]),
+    ];
+    for (i, (name, dtype, shape)) in extra.into_iter().enumerate() {
+        let numel: usize = shape.iter().product();
+        let data = sample_bytes(dtype, numel, 100 + i as u64);
+        map.insert(name, TensorView::new(dtype, shape, data).expect("view"))
+            .expect("insert");
+    }
+    map
+}
+
+/// The Python of [`python`], or — when there is none — prints `skipping: <reason>` and
+/// returns from the test (a failure instead under `KILN_REQUIRE_PYTHON=1`, as in CI).
+#[macro_export]
+macro_rules! python_or_skip {
+    () => {
+        match common::python() {
+            Ok(py) => py,
+            // CI (.ci/run) sets KILN_REQUIRE_PYTHON: there, no Python is a failure.
+            Err(why) if std::env::var_os("KILN_REQUIRE_PYTHON").is_some_and(|v| v == "1") => {
+                panic!("KILN_REQUIRE_PYTHON=1 but {why}")
+            }
+            Err(why) => {
+                println!("skipping: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// Python with torch, safetensors and transformers: `$KILN_PYTHON`, else the kiln venv.
+/// `Err` says why there is none (the caller prints `skipping: <reason>`).
+pub fn python() -> Result<PathBuf, String> {
+    static PY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PY.get_or_init(|| {
+        let (py, from) = match std::env::var_os("KILN_PYTHON") {
+            Some(p) if !p.is_empty() => (PathBuf::from(p), "KILN_PYTHON"),
+            _ => (
+                PathBuf::from("/root/.cache/kiln/venv/bin/python"),
+                "the default venv",
+            ),
+        };
+        let out = Command::new(&py)
+            .args(["-c", "import torch, safetensors, transformers"])
+            .output()
+            .map_err(|e| format!("no Python at {} ({from}): {e}", py.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().last().unwrap_or("").to_string();
+            return Err(format!(
+                "{} ({from}) cannot import torch, safetensors, transformers: {last}",
+                py.display()
+            ));
+        }
+        Ok(py)
+    })
+    .clone()
+}
+
+/// Runs a Python snippet with `args` (sys.argv[1..]); panics with its output on failure.
+/// Returns stdout.
+pub fn run_python<A: AsRef<std::ffi::OsStr>>(py: &Path, script: &str, args: &[A]) -> String {
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("PYTHONHASHSEED", "0")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The last line of stdout parsed as JSON (Python prints its result there).
+pub fn last_json_line(stdout: &str) -> Value {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// The weight files of a folder (shards or single files), sorted.
+pub fn weight_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".bin"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Checks a sharded folder against Hugging Face's rules, for tensors taken in
+/// `order` (name, bytes): file names, index layout, totals, and the greedy split.
+pub fn check_hf_sharding(dir: &Path, format: Format, order: &[(String, u64)], max: u64) {
+    let (prefix, ext, index_name) = match format {
+        Format::Safetensors => ("model", "safetensors", "model.safetensors.index.json"),
+        Format::PyTorch => ("pytorch_model", "bin", "pytorch_model.bin.index.json"),
+    };
+    let files = weight_files(dir);
+    let n = files.len();
+    assert!(n > 1, "{}: expected shards, got {files:?}", dir.display());
+    let want: Vec<String> = (1..=n)
+        .map(|i| format!("{prefix}-{i:05}-of-{n:05}.{ext}"))
+        .collect();
+    assert_eq!(files, want, "shard names");
+
+    let text = std::fs::read_to_string(dir.join(index_name)).unwrap();
+    assert!(
+        text.starts_with("{\n  \"metadata\": {\n") && text.ends_with("}\n"),
+        "index not written as json.dumps(indent=2, sort_keys=True) + newline:\n{text}"
+    );
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let total_size: u64 = order.iter().map(|(_, b)| b).sum();
+    assert_eq!(
+        index["metadata"]["total_size"],
+        Value::from(total_size),
+        "total_size"
+    );
+    let weight_map = index["weight_map"].as_object().expect("weight_map");
+    let keys: Vec<&String> = weight_map.keys().collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "weight_map keys sorted");
+    assert_eq!(
+        weight_map.len(),
+        order.len(),
+        "weight_map covers every tensor"
+    );
+
+    // Shards hold consecutive runs of `order`, each run as long as fits in `max`
+    // (a tensor over `max` alone).
+    let mut runs: Vec<Vec<(String, u64)>> = Vec::new();
+    let mut last_file = None;
+    for (name, bytes) in order {
+        let file = weight_map[name].as_str().expect("file name");
+        assert!(
+            files.iter().any(|f| f == file),
+            "{name} in unknown file {file}"
+        );
+        if last_file != Some(file) || *bytes > max {
+            runs.push(Vec::new());
+        }
+        runs.last_mut().unwrap().push((name.clone(), *bytes));
+        last_file = Some(file);
+    }
+    for w in runs.windows(2) {
+        let size: u64 = w[0].iter().map(|t| t.1).sum();
+        assert!(
+            w[0].len() == 1 || size <= max,
+            "shard over the limit: {:?}",
+            w[0]
+        );
+        if w[0].len() > 1 || w[0][0].1 <= max {
+            let next = w[1][0].1;
+            assert!(
+                size + next > max || next > max,
+                "shard closed early: {:?} then {:?}",
+                w[0],
+                w[1][0]
+            );
+        }
+    }
+    let c = formats::open(dir).unwrap();
+    assert_eq!(
+        index["metadata"]["total_parameters"],
+        Value::from(c.parameter_count()),
+        "total_parameters"
+    );
+}
