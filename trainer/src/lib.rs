@@ -18,6 +18,8 @@
 //!   trained on the training texts (BERT WordPiece, GPT-2 byte-level BPE).
 //! - [`data`]: JSONL/CSV/text datasets, label mapping, block grouping, the seeded
 //!   per-epoch shuffle, a resumable loader and the padding collator.
+//! - [`run`]: whole runs from a TOML config, as `kiln train`, `kiln eval` and
+//!   `kiln predict` drive them.
 #![deny(missing_docs)]
 
 pub mod args;
@@ -29,6 +31,8 @@ pub mod model;
 pub mod models;
 pub mod optim;
 pub mod rng;
+#[cfg(feature = "models")]
+pub mod run;
 pub mod schedule;
 pub mod tokenize;
 pub mod trainer;
