@@ -473,8 +473,7 @@ impl<M: Model> Trainer<M> {
                 epoch += 1;
                 continue;
             }
-            let mut order: Vec<usize> = (0..n).collect();
-            Rng::with_stream(a.shuffle_seed(), epoch).shuffle(&mut order);
+            let order = crate::data::epoch_order(n, a.shuffle_seed(), epoch);
             let batches: Vec<&[usize]> = order.chunks(batch_size).take(batches_per_epoch).collect();
             self.control.should_epoch_stop = false;
             self.each_callback(|cb, a, s, c| cb.on_epoch_begin(a, s, c));
@@ -640,9 +639,7 @@ impl<M: Model> Trainer<M> {
         if let Some(e) = self.state.epoch {
             logs.insert("epoch".into(), py(e));
         }
-        let line = kiln_formats::pyjson::dumps_py(&PyValue::Dict(logs.clone()))
-            .replace('\n', "")
-            .replace("  ", " ");
+        let line = log_line(&logs);
         match bar {
             Some(b) => b.println(line),
             None => self.say(&line),
@@ -1011,6 +1008,21 @@ impl<M: Model> Trainer<M> {
         };
         Ok(position)
     }
+}
+
+/// One log entry as a line: `{"loss": 0.6931, "learning_rate": 5e-05, "epoch": 0.5}`.
+fn log_line(logs: &BTreeMap<String, PyValue>) -> String {
+    let items: Vec<String> = logs
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                PyValue::Float(f) => kiln_formats::pyjson::float_repr(*f),
+                other => kiln_formats::pyjson::dumps_py(other),
+            };
+            format!("{k:?}: {v}")
+        })
+        .collect();
+    format!("{{{}}}", items.join(", "))
 }
 
 /// Concatenates tensors along the first dimension, padding later dimensions with -100
