@@ -216,7 +216,20 @@ impl TrainingArguments {
         let current = obj
             .get(name)
             .ok_or_else(|| Error::Config(format!("unknown training argument {name:?}")))?;
-        let value = parse_like(current, name, text)?;
+        // `none` clears an optional field (metric_for_best_model, save_total_limit, …).
+        let none = text.trim().eq_ignore_ascii_case("none") || text.trim() == "null";
+        let value = if none
+            && serde_json::from_value::<TrainingArguments>(Value::Object({
+                let mut o = obj.clone();
+                o.insert(name.to_string(), Value::Null);
+                o
+            }))
+            .is_ok()
+        {
+            Value::Null
+        } else {
+            parse_like(current, name, text)?
+        };
         obj.insert(name.to_string(), value);
         *self = serde_json::from_value(Value::Object(obj))
             .map_err(|e| Error::Config(format!("--{name} {text}: {e}")))?;

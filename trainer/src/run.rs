@@ -167,15 +167,40 @@ impl RunConfig {
         match name {
             "architecture" => self.model.architecture = Some(value.to_string()),
             "init_from" => self.model.init_from = Some(value.to_string()),
-            _ => {
+            _ if self.model.keys.contains_key(name) || is_model_config_key(name) => {
                 let current = self.model.keys.get(name).cloned().unwrap_or(Value::Null);
                 self.model
                     .keys
                     .insert(name.to_string(), parse_json_like(&current, value));
             }
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown flag --{name}: not a training argument, a [data] key nor a key of the model's config"
+                )));
+            }
         }
         Ok(())
     }
+}
+
+/// Whether `name` is a `config.json` key of an architecture kiln trains (BertConfig,
+/// GPT2Config, and the keys every transformers config has), so that a mistyped flag is
+/// an error rather than a silently ignored model key.
+fn is_model_config_key(name: &str) -> bool {
+    const COMMON: [&str; 8] = [
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "tie_word_embeddings",
+    ];
+    let known = |v: Value| v.get(name).is_some();
+    COMMON.contains(&name)
+        || BertConfig::from_json(&json!({})).is_ok_and(|c| known(c.to_json()))
+        || Gpt2Config::from_json(&json!({})).is_ok_and(|c| known(c.to_json()))
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
