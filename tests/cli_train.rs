@@ -363,3 +363,29 @@ fn sigkill_during_training_then_resume_equals_uninterrupted() {
     let diffs = kiln::formats::compare::compare(&a, &b, Default::default()).unwrap();
     assert!(diffs.is_empty(), "after {kills} kills: {diffs:?}");
 }
+
+#[test]
+fn a_failed_save_stops_training_and_saves_the_model_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("checkpoint-4"),
+        b"a file where a checkpoint must go",
+    )
+    .unwrap();
+    let run = kiln(tiny_bert_args(&out, &["--overwrite_output_dir", "true"]));
+    run.expect_code(1).expect_no_panic();
+    // Training logs go to stderr too; the error is the last line.
+    let err = run.stderr.lines().last().unwrap_or_default().to_string();
+    assert!(err.starts_with("kiln: "), "{err}");
+    assert!(err.contains("checkpoint-4"), "{err}");
+    let saved = err
+        .split("was saved to ")
+        .nth(1)
+        .expect("an emergency save")
+        .trim_end_matches(')')
+        .to_string();
+    kiln(["verify", saved.as_str()]).expect_success();
+    std::fs::remove_dir_all(&saved).unwrap();
+}

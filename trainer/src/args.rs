@@ -124,6 +124,8 @@ pub struct TrainingArguments {
     /// kiln: write checkpoints in the background (training stalls only for the copy to
     /// host memory).
     pub async_save: bool,
+    /// kiln: `stop` (default) or `continue` when a checkpoint save fails.
+    pub on_save_error: SaveErrorPolicy,
 }
 
 impl Default for TrainingArguments {
@@ -170,8 +172,20 @@ impl Default for TrainingArguments {
             disable_tqdm: false,
             device: "auto".into(),
             async_save: true,
+            on_save_error: SaveErrorPolicy::Stop,
         }
     }
+}
+
+/// What training does when a checkpoint save fails (disk full, a read-only folder, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveErrorPolicy {
+    /// Stop training with the error (the default); `kiln train` then saves the model in
+    /// memory to an emergency folder.
+    Stop,
+    /// Log the error (`save_error` in `log_history`) and go on training.
+    Continue,
 }
 
 /// The optimizer an `optim` value selects.

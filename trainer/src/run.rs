@@ -390,7 +390,10 @@ fn run_trainer<M: Model>(
     if let Some(eval) = p.eval.clone() {
         trainer = trainer.with_eval_dataset(eval);
     }
-    let out = trainer.train(None)?;
+    let out = match trainer.train(None) {
+        Ok(out) => out,
+        Err(e) => return Err(emergency_save(&trainer, e)),
+    };
     let eval = match p.eval {
         Some(_) => Some(trainer.evaluate()?),
         None => None,
@@ -403,6 +406,28 @@ fn run_trainer<M: Model>(
         eval,
         architecture: p.architecture,
     })
+}
+
+/// After a failed training run, saves the model that is still in memory to a fresh
+/// folder under the system's temporary directory (the output folder may be the problem:
+/// full, read-only, …) and adds where it went — or that this failed too — to the error.
+fn emergency_save<M: Model>(trainer: &Trainer<M>, e: Error) -> Error {
+    let step = trainer.state().global_step;
+    if step == 0 {
+        return e;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("kiln-emergency-{}-step{step}", std::process::id()));
+    match trainer.save_model(Some(&dir)) {
+        Ok(_) => Error::Config(format!(
+            "{e} (the model in memory at step {step} was saved to {})",
+            dir.display()
+        )),
+        Err(e2) => Error::Config(format!(
+            "{e} (saving the model in memory to {} failed too: {e2})",
+            dir.display()
+        )),
+    }
 }
 
 /// Evaluates the saved model `cfg.model.init_from` on `cfg.data.validation_file`, as
