@@ -11,7 +11,7 @@ rm -rf "$out"
 cargo build --release -q -p kiln-cli
 echo "+ kiln train data/configs/bert-sentiment.toml --max_steps $steps (no eval, no save)" >&2
 target/release/kiln train data/configs/bert-sentiment.toml --output_dir "$out" --max_steps "$steps" \
-    --eval_strategy no --save_strategy no --load_best_model_at_end false --disable_tqdm true >/dev/null 2>&1
+    --eval_strategy no --save_strategy no --load_best_model_at_end false --metric_for_best_model none --overwrite_output_dir true --disable_tqdm true >/dev/null 2>&1
 kiln_sps=$("$py" -c 'import json,sys; h=json.load(open(sys.argv[1]))["log_history"]; print([e for e in h if "train_steps_per_second" in e][-1]["train_steps_per_second"])' "$out/trainer_state.json")
 echo "+ transformers Trainer, same config, tokenizer and steps" >&2
 hf=$("$py" benches/train_compare.py "$out" "$steps" 2>/dev/null | tail -n 1)
