@@ -74,6 +74,7 @@ impl FirstParty {
         };
         match self.target_os {
             Some(os) if os != std::env::consts::OS => {
+                let os = if os == "macos" { "macOS" } else { os };
                 format!("it needs {os}: rebuild there with {feature}")
             }
             _ => format!("rebuild with {feature}"),

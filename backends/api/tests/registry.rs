@@ -172,7 +172,7 @@ fn first_party_backends_that_are_not_linked_say_how_to_get_them() {
     } else {
         assert_eq!(
             metal,
-            "metal: not compiled into this build; it needs macos: rebuild there with --features metal"
+            "metal: not compiled into this build; it needs macOS: rebuild there with --features metal"
         );
     }
     assert!(
