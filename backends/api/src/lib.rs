@@ -73,3 +73,9 @@ macro_rules! register_backend {
         }
     };
 }
+
+/// The backend authors' guide (backends/README.md), compiled as a doctest so that its code
+/// stays true.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
