@@ -14,26 +14,10 @@ use std::collections::BTreeMap;
 
 use common::{
     Expected, assert_same_tensors, check_hf_sharding, every_dtype_map, expectations_of,
-    last_json_line, python, run_python, weight_files,
+    last_json_line, run_python, weight_files,
 };
 use kiln::formats::{self, DType, Format, TensorCollection};
 use serde_json::Value;
-
-macro_rules! python_or_skip {
-    () => {
-        match python() {
-            Ok(py) => py,
-            // CI (.ci/run) sets KILN_REQUIRE_PYTHON: there, no Python is a failure.
-            Err(why) if std::env::var_os("KILN_REQUIRE_PYTHON").is_some_and(|v| v == "1") => {
-                panic!("KILN_REQUIRE_PYTHON=1 but {why}")
-            }
-            Err(why) => {
-                println!("skipping: {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// Python helpers shared by the snippets: a tensor's digest as
 /// `[torch dtype name, shape, sha256 of its contiguous bytes]`.

@@ -371,6 +371,25 @@ pub fn every_dtype_map() -> TensorMap<'static> {
     map
 }
 
+/// The Python of [`python`], or — when there is none — prints `skipping: <reason>` and
+/// returns from the test (a failure instead under `KILN_REQUIRE_PYTHON=1`, as in CI).
+#[macro_export]
+macro_rules! python_or_skip {
+    () => {
+        match common::python() {
+            Ok(py) => py,
+            // CI (.ci/run) sets KILN_REQUIRE_PYTHON: there, no Python is a failure.
+            Err(why) if std::env::var_os("KILN_REQUIRE_PYTHON").is_some_and(|v| v == "1") => {
+                panic!("KILN_REQUIRE_PYTHON=1 but {why}")
+            }
+            Err(why) => {
+                println!("skipping: {why}");
+                return;
+            }
+        }
+    };
+}
+
 /// Python with torch, safetensors and transformers: `$KILN_PYTHON`, else the kiln venv.
 /// `Err` says why there is none (the caller prints `skipping: <reason>`).
 pub fn python() -> Result<PathBuf, String> {

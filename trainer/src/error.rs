@@ -1,5 +1,7 @@
 //! The crate's error type.
 
+use std::path::PathBuf;
+
 /// Everything that can go wrong while training.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -19,7 +21,73 @@ pub enum Error {
     /// Bad data (file and line in the message).
     #[error("{0}")]
     Data(String),
+    /// A model folder lacks weights the model needs (and cannot initialise afresh).
+    #[error("{}: missing weights: {}", dir.display(), list_names(names))]
+    MissingWeights {
+        /// The model folder.
+        dir: PathBuf,
+        /// The parameters not found (under any name a loader accepts for them).
+        names: Vec<String>,
+    },
+    /// A model folder holds a weight whose shape differs from the model's.
+    #[error(
+        "{}: weight {:?} has shape {:?} in the folder, the model expects {:?}{}",
+        .0.dir.display(), .0.name, .0.found, .0.expected, .0.hint
+    )]
+    WeightShape(Box<ShapeMismatch>),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The `tokenizers` library failed (building, training, encoding or (de)serializing a
+    /// tokenizer).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// A weight whose shape in a model folder differs from the model's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// The model folder.
+    pub dir: PathBuf,
+    /// The weight's name in the folder.
+    pub name: String,
+    /// The model's shape.
+    pub expected: Vec<usize>,
+    /// The folder's shape.
+    pub found: Vec<usize>,
+    /// What probably differs (e.g. `num_labels`), with a leading separator, or "".
+    pub hint: String,
 }
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `a, b, c` (the first 20, then how many more).
+fn list_names(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" (and {} more)", names.len() - SHOWN));
+    }
+    text
+}

@@ -3,10 +3,20 @@
 //! kiln's own models (BERT for sequence classification, GPT-2 LM head) implement it, and
 //! so can yours: name the parameters as transformers names them, describe `config.json`,
 //! declare tied weights, and compute a loss in [`Model::forward`] when labels are given.
+//! `trainer/examples/custom_model.rs` shows a complete one.
+//!
+//! Saving and loading model folders works for every implementation:
+//! [`crate::weights::save_pretrained`] writes what transformers' `from_pretrained`
+//! loads, and [`Model::init_from`] reads a folder back, following the model's
+//! [`Model::load_rules`] (kiln's BERT and GPT-2 use them to read base-model folders and
+//! the legacy names and buffers of older transformers).
+
+use std::path::Path;
 
 use candle_core::{Tensor, Var};
 
 use crate::rng::Rng;
+use crate::weights::{LoadInfo, LoadRules};
 
 /// One batch, as a collator makes it; every tensor on the model's device.
 #[derive(Debug, Clone)]
@@ -66,6 +76,28 @@ pub trait Model: Send {
     /// `("lm_head.weight", "transformer.wte.weight")`.
     fn tied_weights(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// How [`Model::init_from`] finds the parameters in a folder: by their own names
+    /// only, unless the model says otherwise (a base model prefix, heads that may be
+    /// initialised afresh, legacy buffers to drop).
+    fn load_rules(&self) -> LoadRules {
+        LoadRules::default()
+    }
+
+    /// Loads the weights of the model folder `dir` into the parameters (see
+    /// [`crate::weights`] for the rules); on error no parameter has changed.
+    ///
+    /// This and [`Model::load_rules`] refine the trait the trainer started with: the
+    /// trainer resumes and `kiln train --model DIR` loads any model, and transformers'
+    /// architectures need per-model rules to read the folders transformers wrote.
+    fn init_from(&self, dir: &Path) -> crate::Result<LoadInfo> {
+        crate::weights::load_into(
+            &self.parameters(),
+            &self.tied_weights(),
+            dir,
+            &self.load_rules(),
+        )
     }
 
     /// Whether weight decay skips this parameter. transformers skips biases and the

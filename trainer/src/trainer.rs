@@ -25,10 +25,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use kiln_checkpoint::async_save::{AsyncSaver, SaveJob};
 use kiln_checkpoint::commit::{Coordinator, SingleProcess};
-use kiln_checkpoint::model::{ModelSave, SaveOptions, load_pretrained, save_pretrained};
+use kiln_checkpoint::model::{SaveOptions, save_pretrained};
 use kiln_checkpoint::state::{TRAINER_STATE_NAME, TrainerState};
 use kiln_checkpoint::training::{CheckpointSnapshot, load_checkpoint};
-use kiln_formats::TensorMap;
 use kiln_formats::pyjson::PyValue;
 use serde_json::{Value, json};
 
@@ -252,29 +251,11 @@ impl<M: Model> Trainer<M> {
         }
     }
 
-    /// The weights, copied to host memory, in the model's parameter order.
-    fn weights_snapshot(&self) -> Result<TensorMap<'static>> {
-        let params = self.model.parameters();
-        kiln_formats::candle::map_from_candle(
-            params.iter().map(|(n, v)| (n.clone(), v.as_tensor())),
-        )
-        .map_err(Error::from)
-    }
-
     fn save_options(&self) -> SaveOptions {
         SaveOptions {
             safetensors: self.args.save_safetensors,
             ..SaveOptions::default()
         }
-    }
-
-    fn model_save<'a>(&self, weights: &'a TensorMap<'static>) -> ModelSave<'a> {
-        let mut m = ModelSave::new(self.model.config(), weights);
-        m.generation_config = self.model.generation_config();
-        m.tied = self.model.tied_weights();
-        m.tokenizer_files = self.tokenizer_files.clone();
-        m.training_args = Some(self.args.to_json());
-        m
     }
 
     /// Saves the model folder (config, weights, tokenizer, `training_args.json`) into
@@ -284,8 +265,11 @@ impl<M: Model> Trainer<M> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.output_dir());
         if self.coord.is_main() {
-            let weights = self.weights_snapshot()?;
-            save_pretrained(&dir, &self.model_save(&weights), &self.save_options())?;
+            let export = crate::weights::export(&self.model)?;
+            let mut save = export.model_save();
+            save.tokenizer_files = self.tokenizer_files.clone();
+            save.training_args = Some(self.args.to_json());
+            save_pretrained(&dir, &save, &self.save_options())?;
         }
         Ok(dir)
     }
@@ -301,31 +285,15 @@ impl<M: Model> Trainer<M> {
         Ok(path)
     }
 
-    /// Loads weights from a model or checkpoint folder into the model's variables.
+    /// Loads the weights of a model or checkpoint folder of this model into its
+    /// variables (all or nothing); every parameter must be in the folder.
     pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
-        let params = self.model.parameters();
-        let expected: Vec<kiln_formats::TensorInfo> = params
-            .iter()
-            .map(|(n, v)| {
-                Ok(kiln_formats::TensorInfo {
-                    name: n.clone(),
-                    dtype: kiln_formats::candle::from_candle_dtype(v.dtype())?,
-                    shape: v.dims().to_vec(),
-                })
-            })
-            .collect::<Result<_>>()?;
-        let loaded = load_pretrained(dir, &expected, &self.model.tied_weights())?;
-        if let Some(name) = loaded.report.missing.first() {
+        let info = self.model.init_from(dir)?;
+        if let Some(name) = info.fresh.first() {
             return Err(Error::Config(format!(
-                "{}: weight {name:?} is missing ({} missing in all)",
-                dir.display(),
-                loaded.report.missing.len()
+                "{}: weight {name:?} is missing; a checkpoint of this run holds every weight",
+                dir.display()
             )));
-        }
-        let device = self.device();
-        for (name, var) in &params {
-            let t = kiln_formats::candle::to_candle(&loaded.weights.tensor(name)?, &device)?;
-            var.set(&t)?;
         }
         Ok(())
     }
@@ -505,8 +473,7 @@ impl<M: Model> Trainer<M> {
                 epoch += 1;
                 continue;
             }
-            let mut order: Vec<usize> = (0..n).collect();
-            Rng::with_stream(a.shuffle_seed(), epoch).shuffle(&mut order);
+            let order = crate::data::epoch_order(n, a.shuffle_seed(), epoch);
             let batches: Vec<&[usize]> = order.chunks(batch_size).take(batches_per_epoch).collect();
             self.control.should_epoch_stop = false;
             self.each_callback(|cb, a, s, c| cb.on_epoch_begin(a, s, c));
@@ -672,9 +639,7 @@ impl<M: Model> Trainer<M> {
         if let Some(e) = self.state.epoch {
             logs.insert("epoch".into(), py(e));
         }
-        let line = kiln_formats::pyjson::dumps_py(&PyValue::Dict(logs.clone()))
-            .replace('\n', "")
-            .replace("  ", " ");
+        let line = log_line(&logs);
         match bar {
             Some(b) => b.println(line),
             None => self.say(&line),
@@ -873,7 +838,7 @@ impl<M: Model> Trainer<M> {
         self.state.stateful_callbacks = callbacks_state;
         let only_model = self.args.save_only_model;
         // The copy to host memory: the only part of an asynchronous save that blocks.
-        let weights = self.weights_snapshot()?;
+        let export = crate::weights::export(&self.model)?;
         let opt_state = if only_model {
             None
         } else {
@@ -890,10 +855,10 @@ impl<M: Model> Trainer<M> {
         }
         let snapshot = CheckpointSnapshot {
             step,
-            config: self.model.config(),
-            generation_config: self.model.generation_config(),
-            weights,
-            tied: self.model.tied_weights(),
+            config: export.config,
+            generation_config: export.generation_config,
+            weights: export.weights,
+            tied: export.tied,
             tokenizer_files: self.tokenizer_files.clone(),
             training_args: Some(self.args.to_json()),
             optimizer: opt_state,
@@ -1043,6 +1008,21 @@ impl<M: Model> Trainer<M> {
         };
         Ok(position)
     }
+}
+
+/// One log entry as a line: `{"loss": 0.6931, "learning_rate": 5e-05, "epoch": 0.5}`.
+fn log_line(logs: &BTreeMap<String, PyValue>) -> String {
+    let items: Vec<String> = logs
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                PyValue::Float(f) => kiln_formats::pyjson::float_repr(*f),
+                other => kiln_formats::pyjson::dumps_py(other),
+            };
+            format!("{k:?}: {v}")
+        })
+        .collect();
+    format!("{{{}}}", items.join(", "))
 }
 
 /// Concatenates tensors along the first dimension, padding later dimensions with -100
