@@ -11,29 +11,21 @@ pub struct MetalBackend;
 
 kiln_backend::register_backend!(MetalBackend);
 
-/// The devices, found once: candle's Metal device creation returns an error (it does not
-/// panic) when there is no GPU, so creating device 0, 1, … until one fails counts them.
-fn probe() -> &'static Result<Vec<DeviceInfo>, String> {
-    static PROBE: OnceLock<Result<Vec<DeviceInfo>, String>> = OnceLock::new();
-    PROBE.get_or_init(|| {
-        let mut devices = Vec::new();
-        let mut first_error = None;
-        for ordinal in 0..16 {
-            match Device::new_metal(ordinal) {
-                Ok(_) => devices.push(DeviceInfo::new(ordinal, format!("Metal GPU {ordinal}"))),
-                Err(e) => {
-                    first_error = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        if devices.is_empty() {
-            let why = first_error.unwrap_or_default();
-            let why = why.lines().next().unwrap_or("").trim().to_string();
-            Err(format!("no Metal device found ({why})"))
-        } else {
-            Ok(devices)
-        }
+/// The GPUs, listed once through Metal itself (`MTLCopyAllDevices`): candle's device
+/// creation indexes that list without checking, so it must never see an ordinal past
+/// the end.
+fn gpus() -> &'static [DeviceInfo] {
+    static GPUS: OnceLock<Vec<DeviceInfo>> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        candle_metal_kernels::metal::Device::all()
+            .iter()
+            .enumerate()
+            .map(|(ordinal, d)| {
+                let working_set = u64::try_from(d.recommended_max_working_set_size()).ok();
+                DeviceInfo::new(ordinal, format!("Apple GPU ({})", d.architecture_name()))
+                    .with_memory(working_set, None)
+            })
+            .collect()
     })
 }
 
@@ -47,21 +39,26 @@ impl Backend for MetalBackend {
     }
 
     fn probe(&self) -> Availability {
-        match probe() {
-            Ok(_) => Availability::Available,
-            Err(reason) => Availability::Unavailable(reason.clone()),
+        if gpus().is_empty() {
+            Availability::Unavailable("no Metal device found".into())
+        } else {
+            Availability::Available
         }
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        probe().as_ref().map(Clone::clone).unwrap_or_default()
+        gpus().to_vec()
     }
 
     fn device(&self, ordinal: usize) -> candle_core::Result<Device> {
+        if ordinal >= gpus().len() {
+            candle_core::bail!("metal: no device {ordinal}");
+        }
         Device::new_metal(ordinal)
     }
 
-    /// Unified memory: host copies need no pinning.
+    /// Unified memory: host copies need no pinning. Memory figures are Metal's
+    /// recommended working set size.
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(&[DType::F32, DType::F16, DType::BF16])
     }
