@@ -51,7 +51,7 @@ fn driver_library() -> Result<(), String> {
     for name in names {
         // SAFETY: loading the driver library runs its initialisers, as linking it does;
         // nothing from it is called here, and it is closed again on drop.
-        match unsafe { libloading::Library::new(name) } {
+        match unsafe { libloading::Library::new(*name) } {
             Ok(_) => return Ok(()),
             Err(e) => last = e.to_string(),
         }
