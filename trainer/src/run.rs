@@ -167,15 +167,40 @@ impl RunConfig {
         match name {
             "architecture" => self.model.architecture = Some(value.to_string()),
             "init_from" => self.model.init_from = Some(value.to_string()),
-            _ => {
+            _ if self.model.keys.contains_key(name) || is_model_config_key(name) => {
                 let current = self.model.keys.get(name).cloned().unwrap_or(Value::Null);
                 self.model
                     .keys
                     .insert(name.to_string(), parse_json_like(&current, value));
             }
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown flag --{name}: not a training argument, a [data] key nor a key of the model's config"
+                )));
+            }
         }
         Ok(())
     }
+}
+
+/// Whether `name` is a `config.json` key of an architecture kiln trains (BertConfig,
+/// GPT2Config, and the keys every transformers config has), so that a mistyped flag is
+/// an error rather than a silently ignored model key.
+fn is_model_config_key(name: &str) -> bool {
+    const COMMON: [&str; 8] = [
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "tie_word_embeddings",
+    ];
+    let known = |v: Value| v.get(name).is_some();
+    COMMON.contains(&name)
+        || BertConfig::from_json(&json!({})).is_ok_and(|c| known(c.to_json()))
+        || Gpt2Config::from_json(&json!({})).is_ok_and(|c| known(c.to_json()))
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
@@ -365,7 +390,10 @@ fn run_trainer<M: Model>(
     if let Some(eval) = p.eval.clone() {
         trainer = trainer.with_eval_dataset(eval);
     }
-    let out = trainer.train(None)?;
+    let out = match trainer.train(None) {
+        Ok(out) => out,
+        Err(e) => return Err(emergency_save(&trainer, e)),
+    };
     let eval = match p.eval {
         Some(_) => Some(trainer.evaluate()?),
         None => None,
@@ -378,6 +406,28 @@ fn run_trainer<M: Model>(
         eval,
         architecture: p.architecture,
     })
+}
+
+/// After a failed training run, saves the model that is still in memory to a fresh
+/// folder under the system's temporary directory (the output folder may be the problem:
+/// full, read-only, …) and adds where it went — or that this failed too — to the error.
+fn emergency_save<M: Model>(trainer: &Trainer<M>, e: Error) -> Error {
+    let step = trainer.state().global_step;
+    if step == 0 {
+        return e;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("kiln-emergency-{}-step{step}", std::process::id()));
+    match trainer.save_model(Some(&dir)) {
+        Ok(_) => Error::Config(format!(
+            "{e} (the model in memory at step {step} was saved to {})",
+            dir.display()
+        )),
+        Err(e2) => Error::Config(format!(
+            "{e} (saving the model in memory to {} failed too: {e2})",
+            dir.display()
+        )),
+    }
 }
 
 /// Evaluates the saved model `cfg.model.init_from` on `cfg.data.validation_file`, as

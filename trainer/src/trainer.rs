@@ -31,7 +31,7 @@ use kiln_checkpoint::training::{CheckpointSnapshot, load_checkpoint};
 use kiln_formats::pyjson::PyValue;
 use serde_json::{Value, json};
 
-use crate::args::{Strategy, TrainingArguments, resolve_steps};
+use crate::args::{SaveErrorPolicy, Strategy, TrainingArguments, resolve_steps};
 use crate::callback::{
     TrainerCallback, TrainerControl, default_flow_on_epoch_end, default_flow_on_step_end,
 };
@@ -895,6 +895,15 @@ impl<M: Model> Trainer<M> {
         };
         let target = self.output_dir().join(format!("checkpoint-{step}"));
         if self.args.async_save {
+            if self.args.on_save_error == SaveErrorPolicy::Continue {
+                // Collect the previous save's outcome first, so that its failure is
+                // logged and this save still starts (with one save in flight, `submit`
+                // would wait for it anyway).
+                match self.saver.wait() {
+                    Ok(reports) => self.record_reports(&reports, bar),
+                    Err(e) => self.save_failed(&e.into(), bar),
+                }
+            }
             let job = SaveJob::new(&target, move || write(snapshot))
                 .with_snapshot_time(stall_start.elapsed());
             self.saver.submit(job)?;
@@ -902,7 +911,14 @@ impl<M: Model> Trainer<M> {
             self.record_reports(&reports, bar);
         } else {
             let t = Instant::now();
-            write(snapshot)?;
+            if let Err(e) = write(snapshot) {
+                let e = Error::from(e);
+                if self.args.on_save_error == SaveErrorPolicy::Stop {
+                    return Err(e);
+                }
+                self.save_failed(&e, bar);
+                return Ok(());
+            }
             let runtime = t.elapsed().as_secs_f64();
             self.log(
                 BTreeMap::from([
@@ -942,9 +958,27 @@ impl<M: Model> Trainer<M> {
     }
 
     fn finish_saves(&mut self) -> Result<()> {
-        let reports = self.saver.wait()?;
-        self.record_reports(&reports, None);
+        match self.saver.wait() {
+            Ok(reports) => self.record_reports(&reports, None),
+            Err(e) if self.args.on_save_error == SaveErrorPolicy::Continue => {
+                self.save_failed(&e.into(), None)
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
+    }
+
+    /// With `on_save_error = "continue"`: a failed save is logged (`save_error`) and
+    /// training goes on; earlier checkpoints are untouched by the commit protocol.
+    fn save_failed(&mut self, e: &Error, bar: Option<&indicatif::ProgressBar>) {
+        let msg = e.to_string();
+        self.say(&format!(
+            "warning: checkpoint save failed, training continues: {msg}"
+        ));
+        self.log(
+            BTreeMap::from([("save_error".to_string(), PyValue::Str(msg))]),
+            bar,
+        );
     }
 
     fn restore(
