@@ -13,6 +13,14 @@ use kiln_formats::convert::{Target, convert};
 use kiln_formats::{DType, Format, TensorCollection};
 use serde_json::json;
 
+// Link every backend this build has: rustc does not link a crate nothing references, and
+// the backend's registration would vanish with it.
+use kiln_backend_cpu as _;
+#[cfg(feature = "cuda")]
+use kiln_backend_cuda as _;
+#[cfg(feature = "metal")]
+use kiln_backend_metal as _;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -114,6 +122,17 @@ enum Command {
         #[arg(long, default_value_t = 0.0, value_parser = parse_tolerance)]
         rtol: f64,
     },
+    /// List the device backends of this build: available or not and why, their devices
+    /// and capabilities.
+    Backends {
+        /// Print a JSON array (or, with --device, one object) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Select this device as training would (auto, cpu, cuda, cuda:1, metal) and print
+        /// it; exit 1 with the reason when it cannot be had.
+        #[arg(long, value_parser = parse_device)]
+        device: Option<kiln_backend::DeviceSpec>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,6 +143,10 @@ enum ToFormat {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     kiln_formats::shard::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<kiln_backend::DeviceSpec, String> {
+    s.parse().map_err(|e: kiln_backend::Error| e.to_string())
 }
 
 fn parse_tolerance(s: &str) -> Result<f64, String> {
@@ -167,6 +190,7 @@ fn main() -> ExitCode {
             json,
         } => predict(&model, &texts, max_new_tokens, &device, json),
         Command::Diff { a, b, atol, rtol } => diff(&a, &b, Tolerance { atol, rtol }),
+        Command::Backends { json, device } => backends(json, device.as_ref()),
     };
     match result {
         Ok(out) => {
@@ -184,7 +208,7 @@ fn main() -> ExitCode {
             let usage = matches!(
                 e,
                 CliError::Formats(kiln_formats::Error::Argument(_)) | CliError::Usage(_)
-            );
+            ) || matches!(&e, CliError::Backend(b) if b.is_usage());
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -197,6 +221,7 @@ enum CliError {
     Checkpoint(kiln_checkpoint::Error),
     Trainer(kiln_trainer::Error),
     Usage(String),
+    Backend(kiln_backend::Error),
 }
 
 impl std::fmt::Display for CliError {
@@ -206,6 +231,7 @@ impl std::fmt::Display for CliError {
             CliError::Checkpoint(e) => e.fmt(f),
             CliError::Trainer(e) => e.fmt(f),
             CliError::Usage(m) => f.write_str(m),
+            CliError::Backend(e) => e.fmt(f),
         }
     }
 }
@@ -225,6 +251,12 @@ impl From<kiln_trainer::Error> for CliError {
 impl From<kiln_checkpoint::Error> for CliError {
     fn from(e: kiln_checkpoint::Error) -> Self {
         CliError::Checkpoint(e)
+    }
+}
+
+impl From<kiln_backend::Error> for CliError {
+    fn from(e: kiln_backend::Error) -> Self {
+        CliError::Backend(e)
     }
 }
 
@@ -546,4 +578,20 @@ fn predict(
         serde_json::to_string_pretty(&v).unwrap_or_default()
     };
     ok(format!("{text}\n"))
+}
+
+fn backends(as_json: bool, device: Option<&kiln_backend::DeviceSpec>) -> CmdResult {
+    if let Some(spec) = device {
+        let s = kiln_backend::select(&spec.to_string())?;
+        if as_json {
+            let v = json!({"device": s.spec(), "backend": s.backend.name(), "info": s.info});
+            return ok(format!("{v}\n"));
+        }
+        return ok(format!("{}: {}\n", s.spec(), s.info.name));
+    }
+    let report = kiln_backend::report();
+    if as_json {
+        return ok(format!("{}\n", json!(report)));
+    }
+    ok(kiln_backend::text(&report))
 }
