@@ -22,6 +22,11 @@
 //!   `kiln predict` drive them.
 #![deny(missing_docs)]
 
+// The CPU backend is always linked wherever the trainer is, so that device selection
+// (`auto`, `cpu`) works for library users too; an unreferenced crate would not be
+// linked and its registration would vanish.
+use kiln_backend_cpu as _;
+
 pub mod args;
 pub mod callback;
 pub mod data;

@@ -218,14 +218,11 @@ fn parse_json_like(current: &Value, text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
 }
 
-/// The device `spec` names (`auto` and `cpu` in this build).
+/// The device `spec` names (`auto`, `cpu`, `cuda`, `cuda:1`, `metal`), chosen through
+/// the backend registry: only backends linked into the program are found, and an
+/// unavailable one is an error that says why.
 pub fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "auto" | "cpu" => Ok(Device::Cpu),
-        other => Err(Error::Config(format!(
-            "device {other:?} is not available: this build has the cpu backend only"
-        ))),
-    }
+    kiln_backend::resolve(spec).map_err(|e| Error::Config(format!("device: {e}")))
 }
 
 /// What [`train`] did.
@@ -337,8 +334,8 @@ fn new_model_config(cfg: &RunConfig, p: &Prepared) -> Value {
 /// scripts: `save_model()` into `output_dir` and `save_state()`.
 pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
     cfg.training.validate()?;
-    let p = prepare(cfg)?;
     let device = device(&cfg.training.device)?;
+    let p = prepare(cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     match p.architecture.as_str() {
         "BertForSequenceClassification" => {
@@ -444,8 +441,8 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
     // Evaluation reads no training file; the tokenizer and labels come from the model.
     let mut cfg = cfg.clone();
     cfg.data.train_file = None;
-    let p = prepare(&cfg)?;
     let device = device(&cfg.training.device)?;
+    let p = prepare(&cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     let dir = cfg.model.init_from.clone().unwrap_or_default();
     let eval = p
