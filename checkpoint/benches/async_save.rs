@@ -2,7 +2,11 @@
 //! fsync, commit) against the stall of an asynchronous one (snapshot + `submit`, the
 //! write running in the background).
 //!
-//! `cargo bench -p kiln-checkpoint --bench async_save`
+//! A third function writes the same bytes raw (one file, fsynced, folder fsynced): the
+//! floor a save is compared with.
+//!
+//! `KILN_BENCH_BYTES=1073741824 cargo bench -p kiln-checkpoint --bench async_save`
+//! (default 16 MiB).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -44,13 +48,32 @@ fn write_checkpoint(
 }
 
 fn bench(c: &mut Criterion) {
-    let size = 16 * MIB;
+    let size = std::env::var("KILN_BENCH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * MIB);
     let device = weights(size);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut group = c.benchmark_group("save_16MiB");
+    // On the same file system as the repository (not a tmpfs /tmp).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-tmp");
+    std::fs::create_dir_all(&root).unwrap();
+    let tmp = tempfile::tempdir_in(&root).unwrap();
+    let mut group = c.benchmark_group(format!("save_{}MiB", size / MIB));
     group
         .sample_size(10)
         .throughput(Throughput::Bytes(size as u64));
+
+    let raw = tmp.path().join("raw.bin");
+    group.bench_function("raw_write_fsync", |b| {
+        b.iter(|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&raw).unwrap();
+            for t in &device {
+                f.write_all(t).unwrap();
+            }
+            f.sync_all().unwrap();
+            std::fs::File::open(tmp.path()).unwrap().sync_all().unwrap();
+        })
+    });
 
     let out = tmp.path().join("sync");
     let mut step = 0u64;

@@ -13,6 +13,14 @@ use kiln_formats::convert::{Target, convert};
 use kiln_formats::{DType, Format, TensorCollection};
 use serde_json::json;
 
+// Link every backend this build has: rustc does not link a crate nothing references, and
+// the backend's registration would vanish with it.
+use kiln_backend_cpu as _;
+#[cfg(feature = "cuda")]
+use kiln_backend_cuda as _;
+#[cfg(feature = "metal")]
+use kiln_backend_metal as _;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -52,6 +60,47 @@ enum Command {
         /// File, shard index, model folder or checkpoint folder.
         path: PathBuf,
     },
+    /// Train a model: `kiln train [CONFIG.toml] [--FIELD VALUE ...]`; without a config, the
+    /// bundled default (a small BERT sentiment classifier).
+    Train {
+        /// CONFIG.toml, then `--field value` pairs in transformers' spelling
+        /// (`--save_steps 10`, `--train_file x.jsonl`, `--resume_from_checkpoint last`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CONFIG] [--FIELD VALUE"
+        )]
+        args: Vec<String>,
+    },
+    /// Evaluate a saved model: `kiln eval [CONFIG] --model DIR --validation_file F`;
+    /// prints the metrics as JSON.
+    Eval {
+        /// CONFIG.toml and/or `--field value` pairs (`--model DIR` = `--init_from DIR`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CONFIG] [--FIELD VALUE"
+        )]
+        args: Vec<String>,
+    },
+    /// Run a saved model on texts.
+    Predict {
+        /// The saved model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A text (repeat for several).
+        #[arg(long = "text", required = true)]
+        texts: Vec<String>,
+        /// GPT-2: generate this many tokens greedily.
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Device (auto, cpu, cuda, cuda:N, metal).
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Print JSON (the default output is JSON too, indented).
+        #[arg(long)]
+        json: bool,
+    },
     /// List the checkpoints of a training output folder.
     Checkpoints {
         /// The training run's output_dir.
@@ -73,6 +122,17 @@ enum Command {
         #[arg(long, default_value_t = 0.0, value_parser = parse_tolerance)]
         rtol: f64,
     },
+    /// List the device backends of this build: available or not and why, their devices
+    /// and capabilities.
+    Backends {
+        /// Print a JSON array (or, with --device, one object) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Select this device as training would (auto, cpu, cuda, cuda:1, metal) and print
+        /// it; exit 1 with the reason when it cannot be had.
+        #[arg(long, value_parser = parse_device)]
+        device: Option<kiln_backend::DeviceSpec>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,6 +143,10 @@ enum ToFormat {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     kiln_formats::shard::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<kiln_backend::DeviceSpec, String> {
+    s.parse().map_err(|e: kiln_backend::Error| e.to_string())
 }
 
 fn parse_tolerance(s: &str) -> Result<f64, String> {
@@ -116,7 +180,17 @@ fn main() -> ExitCode {
         } => convert_cmd(&input, &output, to, max_shard_size),
         Command::Verify { path } => verify(&path),
         Command::Checkpoints { output_dir, json } => checkpoints(&output_dir, json),
+        Command::Train { args } => train(&args),
+        Command::Eval { args } => eval(&args),
+        Command::Predict {
+            model,
+            texts,
+            max_new_tokens,
+            device,
+            json,
+        } => predict(&model, &texts, max_new_tokens, &device, json),
         Command::Diff { a, b, atol, rtol } => diff(&a, &b, Tolerance { atol, rtol }),
+        Command::Backends { json, device } => backends(json, device.as_ref()),
     };
     match result {
         Ok(out) => {
@@ -131,7 +205,10 @@ fn main() -> ExitCode {
             eprintln!("kiln: {e}");
             // A bad combination of arguments that only the command itself can see
             // (`convert a out.xyz` without --to) is a usage error, like clap's.
-            let usage = matches!(e, CliError::Formats(kiln_formats::Error::Argument(_)));
+            let usage = matches!(
+                e,
+                CliError::Formats(kiln_formats::Error::Argument(_)) | CliError::Usage(_)
+            ) || matches!(&e, CliError::Backend(b) if b.is_usage());
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -142,6 +219,9 @@ fn main() -> ExitCode {
 enum CliError {
     Formats(kiln_formats::Error),
     Checkpoint(kiln_checkpoint::Error),
+    Trainer(kiln_trainer::Error),
+    Usage(String),
+    Backend(kiln_backend::Error),
 }
 
 impl std::fmt::Display for CliError {
@@ -149,6 +229,9 @@ impl std::fmt::Display for CliError {
         match self {
             CliError::Formats(e) => e.fmt(f),
             CliError::Checkpoint(e) => e.fmt(f),
+            CliError::Trainer(e) => e.fmt(f),
+            CliError::Usage(m) => f.write_str(m),
+            CliError::Backend(e) => e.fmt(f),
         }
     }
 }
@@ -159,9 +242,21 @@ impl From<kiln_formats::Error> for CliError {
     }
 }
 
+impl From<kiln_trainer::Error> for CliError {
+    fn from(e: kiln_trainer::Error) -> Self {
+        CliError::Trainer(e)
+    }
+}
+
 impl From<kiln_checkpoint::Error> for CliError {
     fn from(e: kiln_checkpoint::Error) -> Self {
         CliError::Checkpoint(e)
+    }
+}
+
+impl From<kiln_backend::Error> for CliError {
+    fn from(e: kiln_backend::Error) -> Self {
+        CliError::Backend(e)
     }
 }
 
@@ -379,4 +474,124 @@ fn checkpoints(output_dir: &std::path::Path, as_json: bool) -> CmdResult {
     }
     s += "marks: B = best (best_model_checkpoint), L = last complete (what --resume_from_checkpoint last resumes)\n";
     ok(s)
+}
+
+/// A config path (optional, first) and `--field value` / `--field=value` pairs.
+/// A config path and the flags after it.
+type ConfigAndFlags = (Option<PathBuf>, Vec<(String, String)>);
+
+fn config_and_flags(args: &[String]) -> Result<ConfigAndFlags, CliError> {
+    let mut it = args.iter().peekable();
+    let config = match it.peek() {
+        Some(a) if !a.starts_with("--") => it.next().map(PathBuf::from),
+        _ => None,
+    };
+    let mut flags = Vec::new();
+    while let Some(a) = it.next() {
+        let Some(name) = a.strip_prefix("--") else {
+            return Err(CliError::Usage(format!(
+                "unexpected argument {a:?}: flags are --field value"
+            )));
+        };
+        let (name, value) = match name.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| CliError::Usage(format!("--{name} needs a value")))?;
+                (name.to_string(), v.clone())
+            }
+        };
+        flags.push((name.replace('-', "_"), value));
+    }
+    Ok((config, flags))
+}
+
+fn run_config(args: &[String], default: bool) -> Result<kiln_trainer::run::RunConfig, CliError> {
+    use kiln_trainer::run::RunConfig;
+    let (config, flags) = config_and_flags(args)?;
+    let mut cfg = match config {
+        Some(path) => RunConfig::from_file(&path)?,
+        None if default => RunConfig::bundled_default()?,
+        None => RunConfig::default(),
+    };
+    for (name, value) in flags {
+        let name = if name == "model" {
+            "init_from".to_string()
+        } else {
+            name
+        };
+        cfg.set(&name, &value)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    Ok(cfg)
+}
+
+fn train(args: &[String]) -> CmdResult {
+    let cfg = run_config(args, true)?;
+    let summary = kiln_trainer::run::train(&cfg, false)?;
+    let dir = summary.output_dir.display().to_string();
+    let mut s = format!(
+        "trained {} for {} steps (training loss {:.4})\n",
+        summary.architecture, summary.train.global_step, summary.train.training_loss
+    );
+    if let Some(eval) = &summary.eval {
+        s += &format!(
+            "eval: {}\n",
+            serde_json::to_string(eval).unwrap_or_default()
+        );
+    }
+    let auto = if summary.architecture.ends_with("LMHeadModel") {
+        "AutoModelForCausalLM"
+    } else {
+        "AutoModelForSequenceClassification"
+    };
+    s += &format!("model saved to {dir} (checkpoints: kiln checkpoints {dir})\n");
+    s += "load it in Python:\n";
+    s += &format!("  from transformers import {auto}, AutoTokenizer\n");
+    s += &format!(
+        "  model = {auto}.from_pretrained({dir:?}); tokenizer = AutoTokenizer.from_pretrained({dir:?})\n"
+    );
+    ok(s)
+}
+
+fn eval(args: &[String]) -> CmdResult {
+    let cfg = run_config(args, false)?;
+    let metrics = kiln_trainer::run::evaluate(&cfg)?;
+    ok(format!(
+        "{}\n",
+        serde_json::to_string(&metrics).unwrap_or_default()
+    ))
+}
+
+fn predict(
+    model: &std::path::Path,
+    texts: &[String],
+    max_new_tokens: Option<usize>,
+    device: &str,
+    as_json: bool,
+) -> CmdResult {
+    let v = kiln_trainer::run::predict(model, texts, max_new_tokens, device)?;
+    let text = if as_json {
+        v.to_string()
+    } else {
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    };
+    ok(format!("{text}\n"))
+}
+
+fn backends(as_json: bool, device: Option<&kiln_backend::DeviceSpec>) -> CmdResult {
+    if let Some(spec) = device {
+        let s = kiln_backend::select(&spec.to_string())?;
+        if as_json {
+            let v = json!({"device": s.spec(), "backend": s.backend.name(), "info": s.info});
+            return ok(format!("{v}\n"));
+        }
+        return ok(format!("{}: {}\n", s.spec(), s.info.name));
+    }
+    let report = kiln_backend::report();
+    if as_json {
+        return ok(format!("{}\n", json!(report)));
+    }
+    ok(kiln_backend::text(&report))
 }

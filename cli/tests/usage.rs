@@ -36,7 +36,7 @@ fn help_and_version_exit_0() {
     let out = kiln(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["inspect", "convert", "verify", "diff"] {
+    for cmd in ["inspect", "convert", "verify", "diff", "backends"] {
         assert!(text.contains(cmd), "{text}");
     }
     assert_eq!(kiln(&["--version"]).status.code(), Some(0));

@@ -124,6 +124,8 @@ pub struct TrainingArguments {
     /// kiln: write checkpoints in the background (training stalls only for the copy to
     /// host memory).
     pub async_save: bool,
+    /// kiln: `stop` (default) or `continue` when a checkpoint save fails.
+    pub on_save_error: SaveErrorPolicy,
 }
 
 impl Default for TrainingArguments {
@@ -170,8 +172,20 @@ impl Default for TrainingArguments {
             disable_tqdm: false,
             device: "auto".into(),
             async_save: true,
+            on_save_error: SaveErrorPolicy::Stop,
         }
     }
+}
+
+/// What training does when a checkpoint save fails (disk full, a read-only folder, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveErrorPolicy {
+    /// Stop training with the error (the default); `kiln train` then saves the model in
+    /// memory to an emergency folder.
+    Stop,
+    /// Log the error (`save_error` in `log_history`) and go on training.
+    Continue,
 }
 
 /// The optimizer an `optim` value selects.
@@ -216,7 +230,20 @@ impl TrainingArguments {
         let current = obj
             .get(name)
             .ok_or_else(|| Error::Config(format!("unknown training argument {name:?}")))?;
-        let value = parse_like(current, name, text)?;
+        // `none` clears an optional field (metric_for_best_model, save_total_limit, …).
+        let none = text.trim().eq_ignore_ascii_case("none") || text.trim() == "null";
+        let value = if none
+            && serde_json::from_value::<TrainingArguments>(Value::Object({
+                let mut o = obj.clone();
+                o.insert(name.to_string(), Value::Null);
+                o
+            }))
+            .is_ok()
+        {
+            Value::Null
+        } else {
+            parse_like(current, name, text)?
+        };
         obj.insert(name.to_string(), value);
         *self = serde_json::from_value(Value::Object(obj))
             .map_err(|e| Error::Config(format!("--{name} {text}: {e}")))?;

@@ -35,6 +35,28 @@ pub enum Error {
         .0.dir.display(), .0.name, .0.found, .0.expected, .0.hint
     )]
     WeightShape(Box<ShapeMismatch>),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The `tokenizers` library failed (building, training, encoding or (de)serializing a
+    /// tokenizer).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
 }
 
 /// A weight whose shape in a model folder differs from the model's.

@@ -14,17 +14,32 @@
 //! - [`optim`]: AdamW and SGD whose state is saved by parameter name.
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`trainer`]: the [`Trainer`](trainer::Trainer).
+//! - [`tokenize`]: tokenizers loaded from or saved as transformers model folders, or
+//!   trained on the training texts (BERT WordPiece, GPT-2 byte-level BPE).
+//! - [`data`]: JSONL/CSV/text datasets, label mapping, block grouping, the seeded
+//!   per-epoch shuffle, a resumable loader and the padding collator.
+//! - [`run`]: whole runs from a TOML config, as `kiln train`, `kiln eval` and
+//!   `kiln predict` drive them.
 #![deny(missing_docs)]
+
+// The CPU backend is always linked wherever the trainer is, so that device selection
+// (`auto`, `cpu`) works for library users too; an unreferenced crate would not be
+// linked and its registration would vanish.
+use kiln_backend_cpu as _;
 
 pub mod args;
 pub mod callback;
+pub mod data;
 mod error;
 pub mod model;
 #[cfg(feature = "models")]
 pub mod models;
 pub mod optim;
 pub mod rng;
+#[cfg(feature = "models")]
+pub mod run;
 pub mod schedule;
+pub mod tokenize;
 pub mod trainer;
 pub mod weights;
 

@@ -31,7 +31,7 @@ use kiln_checkpoint::training::{CheckpointSnapshot, load_checkpoint};
 use kiln_formats::pyjson::PyValue;
 use serde_json::{Value, json};
 
-use crate::args::{Strategy, TrainingArguments, resolve_steps};
+use crate::args::{SaveErrorPolicy, Strategy, TrainingArguments, resolve_steps};
 use crate::callback::{
     TrainerCallback, TrainerControl, default_flow_on_epoch_end, default_flow_on_step_end,
 };
@@ -473,8 +473,7 @@ impl<M: Model> Trainer<M> {
                 epoch += 1;
                 continue;
             }
-            let mut order: Vec<usize> = (0..n).collect();
-            Rng::with_stream(a.shuffle_seed(), epoch).shuffle(&mut order);
+            let order = crate::data::epoch_order(n, a.shuffle_seed(), epoch);
             let batches: Vec<&[usize]> = order.chunks(batch_size).take(batches_per_epoch).collect();
             self.control.should_epoch_stop = false;
             self.each_callback(|cb, a, s, c| cb.on_epoch_begin(a, s, c));
@@ -640,9 +639,7 @@ impl<M: Model> Trainer<M> {
         if let Some(e) = self.state.epoch {
             logs.insert("epoch".into(), py(e));
         }
-        let line = kiln_formats::pyjson::dumps_py(&PyValue::Dict(logs.clone()))
-            .replace('\n', "")
-            .replace("  ", " ");
+        let line = log_line(&logs);
         match bar {
             Some(b) => b.println(line),
             None => self.say(&line),
@@ -898,6 +895,15 @@ impl<M: Model> Trainer<M> {
         };
         let target = self.output_dir().join(format!("checkpoint-{step}"));
         if self.args.async_save {
+            if self.args.on_save_error == SaveErrorPolicy::Continue {
+                // Collect the previous save's outcome first, so that its failure is
+                // logged and this save still starts (with one save in flight, `submit`
+                // would wait for it anyway).
+                match self.saver.wait() {
+                    Ok(reports) => self.record_reports(&reports, bar),
+                    Err(e) => self.save_failed(&e.into(), bar),
+                }
+            }
             let job = SaveJob::new(&target, move || write(snapshot))
                 .with_snapshot_time(stall_start.elapsed());
             self.saver.submit(job)?;
@@ -905,7 +911,14 @@ impl<M: Model> Trainer<M> {
             self.record_reports(&reports, bar);
         } else {
             let t = Instant::now();
-            write(snapshot)?;
+            if let Err(e) = write(snapshot) {
+                let e = Error::from(e);
+                if self.args.on_save_error == SaveErrorPolicy::Stop {
+                    return Err(e);
+                }
+                self.save_failed(&e, bar);
+                return Ok(());
+            }
             let runtime = t.elapsed().as_secs_f64();
             self.log(
                 BTreeMap::from([
@@ -945,9 +958,27 @@ impl<M: Model> Trainer<M> {
     }
 
     fn finish_saves(&mut self) -> Result<()> {
-        let reports = self.saver.wait()?;
-        self.record_reports(&reports, None);
+        match self.saver.wait() {
+            Ok(reports) => self.record_reports(&reports, None),
+            Err(e) if self.args.on_save_error == SaveErrorPolicy::Continue => {
+                self.save_failed(&e.into(), None)
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
+    }
+
+    /// With `on_save_error = "continue"`: a failed save is logged (`save_error`) and
+    /// training goes on; earlier checkpoints are untouched by the commit protocol.
+    fn save_failed(&mut self, e: &Error, bar: Option<&indicatif::ProgressBar>) {
+        let msg = e.to_string();
+        self.say(&format!(
+            "warning: checkpoint save failed, training continues: {msg}"
+        ));
+        self.log(
+            BTreeMap::from([("save_error".to_string(), PyValue::Str(msg))]),
+            bar,
+        );
     }
 
     fn restore(
@@ -1011,6 +1042,21 @@ impl<M: Model> Trainer<M> {
         };
         Ok(position)
     }
+}
+
+/// One log entry as a line: `{"loss": 0.6931, "learning_rate": 5e-05, "epoch": 0.5}`.
+fn log_line(logs: &BTreeMap<String, PyValue>) -> String {
+    let items: Vec<String> = logs
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                PyValue::Float(f) => kiln_formats::pyjson::float_repr(*f),
+                other => kiln_formats::pyjson::dumps_py(other),
+            };
+            format!("{k:?}: {v}")
+        })
+        .collect();
+    format!("{{{}}}", items.join(", "))
 }
 
 /// Concatenates tensors along the first dimension, padding later dimensions with -100

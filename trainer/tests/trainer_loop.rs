@@ -267,3 +267,41 @@ fn sync_and_async_saves_write_the_same_checkpoint() {
             .is_empty()
     );
 }
+
+#[test]
+fn a_failed_save_stops_or_continues_as_asked() {
+    use kiln_trainer::args::SaveErrorPolicy;
+    for async_save in [true, false] {
+        // A plain file where checkpoint-10 must go: that save fails (it is never replaced).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("checkpoint-10"), b"in the way").unwrap();
+        let mut t = trainer(dir.path(), |a| {
+            a.async_save = async_save;
+            a.overwrite_output_dir = true;
+        });
+        let e = t.train(None).unwrap_err().to_string();
+        assert!(e.contains("checkpoint-10") && !e.contains('\n'), "{e}");
+        assert!(
+            t.state().global_step >= 10,
+            "the model in memory is still there"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("checkpoint-10"), b"in the way").unwrap();
+        let mut t = trainer(dir.path(), |a| {
+            a.async_save = async_save;
+            a.overwrite_output_dir = true;
+            a.on_save_error = SaveErrorPolicy::Continue;
+        });
+        let out = t.train(None).unwrap();
+        assert_eq!(out.global_step, 24);
+        let errors = t
+            .state()
+            .log_history
+            .iter()
+            .filter(|e| e.contains_key("save_error"))
+            .count();
+        assert_eq!(errors, 1, "async={async_save}");
+        assert_eq!(steps_saved(dir.path()), [20, 24], "async={async_save}");
+    }
+}
