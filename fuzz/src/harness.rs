@@ -9,8 +9,10 @@
 //! code past the parsers.
 //!
 //! The file-based APIs get the bytes through a scratch folder of their own per thread
-//! and per target, under `std::env::temp_dir()` (`fuzz/run.sh` points `TMPDIR` at a
-//! tmpfs). Shared by the fuzz targets (`fuzz/src/lib.rs`) and by the replay test
+//! and per target, under `$TMPDIR`, else `/dev/shm` where it exists (`fuzz/run.sh`
+//! points `TMPDIR` at a fresh folder on `/dev/shm`).
+//!
+//! Shared by the fuzz targets (`fuzz/src/lib.rs`) and by the replay test
 //! `tests/fuzz_regressions.rs` of the root crate, which includes this file by path.
 
 use std::cell::RefCell;
@@ -410,10 +412,18 @@ fn scratch(target: &'static str, prepared: Prepared) -> PathBuf {
     SCRATCH.with(|cell| {
         let mut cell = cell.borrow_mut();
         let (root, dirs) = cell.get_or_insert_with(|| {
+            // A tmpfs unless TMPDIR says otherwise: the writers fsync.
+            let shm = Path::new("/dev/shm");
+            let base = match std::env::var_os("TMPDIR") {
+                None if shm.is_dir() => shm.to_path_buf(),
+                _ => std::env::temp_dir(),
+            };
             let root = tempfile::Builder::new()
                 .prefix("kiln-fuzz-")
-                .tempdir()
-                .unwrap_or_else(|e| panic!("cannot make a scratch folder: {e}"));
+                .tempdir_in(&base)
+                .unwrap_or_else(|e| {
+                    panic!("cannot make a scratch folder in {}: {e}", base.display())
+                });
             (root, HashMap::new())
         });
         dirs.entry(target)
