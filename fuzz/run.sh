@@ -48,13 +48,18 @@ repro)
     ;;
 cmin)
     # Rebuild the committed corpus: the named seeds (make_seeds.py) stay, and of the
-    # other inputs (earlier merges and what runs found) only those that add coverage
-    # to them come back (libFuzzer's merge, smallest inputs first).
+    # other inputs under 4 KiB (earlier merges and what runs found) only those that add
+    # edges to them come back (libFuzzer's merge, smallest inputs first; edges only,
+    # not hit counts, to keep the committed corpus small).
     old=$(mktemp -d "$scratch/old.XXXXXX")
+    pool=$(mktemp -d "$scratch/pool.XXXXXX")
     find "corpus/$target" -maxdepth 1 -type f ! -name 'seed-*' -exec mv -t "$old" {} +
+    for dir in "$old" "target/corpus/$target"; do
+        find "$dir" -maxdepth 1 -type f -size -4097c -exec cp -f -t "$pool" {} +
+    done
     bin=target/x86_64-unknown-linux-gnu/release/$target
-    "$bin" "${LIMITS[@]}" -merge=1 "corpus/$target" "$old" "target/corpus/$target"
-    du -sh "corpus/$target"
+    "$bin" "${LIMITS[@]}" -merge=1 -use_counters=0 "corpus/$target" "$pool"
+    echo "corpus/$target: $(find "corpus/$target" -type f | wc -l) files, $(du -sb "corpus/$target" | cut -f1) bytes"
     ;;
 *[!0-9]*)
     echo "fuzz/run.sh: SECONDS must be a number, got $mode" >&2
