@@ -12,6 +12,7 @@
 # that reveals a bug to artifacts-regressions/TARGET/, where tests/fuzz_regressions.rs
 # replays it in `cargo test --workspace`.
 set -euo pipefail
+here=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 # Every allocation over 1 GiB, an RSS over 2 GiB, or one input taking over 10 s is a
@@ -20,7 +21,8 @@ LIMITS=(-rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10)
 
 target=${1:?usage: fuzz/run.sh TARGET [SECONDS | repro FILE... | cmin] (fuzz/run.sh list)}
 if [[ $target == list ]]; then
-    exec sed -n 's/^name = "\(.*\)"/\1/p' Cargo.toml | grep -v kiln-fuzz
+    sed -n 's/^name = "\(.*\)"/\1/p' Cargo.toml | grep -v kiln-fuzz
+    exit 0
 fi
 mode=${2:-300}
 
@@ -44,7 +46,12 @@ mkdir -p "target/corpus/$target" "corpus/$target" "artifacts/$target"
 case $mode in
 repro)
     shift 2
-    cargo fuzz run "${build[@]}" "$target" "$@" -- "${LIMITS[@]}" -runs=1
+    files=()
+    for f in "$@"; do
+        [[ $f == /* ]] || f=$here/$f
+        files+=("$f")
+    done
+    cargo fuzz run "${build[@]}" "$target" "${files[@]}" -- "${LIMITS[@]}" -runs=1
     ;;
 cmin)
     # Rebuild the committed corpus: the named seeds (make_seeds.py) stay, and of the
