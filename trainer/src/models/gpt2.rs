@@ -136,7 +136,7 @@ impl Gpt2Config {
 
     /// The feed-forward size.
     pub fn inner_size(&self) -> usize {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// Checks that kiln can build this config.
