@@ -7,6 +7,15 @@
 //! hyper-parameters, step counts — is JSON in the file's metadata under
 //! `kiln.optimizer`, next to `format: kiln-optimizer`.
 //!
+//! # Sharded state (ZeRO stage 1)
+//!
+//! When every rank of a data-parallel run keeps the state of only its own parameters,
+//! each writes `optimizer.rank<r>-of-<w>.safetensors` ([`sharded_optimizer_name`]) with
+//! the same layout. Parameters are never split between ranks, so consolidating is the
+//! union of the shards ([`OptimizerState::merge`]) and re-splitting for another world
+//! size is a selection by name ([`OptimizerState::retain`]); [`load_optimizer`] reads
+//! whichever form a checkpoint holds.
+//!
 //! transformers writes `optimizer.pt` (torch's `state_dict`, keyed by parameter
 //! *index*); kiln does not, because indices break as soon as parameters are added,
 //! removed or reordered, and a kiln run cannot resume torch's optimizer anyway.
@@ -20,6 +29,83 @@ use crate::{Error, Result};
 
 /// The file name in a checkpoint.
 pub const OPTIMIZER_NAME: &str = "optimizer.safetensors";
+/// The shard of rank `rank` among `world_size` in a checkpoint with sharded optimizer
+/// state: `optimizer.rank<r>-of-<w>.safetensors`.
+pub fn sharded_optimizer_name(rank: usize, world_size: usize) -> String {
+    format!("optimizer.rank{rank}-of-{world_size}.safetensors")
+}
+
+/// `(rank, world_size)` of a shard's file name; `None` for any other name.
+pub fn parse_sharded_optimizer_name(name: &str) -> Option<(usize, usize)> {
+    let rest = name
+        .strip_prefix("optimizer.rank")?
+        .strip_suffix(".safetensors")?;
+    let (r, w) = rest.split_once("-of-")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(r) || !digits(w) {
+        return None;
+    }
+    let (r, w) = (r.parse().ok()?, w.parse().ok()?);
+    (r < w).then_some((r, w))
+}
+
+/// The optimizer state of checkpoint folder `dir`, consolidated: `optimizer.safetensors`
+/// if present, else the union of a complete set of `optimizer.rank<r>-of-<w>` shards;
+/// `None` when the checkpoint has no optimizer state. A partial set of shards, shards
+/// of two world sizes, or shards that disagree (kind, step) are refused.
+pub fn load_optimizer(dir: &Path) -> Result<Option<OptimizerState>> {
+    let whole = dir.join(OPTIMIZER_NAME);
+    if whole.exists() {
+        return OptimizerState::load(&whole).map(Some);
+    }
+    let mut found: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut world = None;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((r, w)) = parse_sharded_optimizer_name(&name) {
+            if world.is_some_and(|ws| ws != w) {
+                return Err(Error::Invalid(format!(
+                    "{}: optimizer shards of two world sizes ({} and {w})",
+                    dir.display(),
+                    world.unwrap_or(w)
+                )));
+            }
+            world = Some(w);
+            found.insert(r, w);
+        }
+    }
+    let Some(world) = world else {
+        return Ok(None);
+    };
+    if found.len() != world {
+        let missing: Vec<String> = (0..world)
+            .filter(|r| !found.contains_key(r))
+            .map(|r| sharded_optimizer_name(r, world))
+            .collect();
+        return Err(Error::Invalid(format!(
+            "{}: optimizer state is sharded over {world} ranks but {} is missing",
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    let mut merged: Option<OptimizerState> = None;
+    for r in 0..world {
+        let shard = OptimizerState::load(&dir.join(sharded_optimizer_name(r, world)))?;
+        merged = Some(match merged {
+            None => shard,
+            Some(mut m) => {
+                m.merge(shard).map_err(|e| match e {
+                    Error::Invalid(msg) => Error::Invalid(format!("{}: {msg}", dir.display())),
+                    other => other,
+                })?;
+                m
+            }
+        });
+    }
+    Ok(merged)
+}
+
 const FORMAT_TAG: &str = "kiln-optimizer";
 const META_KEY: &str = "kiln.optimizer";
 
@@ -86,6 +172,70 @@ impl OptimizerState {
             .into_iter()
             .flatten()
             .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Adds the parameters of another rank's shard (consolidation). Both must be the
+    /// same optimizer at the same step, and no parameter may be in both. The JSON lists
+    /// that name parameters (`no_decay`) are joined; other JSON must agree.
+    pub fn merge(&mut self, other: OptimizerState) -> Result<()> {
+        if other.kind != self.kind {
+            return Err(Error::Invalid(format!(
+                "optimizer shards disagree: {:?} and {:?}",
+                self.kind, other.kind
+            )));
+        }
+        let (mut mine, theirs) = (self.meta.clone(), other.meta.clone());
+        let mut joined = Vec::new();
+        if let (Some(a), Some(b)) = (mine.as_object_mut(), theirs.as_object()) {
+            for (k, v) in b {
+                match (a.get_mut(k), v) {
+                    (Some(serde_json::Value::Array(x)), serde_json::Value::Array(y))
+                        if k == "no_decay" =>
+                    {
+                        x.extend(y.iter().cloned());
+                        joined.push(k.clone());
+                    }
+                    (Some(x), y) if x == y => {}
+                    (Some(x), y) => {
+                        return Err(Error::Invalid(format!(
+                            "optimizer shards disagree on {k:?}: {x} and {y}"
+                        )));
+                    }
+                    (None, y) => {
+                        a.insert(k.clone(), y.clone());
+                    }
+                }
+            }
+        } else if mine != theirs {
+            return Err(Error::Invalid(
+                "optimizer shards disagree on their metadata".into(),
+            ));
+        }
+        for k in joined {
+            if let Some(serde_json::Value::Array(x)) = mine.get_mut(&k) {
+                x.sort_by_key(|v| v.to_string());
+                x.dedup();
+            }
+        }
+        for (param, slots) in other.slots {
+            if self.slots.contains_key(&param) {
+                return Err(Error::Invalid(format!(
+                    "parameter {param:?} has state in two optimizer shards"
+                )));
+            }
+            self.slots.insert(param, slots);
+        }
+        self.meta = mine;
+        Ok(())
+    }
+
+    /// Keeps only the parameters for which `keep` is true (re-splitting consolidated
+    /// state for one rank); a `no_decay` list in the JSON is filtered the same way.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.slots.retain(|param, _| keep(param));
+        if let Some(serde_json::Value::Array(list)) = self.meta.get_mut("no_decay") {
+            list.retain(|v| v.as_str().is_some_and(&mut keep));
+        }
     }
 
     /// Total bytes of the tensors.

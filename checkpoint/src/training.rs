@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `config.json`, weights, tokenizer files, `training_args.json` | main process | the model folder ([`model`](crate::model)) |
 //! | `optimizer.safetensors` | main process | optimizer state by parameter name ([`optimizer`](crate::optimizer)) |
+//! | `optimizer.rank<r>-of-<w>.safetensors`, instead, with sharded optimizer state (ZeRO-1) | every rank | that rank's part of the optimizer state |
 //! | `scheduler.json` | main process | the learning-rate schedule's state |
 //! | `data_state.json` | main process | the data loader's position (epoch, batches taken, seed) |
 //! | `rng_state.json`, or `rng_state_<rank>.json` with several processes | every rank | that rank's generator state |
@@ -26,7 +27,7 @@ use serde_json::Value;
 use crate::commit::{Coordinator, Staging};
 use crate::error::IoContext;
 use crate::model::{ModelSave, SaveOptions, save_pretrained};
-use crate::optimizer::{OPTIMIZER_NAME, OptimizerState};
+use crate::optimizer::{OPTIMIZER_NAME, OptimizerState, load_optimizer, sharded_optimizer_name};
 use crate::scan::{Completeness, completeness};
 use crate::state::{TRAINER_STATE_NAME, TrainerState};
 use crate::{Error, Result};
@@ -68,6 +69,10 @@ pub struct CheckpointSnapshot {
     pub optimizer: Option<OptimizerState>,
     /// Scheduler state (`None` with `save_only_model`).
     pub scheduler: Option<Value>,
+    /// Whether `optimizer` is only this rank's shard (ZeRO stage 1): every rank then
+    /// writes `optimizer.rank<r>-of-<w>.safetensors`; otherwise the main process writes
+    /// `optimizer.safetensors`.
+    pub optimizer_sharded: bool,
     /// This rank's RNG state.
     pub rng: Option<Value>,
     /// Data loader position (`None` with `save_only_model`).
@@ -107,6 +112,12 @@ impl CheckpointSnapshot {
         if let Some(rng) = &self.rng {
             staging.write(rng_state_name(coord.rank(), coord.world_size()), &json(rng))?;
         }
+        if self.optimizer_sharded
+            && let Some(opt) = &self.optimizer
+        {
+            let name = sharded_optimizer_name(coord.rank(), coord.world_size());
+            opt.save(&staging.dir().join(name))?;
+        }
         if !coord.is_main() {
             return Ok(());
         }
@@ -116,7 +127,7 @@ impl CheckpointSnapshot {
         model.tokenizer_files = self.tokenizer_files.clone();
         model.training_args = self.training_args.clone();
         save_pretrained(staging.dir(), &model, &self.save_options)?;
-        if let Some(opt) = &self.optimizer {
+        if let Some(opt) = self.optimizer.as_ref().filter(|_| !self.optimizer_sharded) {
             opt.save(&staging.dir().join(OPTIMIZER_NAME))?;
         }
         if let Some(s) = &self.scheduler {
@@ -137,11 +148,15 @@ pub struct ResumeState {
     pub path: PathBuf,
     /// `trainer_state.json`.
     pub state: TrainerState,
-    /// The optimizer state, if saved.
+    /// The optimizer state, if saved; consolidated from its shards when every rank
+    /// saved its own part (the caller keeps the part it needs).
     pub optimizer: Option<OptimizerState>,
     /// The scheduler state, if saved.
     pub scheduler: Option<Value>,
-    /// This rank's RNG state, if saved.
+    /// This rank's RNG state, if saved: `rng_state_<rank>.json` (several processes) or
+    /// `rng_state.json` (one); a single process resuming a multi-process checkpoint gets
+    /// rank 0's. `None` for a rank the checkpoint has no file for (it was written by
+    /// fewer processes): that rank starts a fresh generator, as transformers does.
     pub rng: Option<Value>,
     /// The data position, if saved.
     pub data: Option<Value>,
@@ -170,18 +185,73 @@ pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<Res
             .map_err(|e| Error::json(&path, e))
     };
     let state = TrainerState::load(&dir.join(TRAINER_STATE_NAME))?;
-    let opt_path = dir.join(OPTIMIZER_NAME);
-    let optimizer = if opt_path.exists() {
-        Some(OptimizerState::load(&opt_path)?)
-    } else {
-        None
+    let optimizer = load_optimizer(dir)?;
+    let rng = match read_json(&rng_state_name(rank, world_size))? {
+        None if world_size <= 1 => read_json(&rng_state_name(0, 2))?,
+        found => found,
     };
     Ok(ResumeState {
         path: dir.to_path_buf(),
         state,
         optimizer,
         scheduler: read_json(SCHEDULER_NAME)?,
-        rng: read_json(&rng_state_name(rank, world_size))?,
+        rng,
         data: read_json(DATA_STATE_NAME)?,
     })
+}
+
+/// Writes a copy of checkpoint `src` whose optimizer state is consolidated into one
+/// `optimizer.safetensors` (from the `optimizer.rank<r>-of-<w>` shards of a ZeRO-1 run)
+/// as `output_dir/checkpoint-<step>`, through the commit protocol; returns its path.
+///
+/// Every other file is copied unchanged (the per-rank `rng_state_<r>.json` too). `src`
+/// must be complete; an existing `output_dir/checkpoint-<step>` is refused rather than
+/// replaced. A checkpoint that is already consolidated is refused too (nothing to do).
+pub fn consolidate_checkpoint(src: &Path, output_dir: &Path) -> Result<PathBuf> {
+    use std::io::Write;
+
+    use crate::commit::{Manifest, SingleProcess};
+    use crate::optimizer::parse_sharded_optimizer_name;
+
+    if let Completeness::Incomplete(reason) = completeness(src)? {
+        return Err(Error::Incomplete {
+            path: src.to_path_buf(),
+            reason,
+        });
+    }
+    let manifest = Manifest::read(src)?;
+    if !manifest
+        .files
+        .keys()
+        .any(|f| parse_sharded_optimizer_name(f).is_some())
+    {
+        return Err(Error::Invalid(format!(
+            "{}: the optimizer state is not sharded; nothing to consolidate",
+            src.display()
+        )));
+    }
+    let merged = load_optimizer(src)?
+        .ok_or_else(|| Error::Invalid(format!("{}: no optimizer state", src.display())))?;
+    let target = output_dir.join(crate::commit::checkpoint_name(manifest.step));
+    if target.exists() {
+        return Err(Error::Invalid(format!(
+            "{} exists; consolidate into another folder",
+            target.display()
+        )));
+    }
+    let staging = Staging::begin(output_dir, manifest.step, &SingleProcess)?;
+    for rel in manifest.files.keys() {
+        if parse_sharded_optimizer_name(rel).is_some() {
+            continue;
+        }
+        let from = src.join(rel);
+        let mut input = std::fs::File::open(&from).at(&from)?;
+        let mut out = staging.create(rel)?;
+        let to = out.path().to_path_buf();
+        std::io::copy(&mut input, &mut out).at(&to)?;
+        out.flush().at(&to)?;
+        out.finish()?;
+    }
+    merged.save(&staging.dir().join(OPTIMIZER_NAME))?;
+    staging.commit(&SingleProcess)
 }

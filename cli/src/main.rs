@@ -530,6 +530,10 @@ fn run_config(args: &[String], default: bool) -> Result<kiln_trainer::run::RunCo
 fn train(args: &[String]) -> CmdResult {
     let cfg = run_config(args, true)?;
     let summary = kiln_trainer::run::train(&cfg, false)?;
+    if summary.rank != 0 {
+        // One report for a multi-process run: rank 0's.
+        return ok(String::new());
+    }
     let dir = summary.output_dir.display().to_string();
     let mut s = format!(
         "trained {} for {} steps (training loss {:.4})\n",

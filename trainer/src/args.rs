@@ -1,5 +1,5 @@
 //! `TrainingArguments`: transformers' field names, defaults and validation (5.x, with
-//! 4.57's `warmup_ratio` still accepted), plus kiln's `device` and `async_save`.
+//! 4.57's `warmup_ratio` still accepted), plus kiln's `device`, `async_save`, `on_save_error` and `zero_stage`.
 //!
 //! Every field can be set by name from text (`args.set("save_steps", "10")`), which is
 //! how `kiln train --save_steps 10` and the `[training]` table of a config reach it.
@@ -126,6 +126,16 @@ pub struct TrainingArguments {
     pub async_save: bool,
     /// kiln: `stop` (default) or `continue` when a checkpoint save fails.
     pub on_save_error: SaveErrorPolicy,
+    /// Seconds a process waits at a barrier of a multi-process run (the checkpoint
+    /// commit's) before failing instead of hanging (transformers' `ddp_timeout`).
+    pub ddp_timeout: u64,
+    /// Size of the gradient buckets all-reduced together in multi-process runs, in MiB
+    /// (default 25, torch DDP's).
+    pub ddp_bucket_cap_mb: Option<u64>,
+    /// kiln: 1 shards the optimizer state over the processes of a data-parallel run
+    /// (ZeRO stage 1: each keeps and saves the state of its own parameters); 0 keeps it
+    /// whole on every process.
+    pub zero_stage: u8,
 }
 
 impl Default for TrainingArguments {
@@ -173,6 +183,9 @@ impl Default for TrainingArguments {
             device: "auto".into(),
             async_save: true,
             on_save_error: SaveErrorPolicy::Stop,
+            ddp_timeout: 1800,
+            ddp_bucket_cap_mb: None,
+            zero_stage: 0,
         }
     }
 }
@@ -297,6 +310,15 @@ impl TrainingArguments {
         }
         if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
             return fail("batch sizes must be at least 1".into());
+        }
+        if self.zero_stage > 1 {
+            return fail(format!(
+                "zero_stage must be 0 or 1 (optimizer state sharding), got {}",
+                self.zero_stage
+            ));
+        }
+        if self.ddp_timeout == 0 || self.ddp_bucket_cap_mb == Some(0) {
+            return fail("ddp_timeout and ddp_bucket_cap_mb must be at least 1".into());
         }
         if self.gradient_accumulation_steps == 0 {
             return fail("gradient_accumulation_steps must be at least 1".into());

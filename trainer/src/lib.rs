@@ -30,6 +30,7 @@ use kiln_backend_cpu as _;
 pub mod args;
 pub mod callback;
 pub mod data;
+pub mod dist;
 mod error;
 pub mod model;
 #[cfg(feature = "models")]

@@ -236,6 +236,8 @@ pub struct RunSummary {
     pub eval: Option<BTreeMap<String, f64>>,
     /// The architecture trained.
     pub architecture: String,
+    /// This process's rank (0 alone); only rank 0 reports a multi-process run.
+    pub rank: usize,
 }
 
 /// Everything a run needs before training: data, tokenizer and the model's config.
@@ -332,9 +334,34 @@ fn new_model_config(cfg: &RunConfig, p: &Prepared) -> Value {
 /// Trains as `kiln train` does: reads the data, trains or loads the tokenizer, builds
 /// (or loads) the model, trains, evaluates, and ends like transformers' example
 /// scripts: `save_model()` into `output_dir` and `save_state()`.
+///
+/// Under an MPI launcher (`mpirun -np N kiln train …`, feature `mpi`) every process runs
+/// this as one rank of a data-parallel run ([`crate::dist`]); `cuda` then means
+/// `cuda:<local rank>`. A rank that fails prints its error and ends every rank
+/// (`MPI_Abort`), so that none waits for it forever.
 pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
     cfg.training.validate()?;
-    let device = device(&cfg.training.device)?;
+    let dist = crate::dist::from_env(std::time::Duration::from_secs(cfg.training.ddp_timeout))?;
+    let result = train_with(cfg, quiet, dist.clone());
+    if let Err(e) = &result
+        && dist.world_size() > 1
+    {
+        eprintln!("kiln: rank {} of {}: {e}", dist.rank(), dist.world_size());
+        dist.abort(1);
+    }
+    result
+}
+
+fn train_with(
+    cfg: &RunConfig,
+    quiet: bool,
+    dist: Arc<dyn crate::dist::Collective>,
+) -> Result<RunSummary> {
+    let spec = match cfg.training.device.as_str() {
+        "cuda" if dist.world_size() > 1 => format!("cuda:{}", dist.local_rank()),
+        other => other.to_string(),
+    };
+    let device = device(&spec)?;
     let p = prepare(cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     match p.architecture.as_str() {
@@ -349,7 +376,7 @@ pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
                     &device,
                 )?,
             };
-            run_trainer(cfg, p, model, quiet)
+            run_trainer(cfg, p, model, quiet, dist)
         }
         "GPT2LMHeadModel" => {
             let model = match &cfg.model.init_from {
@@ -360,7 +387,7 @@ pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
                     &device,
                 )?,
             };
-            run_trainer(cfg, p, model, quiet)
+            run_trainer(cfg, p, model, quiet, dist)
         }
         other => Err(Error::Config(format!(
             "architecture {other:?} is not supported"
@@ -373,14 +400,17 @@ fn run_trainer<M: Model>(
     p: Prepared,
     model: M,
     quiet: bool,
+    dist: Arc<dyn crate::dist::Collective>,
 ) -> Result<RunSummary> {
+    let rank = dist.rank();
     let train = p
         .train
         .ok_or_else(|| Error::Config("[data] needs train_file".into()))?;
     let mut trainer = Trainer::new(model, cfg.training.clone())
         .with_train_dataset(train)
         .with_tokenizer(p.tokenizer.files()?)
-        .with_quiet(quiet);
+        .with_quiet(quiet)
+        .with_collective(dist);
     if p.task == Task::SequenceClassification {
         trainer = trainer.with_compute_metrics(accuracy);
     }
@@ -389,6 +419,8 @@ fn run_trainer<M: Model>(
     }
     let out = match trainer.train(None) {
         Ok(out) => out,
+        // Only rank 0 holds the files; the others' copies are the same weights.
+        Err(e) if rank != 0 => return Err(e),
         Err(e) => return Err(emergency_save(&trainer, e)),
     };
     let eval = match p.eval {
@@ -402,6 +434,7 @@ fn run_trainer<M: Model>(
         train: out,
         eval,
         architecture: p.architecture,
+        rank,
     })
 }
 

@@ -16,15 +16,22 @@
 //! - **Best model.** `best_model_checkpoint` names the checkpoint of `best_global_step`
 //!   once that step was saved; rotation never deletes it; `load_best_model_at_end`
 //!   copies its weights back into the model.
+//! - **Several processes.** With a [`Collective`] of more than one rank (`mpirun -np N
+//!   kiln train`), training is data-parallel as [`crate::dist`] describes: rank 0's
+//!   weights broadcast, disjoint shards of every global batch, gradients averaged in
+//!   buckets, losses and evaluation reduced over ranks, rank 0 writing the model files,
+//!   every rank its RNG state, and with `zero_stage = 1` every rank its optimizer shard.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use kiln_checkpoint::async_save::{AsyncSaver, SaveJob};
-use kiln_checkpoint::commit::{Coordinator, SingleProcess};
+use kiln_checkpoint::commit::SingleProcess;
+
+use crate::dist::Collective;
 use kiln_checkpoint::model::{SaveOptions, save_pretrained};
 use kiln_checkpoint::state::{TRAINER_STATE_NAME, TrainerState};
 use kiln_checkpoint::training::{CheckpointSnapshot, load_checkpoint};
@@ -118,7 +125,7 @@ pub struct Trainer<M: Model> {
     compute_metrics: Option<ComputeMetrics>,
     callbacks: Vec<Box<dyn TrainerCallback>>,
     tokenizer_files: Vec<(String, Vec<u8>)>,
-    coord: Arc<dyn Coordinator>,
+    dist: Arc<dyn Collective>,
     state: TrainerState,
     control: TrainerControl,
     rng: Rng,
@@ -160,7 +167,7 @@ impl<M: Model> Trainer<M> {
             compute_metrics: None,
             callbacks: Vec::new(),
             tokenizer_files: Vec::new(),
-            coord: Arc::new(SingleProcess),
+            dist: Arc::new(SingleProcess),
             state: TrainerState::default(),
             control: TrainerControl::default(),
             rng,
@@ -206,9 +213,12 @@ impl<M: Model> Trainer<M> {
         self
     }
 
-    /// The process group (default: a single process).
-    pub fn with_coordinator(mut self, coord: Arc<dyn Coordinator>) -> Self {
-        self.coord = coord;
+    /// The processes of a data-parallel run (default: a single process); see
+    /// [`crate::dist::from_env`]. Every rank's dropout generator is its own stream of
+    /// `seed` (rank 0's is a single process's).
+    pub fn with_collective(mut self, dist: Arc<dyn Collective>) -> Self {
+        self.rng = rank_rng(self.args.seed, dist.rank());
+        self.dist = dist;
         self
     }
 
@@ -246,7 +256,7 @@ impl<M: Model> Trainer<M> {
     }
 
     fn say(&self, line: &str) {
-        if !self.quiet && self.coord.is_main() {
+        if !self.quiet && self.dist.is_main() {
             eprintln!("{line}");
         }
     }
@@ -264,7 +274,7 @@ impl<M: Model> Trainer<M> {
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.output_dir());
-        if self.coord.is_main() {
+        if self.dist.is_main() {
             let export = crate::weights::export(&self.model)?;
             let mut save = export.model_save();
             save.tokenizer_files = self.tokenizer_files.clone();
@@ -277,7 +287,7 @@ impl<M: Model> Trainer<M> {
     /// Writes `trainer_state.json` into `output_dir` (main process only).
     pub fn save_state(&self) -> Result<PathBuf> {
         let path = self.output_dir().join(TRAINER_STATE_NAME);
-        if self.coord.is_main() {
+        if self.dist.is_main() {
             std::fs::create_dir_all(self.output_dir())
                 .map_err(|e| kiln_checkpoint::Error::io(self.output_dir(), e))?;
             self.state.save(&path)?;
@@ -298,7 +308,9 @@ impl<M: Model> Trainer<M> {
         Ok(())
     }
 
-    fn make_optimizer(&self) -> Result<Optimizer> {
+    /// An optimizer over the parameters this rank keeps state for (all of them unless
+    /// the optimizer is sharded).
+    fn make_optimizer(&self, owners: &[usize]) -> Result<Optimizer> {
         let a = &self.args;
         let hyper = Hyper {
             beta1: a.adam_beta1,
@@ -310,7 +322,9 @@ impl<M: Model> Trainer<M> {
             .model
             .parameters()
             .into_iter()
-            .map(|(n, v)| {
+            .zip(owners)
+            .filter(|(_, o)| **o == self.dist.rank())
+            .map(|((n, v), _)| {
                 let decay = !self.model.no_weight_decay(&n);
                 (n, v, decay)
             })
@@ -385,22 +399,27 @@ impl<M: Model> Trainer<M> {
         }
         let resume_dir = self.resolve_resume(resume)?;
         self.check_output_dir(resume_dir.is_some())?;
-        if self.coord.is_main() {
+        if self.dist.is_main() {
             kiln_checkpoint::scan::clean_leftovers(&self.output_dir())?;
         }
+        // The other ranks look for checkpoints only once the clean-up is done.
+        self.sync()?;
         self.saver = AsyncSaver::new(1);
         let a = self.args.clone();
-        let world = self.coord.world_size();
+        let world = self.dist.world_size();
+        let rank = self.dist.rank();
         let batch_size = a.per_device_train_batch_size;
         let n = train.len();
+        // Each rank's share of an epoch (DistributedSampler pads to a multiple of world).
+        let n_rank = n.div_ceil(world);
         let batches_per_epoch = if a.dataloader_drop_last {
-            n / batch_size
+            n_rank / batch_size
         } else {
-            n.div_ceil(batch_size)
+            n_rank.div_ceil(batch_size)
         };
         if batches_per_epoch == 0 {
             return Err(Error::Config(format!(
-                "{n} training examples make no full batch of {batch_size} with dataloader_drop_last"
+                "{n_rank} training examples per process make no full batch of {batch_size} with dataloader_drop_last"
             )));
         }
         let ga = a.gradient_accumulation_steps;
@@ -418,7 +437,20 @@ impl<M: Model> Trainer<M> {
         )?;
         let warmup = a.warmup_steps_for(max_steps);
 
-        let mut optimizer = self.make_optimizer()?;
+        let vars: Vec<Var> = self
+            .model
+            .parameters()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        // ZeRO-1: the rank that keeps (and steps, and saves) each parameter's state.
+        let owners = if self.sharded_optimizer() {
+            let counts: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+            crate::dist::partition(&counts, world)
+        } else {
+            vec![rank; vars.len()]
+        };
+        let mut optimizer = self.make_optimizer(&owners)?;
         let mut position = Position {
             epoch: 0,
             micro_batches_done: 0,
@@ -431,8 +463,8 @@ impl<M: Model> Trainer<M> {
             save_steps: resolve_steps(a.save_steps, max_steps),
             train_batch_size: Some((batch_size * world) as u64),
             num_train_epochs: PyValue::Int(num_epochs as i64),
-            is_local_process_zero: self.coord.local_rank() == 0,
-            is_world_process_zero: self.coord.is_main(),
+            is_local_process_zero: self.dist.local_rank() == 0,
+            is_world_process_zero: self.dist.is_main(),
             epoch: Some(0.0),
             ..TrainerState::default()
         };
@@ -444,6 +476,7 @@ impl<M: Model> Trainer<M> {
             position = self.restore(
                 dir,
                 &mut optimizer,
+                &owners,
                 updates_per_epoch,
                 ga as u64,
                 batches_per_epoch as u64,
@@ -454,6 +487,8 @@ impl<M: Model> Trainer<M> {
                 self.state.global_step
             ));
         }
+        // The same initial weights everywhere (as DDP): rank 0's.
+        self.broadcast_parameters(&vars)?;
         let start_step = self.state.global_step;
         let start = Instant::now();
         self.control = TrainerControl::default();
@@ -474,6 +509,7 @@ impl<M: Model> Trainer<M> {
                 continue;
             }
             let order = crate::data::epoch_order(n, a.shuffle_seed(), epoch);
+            let order = crate::dist::shard_indices(&order, rank, world);
             let batches: Vec<&[usize]> = order.chunks(batch_size).take(batches_per_epoch).collect();
             self.control.should_epoch_stop = false;
             self.each_callback(|cb, a, s, c| cb.on_epoch_begin(a, s, c));
@@ -499,11 +535,17 @@ impl<M: Model> Trainer<M> {
                     self.tr_loss +=
                         self.tr_loss / (1 + self.state.global_step - self.last_logged) as f64;
                 }
-                Optimizer::accumulate(&mut grads, optimizer.grads_of(&loss)?)?;
+                let store = loss.backward()?;
+                let local: Grads = vars
+                    .iter()
+                    .map(|v| store.get(v.as_tensor()).cloned())
+                    .collect();
+                Optimizer::accumulate(&mut grads, local)?;
                 let sync = (i + 1) % ga == 0 || i + 1 == batches.len();
                 if !sync {
                     continue;
                 }
+                self.reduce_gradients(&mut grads, &vars)?;
                 let grad_norm = if a.max_grad_norm > 0.0 {
                     Optimizer::clip(&mut grads, a.max_grad_norm)?
                 } else {
@@ -511,7 +553,18 @@ impl<M: Model> Trainer<M> {
                 };
                 let lr = a.learning_rate
                     * schedule.factor(self.state.global_step, warmup, max_steps, a.learning_rate);
-                optimizer.step(&grads, lr)?;
+                if world > 1 && self.sharded_optimizer() {
+                    let mine: Grads = grads
+                        .iter()
+                        .zip(&owners)
+                        .filter(|(_, o)| **o == rank)
+                        .map(|(g, _)| g.clone())
+                        .collect();
+                    optimizer.step(&mine, lr)?;
+                    self.share_updated_parameters(&vars, &owners)?;
+                } else {
+                    optimizer.step(&grads, lr)?;
+                }
                 grads.clear();
                 self.state.global_step += 1;
                 self.state.epoch = Some(epoch as f64 + (i + 1) as f64 / batches.len() as f64);
@@ -559,6 +612,7 @@ impl<M: Model> Trainer<M> {
             b.finish_and_clear();
         }
         self.finish_saves()?;
+        self.tr_loss = self.mean_over_ranks(self.tr_loss)?;
         let runtime = start.elapsed().as_secs_f64();
         let steps = self.state.global_step - start_step;
         // As transformers: the loss not yet logged joins the total, divided by every
@@ -606,7 +660,7 @@ impl<M: Model> Trainer<M> {
         use std::io::IsTerminal;
         if self.quiet
             || self.args.disable_tqdm
-            || !self.coord.is_main()
+            || !self.dist.is_main()
             || !std::io::stderr().is_terminal()
         {
             return None;
@@ -663,6 +717,7 @@ impl<M: Model> Trainer<M> {
         bar: Option<&indicatif::ProgressBar>,
     ) -> Result<()> {
         if self.control.should_log && self.state.global_step > self.last_logged {
+            self.tr_loss = self.mean_over_ranks(self.tr_loss)?;
             let steps = (self.state.global_step - self.last_logged) as f64;
             let mut logs =
                 BTreeMap::from([("loss".to_string(), py(round_to(self.tr_loss / steps, 4)))]);
@@ -782,7 +837,9 @@ impl<M: Model> Trainer<M> {
     ) -> Result<(Option<f64>, Tensor, Option<Tensor>, usize)> {
         let device = self.device();
         let bs = self.args.per_device_eval_batch_size;
-        let idx: Vec<usize> = (0..data.len()).collect();
+        let world = self.dist.world_size();
+        // Several processes: each predicts a disjoint part, gathered back in order below.
+        let idx = crate::dist::eval_indices(data.len(), self.dist.rank(), world);
         let mut loss_sum = 0.0;
         let mut loss_n = 0usize;
         let mut all_logits = Vec::new();
@@ -808,8 +865,186 @@ impl<M: Model> Trainer<M> {
         } else {
             None
         };
+        if world > 1 {
+            let mut sums = [loss_sum, loss_n as f64];
+            self.dist.all_reduce_f64(&mut sums)?;
+            let loss = (sums[1] > 0.0).then(|| sums[0] / sums[1]);
+            let (logits, labels) = self.gather_predictions(data.len(), &logits, labels.as_ref())?;
+            return Ok((loss, logits, labels, batches));
+        }
         let loss = (loss_n > 0).then(|| loss_sum / loss_n as f64);
         Ok((loss, logits, labels, batches))
+    }
+
+    /// Every rank's predictions (rank `r` predicted examples `r, r + world, …`) put
+    /// back into the order of the data, on every rank.
+    fn gather_predictions(
+        &self,
+        n: usize,
+        logits: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let world = self.dist.world_size();
+        let has_rows = |t: &Tensor| t.rank() > 0 && t.dims()[0] > 0;
+        let mine = encode_tensors(&[Some(logits).filter(|t| has_rows(t)), labels])?;
+        let parts = self.dist.all_gather_bytes(&mine)?;
+        let mut logit_rows: Vec<Option<Tensor>> = vec![None; n];
+        let mut label_rows: Vec<Option<Tensor>> = vec![None; n];
+        let mut all_labels = true;
+        for (r, bytes) in parts.iter().enumerate() {
+            let mut ts = decode_tensors(bytes, &self.device())?.into_iter();
+            let (lg, lb) = (ts.next().flatten(), ts.next().flatten());
+            let expected = crate::dist::eval_indices(n, r, world).len();
+            all_labels &= lb.is_some() || expected == 0;
+            for (k, index) in crate::dist::eval_indices(n, r, world)
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(t) = &lg {
+                    logit_rows[index] = Some(t.narrow(0, k, 1)?);
+                }
+                if let Some(t) = &lb {
+                    label_rows[index] = Some(t.narrow(0, k, 1)?);
+                }
+            }
+        }
+        let logits: Vec<Tensor> = logit_rows.into_iter().flatten().collect();
+        if logits.len() != n {
+            return Err(Error::Config(format!(
+                "gathered {} predictions of {n} examples from {world} processes",
+                logits.len()
+            )));
+        }
+        let labels: Vec<Tensor> = label_rows.into_iter().flatten().collect();
+        let labels = if all_labels && labels.len() == n {
+            Some(concat_padded(&labels)?)
+        } else {
+            None
+        };
+        Ok((concat_padded(&logits)?, labels))
+    }
+
+    /// Whether every rank keeps only its part of the optimizer state (ZeRO stage 1).
+    fn sharded_optimizer(&self) -> bool {
+        self.args.zero_stage == 1 && self.dist.world_size() > 1
+    }
+
+    /// Waits for every rank (a reduction on the training stream; nothing to do alone).
+    fn sync(&self) -> Result<()> {
+        if self.dist.world_size() > 1 {
+            self.dist.all_reduce_f64(&mut [0.0])?;
+        }
+        Ok(())
+    }
+
+    /// The mean of `x` over ranks.
+    fn mean_over_ranks(&self, x: f64) -> Result<f64> {
+        let world = self.dist.world_size();
+        if world <= 1 {
+            return Ok(x);
+        }
+        let mut v = [x];
+        self.dist.all_reduce_f64(&mut v)?;
+        Ok(v[0] / world as f64)
+    }
+
+    /// Elements of f32 per all-reduce bucket (`ddp_bucket_cap_mb`, default 25 MiB).
+    fn bucket_elems(&self) -> usize {
+        let mb = self.args.ddp_bucket_cap_mb.unwrap_or(25) as usize;
+        (mb.saturating_mul(1 << 20) / 4).max(1)
+    }
+
+    /// Averages the accumulated gradients over ranks: flattened into f32 buckets, one
+    /// all-reduce per bucket. A parameter without a gradient on every rank keeps none.
+    fn reduce_gradients(&self, grads: &mut Grads, vars: &[Var]) -> Result<()> {
+        let world = self.dist.world_size();
+        if world <= 1 {
+            return Ok(());
+        }
+        let mut present: Vec<f64> = grads
+            .iter()
+            .map(|g| if g.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        self.dist.all_reduce_f64(&mut present)?;
+        let counts: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+        for range in crate::dist::buckets(&counts, self.bucket_elems()) {
+            let mut flat = Vec::with_capacity(range.len());
+            for i in range.clone() {
+                let g = match &grads[i] {
+                    Some(g) => g.flatten_all()?.to_dtype(DType::F32)?,
+                    None => Tensor::zeros(counts[i], DType::F32, vars[i].device())?,
+                };
+                flat.push(g);
+            }
+            let summed = self
+                .dist
+                .all_reduce_sum(&Tensor::cat(&flat, 0)?)?
+                .affine(1.0 / world as f64, 0.0)?;
+            let mut offset = 0;
+            for i in range {
+                let dtype = grads[i].as_ref().map_or(vars[i].dtype(), |g| g.dtype());
+                grads[i] = if present[i] > 0.0 {
+                    Some(
+                        summed
+                            .narrow(0, offset, counts[i])?
+                            .reshape(vars[i].dims())?
+                            .to_dtype(dtype)?,
+                    )
+                } else {
+                    None
+                };
+                offset += counts[i];
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites every parameter with rank `root`'s values, in buckets.
+    fn broadcast_from(&self, vars: &[&Var], root: usize) -> Result<()> {
+        let counts: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+        for range in crate::dist::buckets(&counts, self.bucket_elems()) {
+            let flat = vars[range.clone()]
+                .iter()
+                .map(|v| Ok(v.as_tensor().flatten_all()?.to_dtype(DType::F32)?))
+                .collect::<Result<Vec<_>>>()?;
+            let got = self.dist.broadcast(&Tensor::cat(&flat, 0)?, root)?;
+            let mut offset = 0;
+            for i in range {
+                let v = vars[i];
+                let t = got
+                    .narrow(0, offset, counts[i])?
+                    .reshape(v.dims())?
+                    .to_dtype(v.dtype())?;
+                v.set(&t)?;
+                offset += counts[i];
+            }
+        }
+        Ok(())
+    }
+
+    /// Rank 0's weights on every rank (before training, as DDP's construction does).
+    fn broadcast_parameters(&self, vars: &[Var]) -> Result<()> {
+        if self.dist.world_size() <= 1 {
+            return Ok(());
+        }
+        self.broadcast_from(&vars.iter().collect::<Vec<_>>(), 0)
+    }
+
+    /// ZeRO-1, after each rank stepped its own parameters: every owner's new values
+    /// to every rank.
+    fn share_updated_parameters(&self, vars: &[Var], owners: &[usize]) -> Result<()> {
+        for root in 0..self.dist.world_size() {
+            let mine: Vec<&Var> = vars
+                .iter()
+                .zip(owners)
+                .filter(|(_, o)| **o == root)
+                .map(|(v, _)| v)
+                .collect();
+            if !mine.is_empty() {
+                self.broadcast_from(&mine, root)?;
+            }
+        }
+        Ok(())
     }
 
     fn save_checkpoint(
@@ -837,15 +1072,32 @@ impl<M: Model> Trainer<M> {
         }
         self.state.stateful_callbacks = callbacks_state;
         let only_model = self.args.save_only_model;
+        let main = self.dist.is_main();
+        let sharded = self.sharded_optimizer();
+        // The loss accumulated since the last log, averaged over ranks (a collective:
+        // every rank saves at the same steps).
+        let tr_loss = self.mean_over_ranks(self.tr_loss)?;
         // The copy to host memory: the only part of an asynchronous save that blocks.
-        let export = crate::weights::export(&self.model)?;
-        let opt_state = if only_model {
+        // Only the main process writes the model; with a sharded optimizer every rank
+        // writes its part of the state.
+        let export = if main {
+            crate::weights::export(&self.model)?
+        } else {
+            crate::weights::ModelExport {
+                config: Value::Null,
+                generation_config: None,
+                weights: kiln_formats::TensorMap::new(),
+                tied: Vec::new(),
+            }
+        };
+        let opt_state = if only_model || !(main || sharded) {
             None
         } else {
             Some(optimizer.state()?)
         };
         let stall = stall_start.elapsed().as_secs_f64();
-        if self.args.async_save {
+        let background = self.args.async_save && self.dist.background_barriers();
+        if background {
             // Logged before the state is snapshotted, so the checkpoint's log_history
             // holds its own save entry and a resumed run's history matches.
             self.log(
@@ -862,6 +1114,7 @@ impl<M: Model> Trainer<M> {
             tokenizer_files: self.tokenizer_files.clone(),
             training_args: Some(self.args.to_json()),
             optimizer: opt_state,
+            optimizer_sharded: sharded,
             scheduler: (!only_model)
                 .then(|| json!({"step": step, "lr_scheduler_type": self.args.lr_scheduler_type})),
             rng: (!only_model)
@@ -872,7 +1125,7 @@ impl<M: Model> Trainer<M> {
                     "micro_batches_done": pos.micro_batches_done,
                     "epoch_end_done": pos.epoch_end_done,
                     "data_seed": self.args.shuffle_seed(),
-                    "tr_loss": self.tr_loss,
+                    "tr_loss": tr_loss,
                     "total_loss": self.total_loss,
                     "last_logged_step": self.last_logged,
                 })
@@ -880,7 +1133,7 @@ impl<M: Model> Trainer<M> {
             state: self.state.clone(),
             save_options: self.save_options(),
         };
-        let coord = self.coord.clone();
+        let coord = self.dist.clone();
         let limit = self.args.save_total_limit;
         let best = self.state.best_model_checkpoint.clone();
         let write = move |snap: CheckpointSnapshot| -> kiln_checkpoint::Result<PathBuf> {
@@ -894,7 +1147,7 @@ impl<M: Model> Trainer<M> {
             Ok(path)
         };
         let target = self.output_dir().join(format!("checkpoint-{step}"));
-        if self.args.async_save {
+        if background {
             if self.args.on_save_error == SaveErrorPolicy::Continue {
                 // Collect the previous save's outcome first, so that its failure is
                 // logged and this save still starts (with one save in flight, `submit`
@@ -985,11 +1238,12 @@ impl<M: Model> Trainer<M> {
         &mut self,
         dir: &Path,
         optimizer: &mut Optimizer,
+        owners: &[usize],
         updates_per_epoch: u64,
         ga: u64,
         batches_per_epoch: u64,
     ) -> Result<Position> {
-        let resume = load_checkpoint(dir, self.coord.rank(), self.coord.world_size())?;
+        let resume = load_checkpoint(dir, self.dist.rank(), self.dist.world_size())?;
         self.load_weights(dir)?;
         let fresh = self.state.clone();
         self.state = resume.state;
@@ -1000,8 +1254,29 @@ impl<M: Model> Trainer<M> {
         self.state.save_steps = fresh.save_steps;
         self.state.train_batch_size = fresh.train_batch_size;
         self.state.num_train_epochs = fresh.num_train_epochs;
-        if let Some(opt) = &resume.optimizer {
-            optimizer.load_state(opt)?;
+        if let Some(mut opt) = resume.optimizer.clone() {
+            // Consolidated from whatever world size saved it; keep this rank's part.
+            if self.sharded_optimizer() {
+                let rank = self.dist.rank();
+                let mine: std::collections::BTreeSet<String> = self
+                    .model
+                    .parameters()
+                    .into_iter()
+                    .zip(owners)
+                    .filter(|(_, o)| **o == rank)
+                    .map(|((n, _), _)| n)
+                    .collect();
+                opt.retain(|p| mine.contains(p));
+            }
+            optimizer.load_state(&opt)?;
+        }
+        if resume.rng.is_none() && self.dist.world_size() > 1 {
+            eprintln!(
+                "kiln: rank {}: {} has no RNG state for this rank (it was saved by fewer \
+                 processes); this rank's dropout continues from a fresh generator",
+                self.dist.rank(),
+                dir.display()
+            );
         }
         if let Some(rng) = &resume.rng {
             let s: RngState = serde_json::from_value(rng.clone())
@@ -1061,6 +1336,82 @@ fn log_line(logs: &BTreeMap<String, PyValue>) -> String {
 
 /// Concatenates tensors along the first dimension, padding later dimensions with -100
 /// where they differ (as transformers pads predictions of different lengths).
+/// The generator of `rank`: rank 0 draws what a single process draws; others draw
+/// from their own stream of the same seed (far from the epochs' shuffle streams).
+fn rank_rng(seed: u64, rank: usize) -> Rng {
+    if rank == 0 {
+        Rng::seed_from_u64(seed)
+    } else {
+        Rng::with_stream(seed, (1 << 63) | rank as u64)
+    }
+}
+
+/// Tensors (or their absence) as bytes for a gather: per tensor a presence byte, the
+/// dtype's name, the dims, and the values as little-endian f64 (exact for f32, bf16,
+/// f16 and the integer labels kiln uses).
+fn encode_tensors(ts: &[Option<&Tensor>]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for t in ts {
+        let Some(t) = t else {
+            out.push(0);
+            continue;
+        };
+        out.push(1);
+        let name = t.dtype().as_str().as_bytes();
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(t.rank() as u32).to_le_bytes());
+        for &d in t.dims() {
+            out.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        for x in t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()? {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// The inverse of [`encode_tensors`].
+fn decode_tensors(mut bytes: &[u8], device: &Device) -> Result<Vec<Option<Tensor>>> {
+    let bad = || Error::Config("a gathered prediction is malformed".into());
+    let mut take = |n: usize| -> Result<&[u8]> {
+        if bytes.len() < n {
+            return Err(bad());
+        }
+        let (head, rest) = bytes.split_at(n);
+        bytes = rest;
+        Ok(head)
+    };
+    let mut out = Vec::new();
+    loop {
+        let Ok(flag) = take(1) else { break };
+        if flag[0] == 0 {
+            out.push(None);
+            continue;
+        }
+        let len = take(1)?[0] as usize;
+        let name = std::str::from_utf8(take(len)?)
+            .map_err(|_| bad())?
+            .to_string();
+        let dtype: DType = name.parse().map_err(|_| bad())?;
+        let rank = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad())?) as usize;
+        let mut dims = Vec::with_capacity(rank);
+        for _ in 0..rank {
+            dims.push(u64::from_le_bytes(take(8)?.try_into().map_err(|_| bad())?) as usize);
+        }
+        let count: usize = dims.iter().product();
+        let raw = take(count.checked_mul(8).ok_or_else(bad)?)?;
+        let values: Vec<f64> = raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        out.push(Some(
+            Tensor::from_vec(values, dims, device)?.to_dtype(dtype)?,
+        ));
+    }
+    Ok(out)
+}
+
 fn concat_padded(ts: &[Tensor]) -> Result<Tensor> {
     if ts.is_empty() {
         return Ok(Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?);

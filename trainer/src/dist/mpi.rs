@@ -1,0 +1,197 @@
+//! The MPI collective (cargo feature `mpi`), through the `mpi` crate over the system's
+//! MPI library (OpenMPI 4.1 is what kiln's CI runs).
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use mpi::Threading;
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::topology::{Communicator, SimpleCommunicator};
+
+use super::{Collective, Coordinator};
+use crate::{Error, Result};
+
+/// The processes of an `mpirun` launch.
+///
+/// Two duplicates of `MPI_COMM_WORLD`: one for training (gradients, losses,
+/// predictions) and one for checkpoint barriers, which the background writer calls
+/// while training goes on; MPI is initialised with `MPI_THREAD_MULTIPLE` so that the
+/// two threads may call it at once. An MPI library that offers less makes kiln save in
+/// the foreground ([`Collective::background_barriers`]).
+pub struct MpiCollective {
+    train: SimpleCommunicator,
+    save: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+    local_size: usize,
+    timeout: Duration,
+    threads: bool,
+    // Dropped last: finalises MPI after the communicators are freed.
+    _universe: Universe,
+}
+
+// SAFETY: the communicators are handles into an MPI library initialised with
+// MPI_THREAD_MULTIPLE (checked in `init`; with less, `background_barriers` is false and
+// the trainer calls every operation from its own thread), under which MPI allows any
+// thread to call it. Each communicator is used by one thread at a time: `train` by the
+// training thread, `save` by the one checkpoint save in flight.
+unsafe impl Send for MpiCollective {}
+// SAFETY: as for Send; `&self` methods only pass the handles to MPI calls.
+unsafe impl Sync for MpiCollective {}
+
+impl std::fmt::Debug for MpiCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiCollective")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("local_rank", &self.local_rank)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn mpi_count(len: usize, what: &str) -> Result<i32> {
+    i32::try_from(len).map_err(|_| {
+        Error::Config(format!(
+            "{what} of {len} elements is too large for one MPI call"
+        ))
+    })
+}
+
+impl MpiCollective {
+    /// Initialises MPI (once per process). `timeout` bounds checkpoint barriers.
+    pub fn init(timeout: Duration) -> Result<Self> {
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
+            .ok_or_else(|| Error::Config("MPI is already initialised in this process".into()))?;
+        let world = universe.world();
+        let train = world.duplicate();
+        let save = world.duplicate();
+        let local = world.split_shared(world.rank());
+        Ok(MpiCollective {
+            rank: world.rank() as usize,
+            size: world.size() as usize,
+            local_rank: local.rank() as usize,
+            local_size: local.size() as usize,
+            train,
+            save,
+            timeout,
+            threads: threading == Threading::Multiple,
+            _universe: universe,
+        })
+    }
+
+    fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+}
+
+impl Coordinator for MpiCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    /// A non-blocking barrier polled until every rank arrived or `ddp_timeout` passed.
+    fn barrier(&self) -> kiln_checkpoint::Result<()> {
+        let start = Instant::now();
+        let mut request = self.save.immediate_barrier();
+        loop {
+            match request.test() {
+                Ok(_) => return Ok(()),
+                Err(pending) => request = pending,
+            }
+            if start.elapsed() >= self.timeout {
+                // The barrier cannot be cancelled; MPI keeps its state until the process
+                // ends, which the caller's error brings about (`abort`).
+                std::mem::forget(request);
+                return Err(kiln_checkpoint::Error::Coordination(format!(
+                    "rank {} of {}: no answer from every rank at a checkpoint barrier within \
+                     {} s (ddp_timeout): another process died or hangs",
+                    self.rank,
+                    self.size,
+                    self.timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Collective for MpiCollective {
+    fn name(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn local_world_size(&self) -> usize {
+        self.local_size
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let send = Self::host_f32(t)?;
+        mpi_count(send.len(), "an all-reduce")?;
+        let mut recv = vec![0f32; send.len()];
+        self.train
+            .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
+        Ok(Tensor::from_vec(recv, send.len(), t.device())?)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let mut buf = Self::host_f32(t)?;
+        mpi_count(buf.len(), "a broadcast")?;
+        let root = i32::try_from(root)
+            .ok()
+            .filter(|&r| (r as usize) < self.size)
+            .ok_or_else(|| Error::Config(format!("broadcast root {root} is not a rank")))?;
+        self.train
+            .process_at_rank(root)
+            .broadcast_into(&mut buf[..]);
+        let n = buf.len();
+        Ok(Tensor::from_vec(buf, n, t.device())?)
+    }
+
+    fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
+        mpi_count(values.len(), "an all-reduce")?;
+        let send = values.to_vec();
+        self.train
+            .all_reduce_into(&send[..], values, SystemOperation::sum());
+        Ok(())
+    }
+
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let len = mpi_count(mine.len(), "a gather")?;
+        let mut counts = vec![0i32; self.size];
+        self.train.all_gather_into(&len, &mut counts[..]);
+        let mut displs = Vec::with_capacity(self.size);
+        let mut total: i64 = 0;
+        for &c in &counts {
+            displs.push(mpi_count(total as usize, "a gather")?);
+            total += i64::from(c);
+        }
+        mpi_count(total as usize, "a gather")?;
+        let mut all = vec![0u8; total as usize];
+        {
+            let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+            self.train.all_gather_varcount_into(mine, &mut part);
+        }
+        Ok(counts
+            .iter()
+            .zip(&displs)
+            .map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec())
+            .collect())
+    }
+
+    fn background_barriers(&self) -> bool {
+        self.threads
+    }
+
+    fn abort(&self, code: i32) -> ! {
+        self.train.abort(code)
+    }
+}
