@@ -98,7 +98,12 @@ impl CheckpointSnapshot {
     pub fn write(&self, output_dir: &Path, coord: &dyn Coordinator) -> Result<PathBuf> {
         let staging = Staging::begin(output_dir, self.step, coord)?;
         match self.write_files(&staging, coord) {
-            Ok(()) => staging.commit(coord),
+            Ok(()) => {
+                // Fault tests make one rank crash or hang here: its files are written,
+                // the commit's barrier not reached (feature `failpoints`).
+                fail::fail_point!("kiln-save-before-commit");
+                staging.commit(coord)
+            }
             Err(e) => {
                 // Best effort: the error that matters is the one that stopped the save.
                 let _ = staging.abort();

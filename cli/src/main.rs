@@ -42,12 +42,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Convert between safetensors and PyTorch .bin, file to file or folder to folder.
+    /// Convert between safetensors and PyTorch .bin, file to file or folder to folder;
+    /// or, with --consolidate, a checkpoint's sharded optimizer state into one file.
     Convert {
-        /// Input file, shard index or model folder.
+        /// Input file, shard index or model folder (with --consolidate: a checkpoint
+        /// folder whose optimizer state is sharded, optimizer.rank<r>-of-<w>.*).
         input: PathBuf,
-        /// Output file (format from its extension), or folder (Hugging Face names).
+        /// Output file (format from its extension), or folder (Hugging Face names);
+        /// with --consolidate, the output_dir that receives checkpoint-<step>.
         output: PathBuf,
+        /// Consolidate the per-rank optimizer shards of a ZeRO-1 checkpoint into one
+        /// optimizer.safetensors, writing OUTPUT/checkpoint-<step> (resumable by any
+        /// number of processes).
+        #[arg(long, conflicts_with_all = ["to", "max_shard_size"])]
+        consolidate: bool,
         /// Output format (default: OUTPUT's extension; safetensors for a folder).
         #[arg(long, value_enum)]
         to: Option<ToFormat>,
@@ -163,6 +171,9 @@ struct Outcome {
 }
 
 fn main() -> ExitCode {
+    // Fault tests (feature `failpoints`): FAILPOINTS=kiln-save-before-commit=panic, …
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -175,8 +186,15 @@ fn main() -> ExitCode {
         Command::Convert {
             input,
             output,
+            consolidate: true,
+            ..
+        } => consolidate_cmd(&input, &output),
+        Command::Convert {
+            input,
+            output,
             to,
             max_shard_size,
+            consolidate: false,
         } => convert_cmd(&input, &output, to, max_shard_size),
         Command::Verify { path } => verify(&path),
         Command::Checkpoints { output_dir, json } => checkpoints(&output_dir, json),
@@ -320,6 +338,15 @@ fn inspect(path: &std::path::Path, as_json: bool) -> CmdResult {
         );
     }
     ok(s)
+}
+
+fn consolidate_cmd(input: &std::path::Path, output: &std::path::Path) -> CmdResult {
+    let dir = kiln_checkpoint::training::consolidate_checkpoint(input, output)?;
+    ok(format!(
+        "consolidated the optimizer shards of {} into {}\n",
+        input.display(),
+        dir.display()
+    ))
 }
 
 fn convert_cmd(

@@ -273,7 +273,10 @@ mod tests {
     #[test]
     fn buckets_respect_cap() {
         assert_eq!(buckets(&[3, 3, 3, 10, 1], 6), [0..2, 2..3, 3..4, 4..5]);
-        assert_eq!(buckets(&[1, 1, 1], 100), vec![std::ops::Range { start: 0, end: 3 }]);
+        assert_eq!(
+            buckets(&[1, 1, 1], 100),
+            vec![std::ops::Range { start: 0, end: 3 }]
+        );
         assert!(buckets(&[], 5).is_empty());
     }
 

@@ -70,6 +70,13 @@ impl MpiCollective {
         let train = world.duplicate();
         let save = world.duplicate();
         let local = world.split_shared(world.rank());
+        // A panic on any rank ends the whole run at once: unwinding would reach
+        // MPI_Finalize, which waits for the other ranks, and they for this one.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            SimpleCommunicator::world().abort(101);
+        }));
         Ok(MpiCollective {
             rank: world.rank() as usize,
             size: world.size() as usize,

@@ -1,0 +1,514 @@
+//! Data-parallel training under `mpirun` (OpenMPI), against the same run in one process.
+//!
+//! These tests need OpenMPI (`mpirun`, and its headers and libclang to build kiln with
+//! `--features mpi`). They build that `kiln` once, into `target/mpi` (apart from the
+//! workspace's own `target/<profile>/kiln`, which has no MPI), with the `failpoints`
+//! feature so that a rank can be made to crash or hang in the middle of a save. Without
+//! `mpirun` they skip with the reason — except under `KILN_REQUIRE_MPI=1` (CI), where
+//! that is a failure. `KILN_MPI_BIN` names an already built binary instead.
+//!
+//! Tolerance: 2 ranks × batch b against 1 rank × batch 2b differ only in the order of
+//! float additions (the per-rank means are summed and halved instead of one mean over
+//! 2b examples; the bucketed all-reduce adds in its own order). Over these 8 AdamW steps
+//! that stays below 1e-6 absolute on every weight (1e-9 is typical); 1e-5 leaves room
+//! for other BLAS thread counts without hiding a real error, which moves weights by the
+//! learning rate (1e-3) or more.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Run, kiln, repo};
+use kiln::formats::TensorCollection;
+use serde_json::Value;
+
+const TOL: f32 = 1e-5;
+
+/// The MPI-enabled `kiln`, or why there is none.
+fn mpi_kiln() -> Result<PathBuf, String> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("KILN_MPI_BIN") {
+            return Ok(PathBuf::from(bin));
+        }
+        match Command::new("mpirun").arg("--version").output() {
+            Ok(o) if o.status.success() => {}
+            _ => return Err("mpirun is not installed (Debian: openmpi-bin libopenmpi-dev)".into()),
+        }
+        let target = repo().join("target/mpi");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!(
+            "building kiln with --features mpi,failpoints into {}",
+            target.display()
+        );
+        let out = Command::new(cargo)
+            .current_dir(repo())
+            .args([
+                "build",
+                "-p",
+                "kiln-cli",
+                "--features",
+                "mpi,failpoints",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .output()
+            .map_err(|e| format!("cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build -p kiln-cli --features mpi,failpoints failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(target.join("debug/kiln"))
+    })
+    .clone()
+}
+
+macro_rules! mpi_or_skip {
+    () => {
+        match mpi_kiln() {
+            Ok(bin) => bin,
+            Err(why) if std::env::var_os("KILN_REQUIRE_MPI").is_some_and(|v| v == "1") => {
+                panic!("KILN_REQUIRE_MPI=1 but {why}")
+            }
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// One multi-process run at a time: they share 2 cores.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The small, dropout-free BERT run every test trains (8 steps, saves at 4 and 8).
+fn base_args(out: &Path, batch: usize) -> Vec<String> {
+    let mut a: Vec<String> = vec!["train".into(), "data/configs/bert-sentiment.toml".into()];
+    for (k, v) in [
+        ("output_dir", out.to_str().unwrap().to_string()),
+        ("per_device_train_batch_size", batch.to_string()),
+        ("max_steps", "8".into()),
+        ("warmup_steps", "2".into()),
+        ("save_strategy", "steps".into()),
+        ("save_steps", "4".into()),
+        ("eval_strategy", "steps".into()),
+        ("eval_steps", "4".into()),
+        ("logging_steps", "1".into()),
+        ("load_best_model_at_end", "false".into()),
+        ("disable_tqdm", "true".into()),
+        ("hidden_dropout_prob", "0".into()),
+        ("attention_probs_dropout_prob", "0".into()),
+        ("ddp_timeout", "60".into()),
+    ] {
+        a.push(format!("--{k}"));
+        a.push(v);
+    }
+    a
+}
+
+fn with(mut args: Vec<String>, extra: &[(&str, &str)]) -> Vec<String> {
+    for (k, v) in extra {
+        args.push(format!("--{k}"));
+        args.push(v.to_string());
+    }
+    args
+}
+
+/// `mpirun -np <np> <bin> <args>` from the repository root; `env_rank1` is set for rank 1
+/// only (MPMD syntax), e.g. a fail point.
+fn mpirun(bin: &Path, np: usize, args: &[String], env_rank1: Option<&str>) -> Run {
+    let mut cmd = Command::new("mpirun");
+    cmd.current_dir(repo())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_BACKTRACE", "0")
+        .args(["--oversubscribe", "--bind-to", "none"]);
+    match env_rank1 {
+        None => {
+            cmd.args(["-np", &np.to_string()]).arg(bin).args(args);
+        }
+        Some(var) => {
+            assert_eq!(np, 2);
+            cmd.args(["-np", "1"]).arg(bin).args(args);
+            cmd.args([":", "-np", "1", "env", var]).arg(bin).args(args);
+        }
+    }
+    let out = cmd.output().expect("mpirun");
+    Run {
+        args: args.to_vec(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// One process, without mpirun (the same binary: no launcher variables, one rank).
+fn single(bin: &Path, args: &[String]) -> Run {
+    let out = Command::new(bin)
+        .current_dir(repo())
+        .args(args)
+        .output()
+        .expect("kiln");
+    Run {
+        args: args.to_vec(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn weights(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let file = kiln::formats::safetensors::SafetensorsFile::open(path).unwrap();
+    file.tensors()
+        .iter()
+        .map(|info| {
+            let t = file.tensor(&info.name).unwrap();
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (info.name.clone(), v)
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two weight files (same names, same sizes).
+fn max_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "different tensors"
+    );
+    let mut max = 0f32;
+    for (name, x) in &a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{name}");
+        for (p, q) in x.iter().zip(y) {
+            max = max.max((p - q).abs());
+        }
+    }
+    max
+}
+
+fn state(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+/// (step, loss) of every training log entry.
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    state(dir)["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn eval_losses(dir: &Path) -> Vec<f64> {
+    state(dir)["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("eval_loss")?.as_f64())
+        .collect()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_ranks_of_b_train_as_one_rank_of_2b_and_save_once() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    single(&bin, &base_args(&one, 16)).expect_success();
+    let run = mpirun(&bin, 2, &base_args(&two, 8), None);
+    run.expect_success();
+    // One report, rank 0's.
+    assert_eq!(
+        run.stdout
+            .matches("trained BertForSequenceClassification")
+            .count(),
+        1
+    );
+
+    let d = max_diff(
+        &one.join("model.safetensors"),
+        &two.join("model.safetensors"),
+    );
+    assert!(d < TOL, "final weights differ by {d}");
+    let d4 = max_diff(
+        &one.join("checkpoint-4/model.safetensors"),
+        &two.join("checkpoint-4/model.safetensors"),
+    );
+    assert!(d4 < TOL, "checkpoint-4 weights differ by {d4}");
+    // The same loss curve (logged rounded to 4 places, as transformers does) and the
+    // same evaluation over the whole validation set (gathered from both ranks).
+    let (l1, l2) = (losses(&one), losses(&two));
+    assert_eq!(l1.len(), 8);
+    for ((s1, a), (s2, b)) in l1.iter().zip(&l2) {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() <= 1e-4, "step {s1}: loss {a} vs {b}");
+    }
+    for (a, b) in eval_losses(&one).iter().zip(eval_losses(&two)) {
+        assert!((a - b).abs() < 1e-5, "eval_loss {a} vs {b}");
+    }
+    assert_eq!(state(&two)["train_batch_size"], 16);
+
+    // Exactly one copy of everything: rank 0's model files, each rank's RNG state, and
+    // nothing left half-written.
+    let ckpt = names(&two.join("checkpoint-8"));
+    for f in [
+        "rng_state_0.json",
+        "rng_state_1.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+    ] {
+        assert!(ckpt.contains(&f.to_string()), "{f} missing from {ckpt:?}");
+    }
+    assert!(!ckpt.contains(&"rng_state.json".to_string()));
+    let top = names(&two);
+    assert!(
+        top.iter().all(|n| !n.starts_with('.')),
+        "leftovers in the output folder: {top:?}"
+    );
+    assert_eq!(
+        top.iter().filter(|n| n.starts_with("checkpoint-")).count(),
+        2,
+        "{top:?}"
+    );
+    kiln(["verify", two.join("checkpoint-8").to_str().unwrap()]).expect_success();
+}
+
+#[test]
+fn zero1_shards_resume_across_world_sizes_and_consolidate() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+
+    // 2 ranks with sharded optimizer state, uninterrupted.
+    let two = t("two");
+    mpirun(
+        &bin,
+        2,
+        &with(base_args(&two, 8), &[("zero_stage", "1")]),
+        None,
+    )
+    .expect_success();
+    let c4 = two.join("checkpoint-4");
+    let files = names(&c4);
+    assert!(
+        files.contains(&"optimizer.rank0-of-2.safetensors".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"optimizer.rank1-of-2.safetensors".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        !files.contains(&"optimizer.safetensors".to_string()),
+        "{files:?}"
+    );
+
+    // 2 -> 1: one process resumes the sharded checkpoint and ends where 2 ranks ended.
+    let resumed1 = t("resumed1");
+    single(
+        &bin,
+        &with(
+            base_args(&resumed1, 16),
+            &[("resume_from_checkpoint", c4.to_str().unwrap())],
+        ),
+    )
+    .expect_success();
+    let d = max_diff(
+        &two.join("model.safetensors"),
+        &resumed1.join("model.safetensors"),
+    );
+    assert!(d < TOL, "2 -> 1 resume differs by {d}");
+    assert_eq!(losses(&resumed1).last(), losses(&two).last());
+
+    // 1 -> 2: 2 ranks (sharded) resume a one-process checkpoint.
+    let one = t("one");
+    single(&bin, &base_args(&one, 16)).expect_success();
+    let resumed2 = t("resumed2");
+    mpirun(
+        &bin,
+        2,
+        &with(
+            base_args(&resumed2, 8),
+            &[
+                ("zero_stage", "1"),
+                (
+                    "resume_from_checkpoint",
+                    one.join("checkpoint-4").to_str().unwrap(),
+                ),
+            ],
+        ),
+        None,
+    )
+    .expect_success();
+    let d = max_diff(
+        &one.join("model.safetensors"),
+        &resumed2.join("model.safetensors"),
+    );
+    assert!(d < TOL, "1 -> 2 resume differs by {d}");
+    // Sharding the optimizer changes where state lives, not the arithmetic.
+    let d = max_diff(
+        &one.join("model.safetensors"),
+        &two.join("model.safetensors"),
+    );
+    assert!(d < TOL, "zero_stage 1 vs one process: {d}");
+
+    // kiln convert consolidates the shards into one optimizer.safetensors holding every
+    // parameter's state, in a checkpoint that verifies and resumes.
+    let consolidated = t("consolidated");
+    let run = kiln([
+        "convert",
+        "--consolidate",
+        c4.to_str().unwrap(),
+        consolidated.to_str().unwrap(),
+    ]);
+    run.expect_success();
+    let c = consolidated.join("checkpoint-4");
+    let files = names(&c);
+    assert!(
+        files.contains(&"optimizer.safetensors".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        !files.iter().any(|f| f.starts_with("optimizer.rank")),
+        "{files:?}"
+    );
+    let opt = kiln::formats::safetensors::SafetensorsFile::open(&c.join("optimizer.safetensors"))
+        .unwrap();
+    let shard_tensors: usize = (0..2)
+        .map(|r| {
+            kiln::formats::safetensors::SafetensorsFile::open(
+                &c4.join(format!("optimizer.rank{r}-of-2.safetensors")),
+            )
+            .unwrap()
+            .tensors()
+            .len()
+        })
+        .sum();
+    assert_eq!(opt.tensors().len(), shard_tensors);
+    // every parameter (41 in this BERT) has exp_avg and exp_avg_sq
+    assert_eq!(
+        opt.tensors().len(),
+        2 * weights(&c.join("model.safetensors")).len()
+    );
+    kiln(["verify", c.to_str().unwrap()]).expect_success();
+    // Consolidating a checkpoint that is not sharded is refused with a reason.
+    kiln([
+        "convert",
+        "--consolidate",
+        c.to_str().unwrap(),
+        t("again").to_str().unwrap(),
+    ])
+    .expect_error(&["not sharded"]);
+}
+
+#[test]
+fn a_rank_dying_mid_save_commits_nothing_and_stops_the_run() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let start = Instant::now();
+    // Rank 1 panics after writing its files, before the commit barrier.
+    let run = mpirun(
+        &bin,
+        2,
+        &base_args(&out, 8),
+        Some("FAILPOINTS=kiln-save-before-commit=panic"),
+    );
+    assert_ne!(run.code, Some(0), "the run must fail:\n{}", run.stderr);
+    assert!(
+        start.elapsed() < Duration::from_secs(50),
+        "the other rank did not stop promptly ({:?})",
+        start.elapsed()
+    );
+    assert!(run.stderr.contains("MPI_ABORT"), "{}", run.stderr);
+    // No committed checkpoint: at most the hidden staging folder of step 4.
+    let listed = names(&out);
+    assert!(
+        !listed.iter().any(|n| n.starts_with("checkpoint-")),
+        "a checkpoint was committed: {listed:?}"
+    );
+    assert!(listed.iter().all(|n| n.starts_with('.')), "{listed:?}");
+    let cps = kiln(["checkpoints", out.to_str().unwrap(), "--json"]);
+    cps.expect_success();
+    assert!(!cps.stdout.contains("checkpoint-4\""), "{}", cps.stdout);
+    // A new run in the same folder cleans the leftover and commits normally.
+    mpirun(&bin, 2, &base_args(&out, 8), None).expect_success();
+    let listed = names(&out);
+    assert!(listed.iter().all(|n| !n.starts_with('.')), "{listed:?}");
+    assert!(listed.contains(&"checkpoint-8".to_string()));
+}
+
+#[test]
+fn a_hanging_rank_makes_the_others_fail_at_the_barrier_timeout() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let start = Instant::now();
+    let run = mpirun(
+        &bin,
+        2,
+        &with(base_args(&out, 8), &[("ddp_timeout", "3")]),
+        Some("FAILPOINTS=kiln-save-before-commit=sleep(120000)"),
+    );
+    let took = start.elapsed();
+    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        took < Duration::from_secs(60),
+        "took {took:?}: the barrier did not time out"
+    );
+    assert!(
+        run.stderr.contains("rank 0 of 2") && run.stderr.contains("within 3 s (ddp_timeout)"),
+        "no clear timeout error:\n{}",
+        run.stderr
+    );
+    assert!(!names(&out).iter().any(|n| n.starts_with("checkpoint-")));
+}
+
+#[test]
+fn an_mpi_launch_without_mpi_support_is_one_clear_error() {
+    // The workspace's kiln has no MPI; the launcher's variable alone tells it apart.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(common::kiln_bin())
+        .current_dir(repo())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .args(base_args(&tmp.path().join("out"), 8))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("built without MPI") && stderr.contains("--features mpi"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("out").exists());
+}
