@@ -399,12 +399,12 @@ fn zero1_shards_resume_across_world_sizes_and_consolidate() {
         !files.iter().any(|f| f.starts_with("optimizer.rank")),
         "{files:?}"
     );
-    let opt = kiln::formats::safetensors::SafetensorsFile::open(&c.join("optimizer.safetensors"))
-        .unwrap();
+    let opt =
+        kiln::formats::safetensors::SafetensorsFile::open(c.join("optimizer.safetensors")).unwrap();
     let shard_tensors: usize = (0..2)
         .map(|r| {
             kiln::formats::safetensors::SafetensorsFile::open(
-                &c4.join(format!("optimizer.rank{r}-of-2.safetensors")),
+                c4.join(format!("optimizer.rank{r}-of-2.safetensors")),
             )
             .unwrap()
             .tensors()
