@@ -38,6 +38,7 @@ fn snapshot(step: u64, best: Option<&Path>) -> CheckpointSnapshot {
         tokenizer_files: vec![],
         training_args: None,
         optimizer: None,
+        optimizer_sharded: false,
         scheduler: Some(serde_json::json!({"step": step})),
         rng: None,
         data: None,
