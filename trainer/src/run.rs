@@ -225,6 +225,15 @@ pub fn device(spec: &str) -> Result<Device> {
     kiln_backend::resolve(spec).map_err(|e| Error::Config(format!("device: {e}")))
 }
 
+/// The device `args.device` names, with its backend, once the backend is known to
+/// compute in the dtype of `bf16`/`fp16` (checked before any work).
+fn select_device(args: &TrainingArguments) -> Result<kiln_backend::Selected> {
+    let selected =
+        kiln_backend::select(&args.device).map_err(|e| Error::Config(format!("device: {e}")))?;
+    crate::precision::check_device(selected.backend, args)?;
+    Ok(selected)
+}
+
 /// What [`train`] did.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -334,7 +343,8 @@ fn new_model_config(cfg: &RunConfig, p: &Prepared) -> Value {
 /// scripts: `save_model()` into `output_dir` and `save_state()`.
 pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
     cfg.training.validate()?;
-    let device = device(&cfg.training.device)?;
+    let selected = select_device(&cfg.training)?;
+    let device = selected.device.clone();
     let p = prepare(cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     match p.architecture.as_str() {
@@ -349,7 +359,7 @@ pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
                     &device,
                 )?,
             };
-            run_trainer(cfg, p, model, quiet)
+            run_trainer(cfg, p, model, selected.backend, quiet)
         }
         "GPT2LMHeadModel" => {
             let model = match &cfg.model.init_from {
@@ -360,7 +370,7 @@ pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
                     &device,
                 )?,
             };
-            run_trainer(cfg, p, model, quiet)
+            run_trainer(cfg, p, model, selected.backend, quiet)
         }
         other => Err(Error::Config(format!(
             "architecture {other:?} is not supported"
@@ -372,12 +382,14 @@ fn run_trainer<M: Model>(
     cfg: &RunConfig,
     p: Prepared,
     model: M,
+    backend: &'static dyn kiln_backend::Backend,
     quiet: bool,
 ) -> Result<RunSummary> {
     let train = p
         .train
         .ok_or_else(|| Error::Config("[data] needs train_file".into()))?;
     let mut trainer = Trainer::new(model, cfg.training.clone())
+        .with_backend(backend)
         .with_train_dataset(train)
         .with_tokenizer(p.tokenizer.files()?)
         .with_quiet(quiet);
@@ -441,7 +453,8 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
     // Evaluation reads no training file; the tokenizer and labels come from the model.
     let mut cfg = cfg.clone();
     cfg.data.train_file = None;
-    let device = device(&cfg.training.device)?;
+    let selected = select_device(&cfg.training)?;
+    let device = selected.device.clone();
     let p = prepare(&cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     let dir = cfg.model.init_from.clone().unwrap_or_default();
@@ -454,6 +467,7 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
     macro_rules! eval_with {
         ($model:expr) => {{
             let mut t = Trainer::new($model, args)
+                .with_backend(selected.backend)
                 .with_eval_dataset(eval)
                 .with_quiet(true);
             if p.task == Task::SequenceClassification {
