@@ -255,16 +255,22 @@ fn bf16_and_fp16_train_bert_and_gpt2_and_save_f32_masters() {
 }
 
 fn fp16_trainer(out: &Path, save_steps: Option<f64>) -> Trainer<Tiny> {
+    mp_trainer(out, save_steps, "fp16")
+}
+
+fn mp_trainer(out: &Path, save_steps: Option<f64>, flag: &str) -> Trainer<Tiny> {
     let mut a = args(out);
-    a.fp16 = true;
+    a.set(flag, "true").unwrap();
     match save_steps {
         Some(s) => a.save_steps = s,
         None => a.save_strategy = Strategy::No,
     }
     let mut model = Tiny::new(1);
-    // Gradients of this loss times 2^16 overflow f16: the scaler must skip steps and
-    // back off before training gets going.
-    model.loss_scale = 64.0;
+    if flag == "fp16" {
+        // Gradients of this loss times 2^16 overflow f16: the scaler must skip steps
+        // and back off before training gets going.
+        model.loss_scale = 64.0;
+    }
     Trainer::new(model, a)
         .with_train_dataset(Synthetic::new(60, 7))
         .with_quiet(true)
@@ -341,6 +347,28 @@ fn fp16_skips_overflowing_steps_and_resumes_bit_for_bit() {
             }
         }
     }
+}
+
+#[test]
+fn bf16_resumes_bit_for_bit() {
+    let straight = tempfile::tempdir().unwrap();
+    let mut a = mp_trainer(straight.path(), None, "bf16");
+    a.train(None).unwrap();
+    let saving = tempfile::tempdir().unwrap();
+    let mut b = mp_trainer(saving.path(), Some(5.0), "bf16");
+    b.train(None).unwrap();
+    assert_eq!(masters(&a), masters(&b));
+    assert!(!saving.path().join("checkpoint-10/scaler.json").exists());
+    let resumed = tempfile::tempdir().unwrap();
+    let ckpt = resumed.path().join("checkpoint-10");
+    copy_dir(&saving.path().join("checkpoint-10"), &ckpt);
+    let mut c = mp_trainer(resumed.path(), Some(5.0), "bf16");
+    c.train(Some(ckpt.to_str().unwrap())).unwrap();
+    assert_eq!(masters(&a), masters(&c));
+    assert_eq!(
+        history_without_timings(a.state()),
+        history_without_timings(c.state())
+    );
 }
 
 #[test]
