@@ -6,6 +6,7 @@
 //! | `optimizer.safetensors` | main process | optimizer state by parameter name ([`optimizer`](crate::optimizer)) |
 //! | `optimizer.rank<r>-of-<w>.safetensors`, instead, with sharded optimizer state (ZeRO-1) | every rank | that rank's part of the optimizer state |
 //! | `scheduler.json` | main process | the learning-rate schedule's state |
+//! | `scaler.json` | main process, fp16 runs | the loss scaler's state (torch's `GradScaler.state_dict()` keys) |
 //! | `data_state.json` | main process | the data loader's position (epoch, batches taken, seed) |
 //! | `rng_state.json`, or `rng_state_<rank>.json` with several processes | every rank | that rank's generator state |
 //! | `trainer_state.json` | main process, last | transformers' `TrainerState` ([`state`](crate::state)) |
@@ -20,8 +21,9 @@
 //! torch's implementation defines.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use kiln_formats::TensorMap;
+use kiln_formats::TensorCollection;
 use serde_json::Value;
 
 use crate::commit::{Coordinator, Staging};
@@ -36,6 +38,8 @@ use crate::{Error, Result};
 pub const SCHEDULER_NAME: &str = "scheduler.json";
 /// The data loader position file.
 pub const DATA_STATE_NAME: &str = "data_state.json";
+/// The loss scaler's state file (fp16 training; transformers writes `scaler.pt`).
+pub const SCALER_NAME: &str = "scaler.json";
 
 /// The RNG state file of `rank` among `world_size` processes: `rng_state.json` alone,
 /// `rng_state_<rank>.json` with several (as transformers names its `.pth` files).
@@ -49,7 +53,7 @@ pub fn rng_state_name(rank: usize, world_size: usize) -> String {
 
 /// Everything that goes into one checkpoint, owned, so that it can be written on
 /// another thread while training continues.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CheckpointSnapshot {
     /// The optimizer step the checkpoint is for (its folder is `checkpoint-<step>`).
     pub step: u64,
@@ -57,8 +61,11 @@ pub struct CheckpointSnapshot {
     pub config: Value,
     /// `generation_config.json`, for generative models.
     pub generation_config: Option<Value>,
-    /// The weights, in the model's parameter order, copied to host memory.
-    pub weights: TensorMap<'static>,
+    /// The weights, in the model's parameter order, copied to host memory: a
+    /// [`TensorMap`](kiln_formats::TensorMap), or any collection that owns its bytes
+    /// (kiln's trainer hands over the backend's host snapshot, whose buffer it reuses
+    /// once the writer has dropped it).
+    pub weights: Arc<dyn TensorCollection>,
     /// Tied weights as (tied name, source name).
     pub tied: Vec<(String, String)>,
     /// Tokenizer files (name, bytes).
@@ -73,6 +80,8 @@ pub struct CheckpointSnapshot {
     /// writes `optimizer.rank<r>-of-<w>.safetensors`; otherwise the main process writes
     /// `optimizer.safetensors`.
     pub optimizer_sharded: bool,
+    /// Loss scaler state of fp16 training (`None` otherwise and with `save_only_model`).
+    pub scaler: Option<Value>,
     /// This rank's RNG state.
     pub rng: Option<Value>,
     /// Data loader position (`None` with `save_only_model`).
@@ -83,10 +92,23 @@ pub struct CheckpointSnapshot {
     pub save_options: SaveOptions,
 }
 
+impl std::fmt::Debug for CheckpointSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointSnapshot")
+            .field("step", &self.step)
+            .field("weights", &self.weights.tensors().len())
+            .field("weight_bytes", &self.weights.total_bytes())
+            .field("optimizer", &self.optimizer.is_some())
+            .field("scheduler", &self.scheduler)
+            .field("scaler", &self.scaler)
+            .field("data", &self.data)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CheckpointSnapshot {
     /// Bytes of tensor data the snapshot holds (weights and optimizer state).
     pub fn nbytes(&self) -> u64 {
-        use kiln_formats::TensorCollection;
         self.weights.total_bytes() + self.optimizer.as_ref().map_or(0, OptimizerState::nbytes)
     }
 
@@ -126,7 +148,7 @@ impl CheckpointSnapshot {
         if !coord.is_main() {
             return Ok(());
         }
-        let mut model = ModelSave::new(self.config.clone(), &self.weights);
+        let mut model = ModelSave::new(self.config.clone(), self.weights.as_ref());
         model.generation_config = self.generation_config.clone();
         model.tied = self.tied.clone();
         model.tokenizer_files = self.tokenizer_files.clone();
@@ -137,6 +159,9 @@ impl CheckpointSnapshot {
         }
         if let Some(s) = &self.scheduler {
             staging.write(SCHEDULER_NAME, &json(s))?;
+        }
+        if let Some(s) = &self.scaler {
+            staging.write(SCALER_NAME, &json(s))?;
         }
         if let Some(d) = &self.data {
             staging.write(DATA_STATE_NAME, &json(d))?;
@@ -158,6 +183,8 @@ pub struct ResumeState {
     pub optimizer: Option<OptimizerState>,
     /// The scheduler state, if saved.
     pub scheduler: Option<Value>,
+    /// The loss scaler state, if saved (fp16 runs).
+    pub scaler: Option<Value>,
     /// This rank's RNG state, if saved: `rng_state_<rank>.json` (several processes) or
     /// `rng_state.json` (one); a single process resuming a multi-process checkpoint gets
     /// rank 0's. `None` for a rank the checkpoint has no file for (it was written by
@@ -200,6 +227,7 @@ pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<Res
         state,
         optimizer,
         scheduler: read_json(SCHEDULER_NAME)?,
+        scaler: read_json(SCALER_NAME)?,
         rng,
         data: read_json(DATA_STATE_NAME)?,
     })

@@ -1,6 +1,11 @@
 //! `TrainingArguments`: transformers' field names, defaults and validation (5.x, with
 //! 4.57's `warmup_ratio` still accepted), plus kiln's `device`, `async_save`, `on_save_error` and `zero_stage`.
 //!
+//! `bf16` and `fp16` train in mixed precision as transformers does: f32 master weights
+//! that the optimizer updates and checkpoints hold, the forward and backward passes in
+//! the 16-bit dtype, dynamic loss scaling for fp16 (see [`crate::precision`]). The
+//! device must support the dtype (`kiln backends` lists what each one offers).
+//!
 //! Every field can be set by name from text (`args.set("save_steps", "10")`), which is
 //! how `kiln train --save_steps 10` and the `[training]` table of a config reach it.
 
@@ -119,6 +124,13 @@ pub struct TrainingArguments {
     pub dataloader_drop_last: bool,
     /// No progress bar (it is also off when stderr is not a terminal).
     pub disable_tqdm: bool,
+    /// Mixed precision in bf16: f32 master weights, forward and backward in bf16
+    /// (evaluation too). Needs a device whose backend offers bf16.
+    pub bf16: bool,
+    /// Mixed precision in f16 with dynamic loss scaling (torch's `GradScaler`
+    /// defaults): f32 master weights, forward and backward in f16 (evaluation too), a
+    /// step whose gradients overflow is skipped. Needs a device that offers f16.
+    pub fp16: bool,
     /// kiln: the device (`auto`, `cpu`, `cuda`, `cuda:N`, `metal`).
     pub device: String,
     /// kiln: write checkpoints in the background (training stalls only for the copy to
@@ -180,6 +192,8 @@ impl Default for TrainingArguments {
             ignore_data_skip: false,
             dataloader_drop_last: false,
             disable_tqdm: false,
+            bf16: false,
+            fp16: false,
             device: "auto".into(),
             async_save: true,
             on_save_error: SaveErrorPolicy::Stop,
@@ -296,6 +310,19 @@ impl TrainingArguments {
             .unwrap_or_else(|| !self.best_metric_name().is_some_and(|m| m.ends_with("loss")))
     }
 
+    /// The dtype of mixed-precision training: `BF16` with `bf16`, `F16` with `fp16`,
+    /// `None` for f32 training; both set is an error.
+    pub fn mixed_precision(&self) -> Result<Option<candle_core::DType>> {
+        match (self.bf16, self.fp16) {
+            (false, false) => Ok(None),
+            (true, false) => Ok(Some(candle_core::DType::BF16)),
+            (false, true) => Ok(Some(candle_core::DType::F16)),
+            (true, true) => Err(Error::Config(
+                "bf16 and fp16 are both set; choose one".into(),
+            )),
+        }
+    }
+
     /// The data shuffling seed.
     pub fn shuffle_seed(&self) -> u64 {
         self.data_seed.unwrap_or(self.seed)
@@ -354,6 +381,7 @@ impl TrainingArguments {
             ));
         }
         self.optim_kind()?;
+        self.mixed_precision()?;
         Schedule::from_name(
             &self.lr_scheduler_type,
             &self.lr_scheduler_kwargs,
@@ -502,6 +530,8 @@ mod tests {
         assert_eq!((a.logging_steps, a.save_steps, a.seed), (500.0, 500.0, 42));
         assert_eq!(a.lr_scheduler_type, "linear");
         assert!(a.save_safetensors && a.async_save);
+        assert!(!a.bf16 && !a.fp16);
+        assert_eq!(a.mixed_precision().unwrap(), None);
         a.validate().unwrap();
     }
 
@@ -527,6 +557,11 @@ mod tests {
         assert!(a.set("save_steps", "ten").is_err());
         assert!(a.set("eval_strategy", "sometimes").is_err());
         assert!(TrainingArguments::has_field("warmup_ratio"));
+        a.set("bf16", "true").unwrap();
+        assert_eq!(a.mixed_precision().unwrap(), Some(candle_core::DType::BF16));
+        a.set("bf16", "false").unwrap();
+        a.set("fp16", "true").unwrap();
+        assert_eq!(a.mixed_precision().unwrap(), Some(candle_core::DType::F16));
     }
 
     #[test]
@@ -561,6 +596,7 @@ mod tests {
             (vec![("optim", "lion")], "adamw or sgd"),
             (vec![("max_steps", "0")], "max_steps"),
             (vec![("gradient_accumulation_steps", "0")], "at least 1"),
+            (vec![("bf16", "true"), ("fp16", "true")], "choose one"),
         ];
         for (sets, want) in cases {
             let mut a = TrainingArguments::default();

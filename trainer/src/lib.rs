@@ -12,6 +12,8 @@
 //! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
 //! - [`schedule`]: learning-rate schedules as transformers computes them.
 //! - [`optim`]: AdamW and SGD whose state is saved by parameter name.
+//! - [`precision`]: bf16/fp16 mixed-precision training (f32 master weights, a 16-bit
+//!   working copy, fp16's loss scaler).
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`trainer`]: the [`Trainer`](trainer::Trainer).
 //! - [`tokenize`]: tokenizers loaded from or saved as transformers model folders, or
@@ -36,6 +38,7 @@ pub mod model;
 #[cfg(feature = "models")]
 pub mod models;
 pub mod optim;
+pub mod precision;
 pub mod rng;
 #[cfg(feature = "models")]
 pub mod run;

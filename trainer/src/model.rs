@@ -100,6 +100,30 @@ pub trait Model: Send {
         )
     }
 
+    /// Replaces every parameter variable by the one `f` returns for it, given its name
+    /// (as [`Model::parameters`] names it) and its current variable. The trainer's bf16
+    /// and fp16 training calls it once to give the model a working copy of its
+    /// parameters in the low-precision dtype (new variables): the variables handed out by
+    /// [`Model::parameters`] before the call keep the f32 values and become the master
+    /// weights the optimizer updates, and the working copy is refreshed from them after
+    /// every optimizer step.
+    ///
+    /// A model whose forward pass should run in bf16 or f16 implements it by assigning
+    /// each of its `Var` fields (`self.w = f("classifier.weight", &self.w)?;`) and makes
+    /// its forward pass work with parameters of that dtype (kiln's models compute
+    /// LayerNorm, softmax and losses in f32, as torch's autocast does). The default
+    /// refuses, so bf16/fp16 training of a model without it is a clear error.
+    fn map_parameters(
+        &mut self,
+        f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
+    ) -> crate::Result<()> {
+        let _ = f;
+        Err(crate::Error::Config(
+            "this model cannot train in bf16 or fp16: it does not implement Model::map_parameters"
+                .into(),
+        ))
+    }
+
     /// Whether weight decay skips this parameter. transformers skips biases and the
     /// parameters of normalisation layers; the default recognises their usual names.
     fn no_weight_decay(&self, name: &str) -> bool {

@@ -30,6 +30,9 @@ pub struct Hyper {
 struct Slot {
     name: String,
     var: Var,
+    /// The low-precision copy the model computes with (bf16/fp16 training): its
+    /// gradients are this slot's, and it is refreshed from `var` after each step.
+    working: Option<Var>,
     decay: bool,
     exp_avg: Option<Tensor>,
     exp_avg_sq: Option<Tensor>,
@@ -65,6 +68,7 @@ impl Optimizer {
             .map(|(name, var, decay)| Slot {
                 name,
                 var,
+                working: None,
                 decay,
                 exp_avg: None,
                 exp_avg_sq: None,
@@ -78,6 +82,32 @@ impl Optimizer {
         }
     }
 
+    /// Mixed precision: `working` are the variables the model computes with, one per
+    /// parameter in order (same shapes, a 16-bit dtype). Gradients are taken of them
+    /// and cast to the parameters' dtype (f32), and every step copies the updated
+    /// parameters into them.
+    pub fn with_working_copies(mut self, working: Vec<Var>) -> Result<Self> {
+        if working.len() != self.slots.len() {
+            return Err(Error::Config(format!(
+                "{} working copies for {} parameters",
+                working.len(),
+                self.slots.len()
+            )));
+        }
+        for (slot, w) in self.slots.iter_mut().zip(working) {
+            if w.dims() != slot.var.dims() {
+                return Err(Error::Config(format!(
+                    "the working copy of {:?} has shape {:?}, the parameter {:?}",
+                    slot.name,
+                    w.dims(),
+                    slot.var.dims()
+                )));
+            }
+            slot.working = Some(w);
+        }
+        Ok(self)
+    }
+
     /// Optimizer steps taken.
     pub fn steps_taken(&self) -> u64 {
         self.step
@@ -88,14 +118,21 @@ impl Optimizer {
         self.slots.iter().map(|s| &s.var)
     }
 
-    /// Gradients of `loss` for every parameter (None where a parameter got none).
+    /// Gradients of `loss` for every parameter (None where a parameter got none), in
+    /// the parameters' dtype (with working copies: theirs, cast).
     pub fn grads_of(&self, loss: &Tensor) -> Result<Grads> {
         let store = loss.backward()?;
-        Ok(self
-            .slots
+        self.slots
             .iter()
-            .map(|s| store.get(s.var.as_tensor()).cloned())
-            .collect())
+            .map(|s| {
+                let source = s.working.as_ref().unwrap_or(&s.var);
+                store
+                    .get(source.as_tensor())
+                    .map(|g| g.to_dtype(s.var.dtype()))
+                    .transpose()
+                    .map_err(Error::from)
+            })
+            .collect()
     }
 
     /// Adds `more` into `acc` (gradient accumulation).
@@ -187,6 +224,9 @@ impl Optimizer {
                     slot.exp_avg = Some(m);
                     slot.exp_avg_sq = Some(v);
                 }
+            }
+            if let Some(w) = &slot.working {
+                w.set(&slot.var.as_tensor().to_dtype(w.dtype())?)?;
             }
         }
         Ok(())
@@ -330,6 +370,52 @@ mod tests {
             var.as_tensor().to_vec1::<f32>().unwrap()
         };
         assert_eq!(run(false), run(true));
+    }
+
+    #[test]
+    fn working_copies_give_f32_grads_and_follow_the_f32_masters() {
+        let master = Var::new(&[1.0f32, -2.0, 0.1], &Device::Cpu).unwrap();
+        let working = Var::from_tensor(&master.to_dtype(DType::BF16).unwrap()).unwrap();
+        let mut opt = Optimizer::new(
+            OptimKind::AdamW,
+            hyper(),
+            vec![("w".into(), master.clone(), true)],
+        )
+        .with_working_copies(vec![working.clone()])
+        .unwrap();
+        // loss = sum(w * x) in bf16: d/dw = x.
+        let x = Tensor::new(&[0.5f32, -0.25, 4.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let loss = (working.as_tensor() * &x).unwrap().sum_all().unwrap();
+        let grads = opt.grads_of(&loss).unwrap();
+        let g = grads[0].as_ref().unwrap();
+        assert_eq!(g.dtype(), DType::F32);
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [0.5, -0.25, 4.0]);
+        opt.step(&grads, 1e-3).unwrap();
+        let m = master.to_vec1::<f32>().unwrap();
+        // Updates far below bf16's resolution at these magnitudes still reach the master.
+        assert!(m[0] < 1.0 && m[0] > 0.998, "{m:?}");
+        assert_eq!(master.dtype(), DType::F32);
+        let w = working
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = master
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(w, want, "the working copy is the masters, rounded");
+        assert!(
+            Optimizer::new(OptimKind::Sgd, hyper(), vec![])
+                .with_working_copies(vec![working])
+                .is_err()
+        );
     }
 
     #[test]

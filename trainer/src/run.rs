@@ -225,6 +225,14 @@ pub fn device(spec: &str) -> Result<Device> {
     kiln_backend::resolve(spec).map_err(|e| Error::Config(format!("device: {e}")))
 }
 
+/// The device `args.device` names, with its backend, once the backend is known to
+/// compute in the dtype of `bf16`/`fp16` (checked before any work).
+fn select_device(spec: &str, args: &TrainingArguments) -> Result<kiln_backend::Selected> {
+    let selected = kiln_backend::select(spec).map_err(|e| Error::Config(format!("device: {e}")))?;
+    crate::precision::check_device(selected.backend, args)?;
+    Ok(selected)
+}
+
 /// What [`train`] did.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -361,7 +369,8 @@ fn train_with(
         "cuda" if dist.world_size() > 1 => format!("cuda:{}", dist.local_rank()),
         other => other.to_string(),
     };
-    let device = device(&spec)?;
+    let selected = select_device(&spec, &cfg.training)?;
+    let device = selected.device.clone();
     let p = prepare(cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     match p.architecture.as_str() {
@@ -376,7 +385,7 @@ fn train_with(
                     &device,
                 )?,
             };
-            run_trainer(cfg, p, model, quiet, dist)
+            run_trainer(cfg, p, model, selected.backend, quiet, dist)
         }
         "GPT2LMHeadModel" => {
             let model = match &cfg.model.init_from {
@@ -387,7 +396,7 @@ fn train_with(
                     &device,
                 )?,
             };
-            run_trainer(cfg, p, model, quiet, dist)
+            run_trainer(cfg, p, model, selected.backend, quiet, dist)
         }
         other => Err(Error::Config(format!(
             "architecture {other:?} is not supported"
@@ -399,6 +408,7 @@ fn run_trainer<M: Model>(
     cfg: &RunConfig,
     p: Prepared,
     model: M,
+    backend: &'static dyn kiln_backend::Backend,
     quiet: bool,
     dist: Arc<dyn crate::dist::Collective>,
 ) -> Result<RunSummary> {
@@ -407,6 +417,7 @@ fn run_trainer<M: Model>(
         .train
         .ok_or_else(|| Error::Config("[data] needs train_file".into()))?;
     let mut trainer = Trainer::new(model, cfg.training.clone())
+        .with_backend(backend)
         .with_train_dataset(train)
         .with_tokenizer(p.tokenizer.files()?)
         .with_quiet(quiet)
@@ -474,7 +485,8 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
     // Evaluation reads no training file; the tokenizer and labels come from the model.
     let mut cfg = cfg.clone();
     cfg.data.train_file = None;
-    let device = device(&cfg.training.device)?;
+    let selected = select_device(&cfg.training.device, &cfg.training)?;
+    let device = selected.device.clone();
     let p = prepare(&cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     let dir = cfg.model.init_from.clone().unwrap_or_default();
@@ -487,6 +499,7 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
     macro_rules! eval_with {
         ($model:expr) => {{
             let mut t = Trainer::new($model, args)
+                .with_backend(selected.backend)
                 .with_eval_dataset(eval)
                 .with_quiet(true);
             if p.task == Task::SequenceClassification {

@@ -13,6 +13,13 @@
 //!   checkpoint and rotates old ones; an error of that writer stops training at the
 //!   next save or at the end, never silently. Each save adds `save_stall` and (once the
 //!   write finished) `save_runtime` to the next log entries' numbers via the log.
+//! - **Host snapshot.** The weights are copied through the backend of the model's
+//!   device ([`kiln_backend::HostSnapshot`]: page-locked memory where the backend
+//!   offers it, as CUDA does), into a buffer reused by the next save once the writer is
+//!   done with it; the files are byte for byte those of [`crate::weights::export`].
+//! - **Mixed precision.** With `bf16`/`fp16` the model computes on a 16-bit working
+//!   copy and the optimizer, checkpoints and `save_model` hold f32 master weights
+//!   ([`crate::precision`]); fp16's loss scaler is saved in `scaler.json`.
 //! - **Best model.** `best_model_checkpoint` names the checkpoint of `best_global_step`
 //!   once that step was saved; rotation never deletes it; `load_best_model_at_end`
 //!   copies its weights back into the model.
@@ -28,6 +35,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
+use kiln_backend::Backend;
 use kiln_checkpoint::async_save::{AsyncSaver, SaveJob};
 use kiln_checkpoint::commit::SingleProcess;
 
@@ -44,8 +52,10 @@ use crate::callback::{
 };
 use crate::model::{Batch, Model};
 use crate::optim::{Grads, Hyper, Optimizer};
+use crate::precision::{GradScaler, MixedPrecision};
 use crate::rng::{Rng, RngState};
 use crate::schedule::Schedule;
+use crate::weights::HostWeights;
 use crate::{Error, Result};
 
 /// A dataset as the trainer sees it: a number of examples, and a collated batch for any
@@ -135,6 +145,11 @@ pub struct Trainer<M: Model> {
     total_loss: f64,
     last_logged: u64,
     quiet: bool,
+    backend: Option<&'static dyn Backend>,
+    host_weights: Vec<Arc<HostWeights>>,
+    precision: Option<MixedPrecision>,
+    scaler: Option<GradScaler>,
+    skipped_steps: u64,
 }
 
 impl<M: Model> std::fmt::Debug for Trainer<M> {
@@ -177,7 +192,20 @@ impl<M: Model> Trainer<M> {
             total_loss: 0.0,
             last_logged: 0,
             quiet: false,
+            backend: None,
+            host_weights: Vec::new(),
+            precision: None,
+            scaler: None,
+            skipped_steps: 0,
         }
+    }
+
+    /// The backend of the model's device (default: the registered backend of the
+    /// device's kind). Checkpoint snapshots go through it and bf16/fp16 training checks
+    /// its capabilities.
+    pub fn with_backend(mut self, backend: &'static dyn Backend) -> Self {
+        self.backend = Some(backend);
+        self
     }
 
     /// The training data.
@@ -251,6 +279,42 @@ impl<M: Model> Trainer<M> {
             .unwrap_or(Device::Cpu)
     }
 
+    fn backend(&self) -> Option<&'static dyn Backend> {
+        self.backend
+            .or_else(|| crate::precision::backend_for(&self.device()))
+    }
+
+    /// The parameters the optimizer updates and checkpoints hold: the model's, or with
+    /// `bf16`/`fp16` (once training or evaluation started) their f32 master copies.
+    pub fn parameters(&self) -> Vec<(String, Var)> {
+        match &self.precision {
+            Some(p) => p.masters().to_vec(),
+            None => self.model.parameters(),
+        }
+    }
+
+    /// With `bf16`/`fp16`: checks the device supports the dtype and gives the model its
+    /// 16-bit working copy (once).
+    fn prepare_precision(&mut self) -> Result<()> {
+        let Some(dtype) = self.args.mixed_precision()? else {
+            return Ok(());
+        };
+        if self.precision.is_some() {
+            return Ok(());
+        }
+        let flag = crate::precision::dtype_flag(dtype);
+        let backend = self.backend().ok_or_else(|| {
+            Error::Config(format!(
+                "{flag} training: no backend is linked for the model's device {:?}, so whether it supports {} is unknown; link its backend crate",
+                self.device(),
+                dtype.as_str()
+            ))
+        })?;
+        crate::precision::check_device(backend, &self.args)?;
+        self.precision = Some(MixedPrecision::apply(&mut self.model, dtype)?);
+        Ok(())
+    }
+
     fn output_dir(&self) -> PathBuf {
         PathBuf::from(&self.args.output_dir)
     }
@@ -275,7 +339,7 @@ impl<M: Model> Trainer<M> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.output_dir());
         if self.dist.is_main() {
-            let export = crate::weights::export(&self.model)?;
+            let export = crate::weights::export_parameters(&self.model, &self.parameters())?;
             let mut save = export.model_save();
             save.tokenizer_files = self.tokenizer_files.clone();
             save.training_args = Some(self.args.to_json());
@@ -298,7 +362,20 @@ impl<M: Model> Trainer<M> {
     /// Loads the weights of a model or checkpoint folder of this model into its
     /// variables (all or nothing); every parameter must be in the folder.
     pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
-        let info = self.model.init_from(dir)?;
+        let info = match &self.precision {
+            // Into the f32 masters, then the working copy follows.
+            Some(p) => {
+                let info = crate::weights::load_into(
+                    p.masters(),
+                    &self.model.tied_weights(),
+                    dir,
+                    &self.model.load_rules(),
+                )?;
+                p.refresh(&self.model)?;
+                info
+            }
+            None => self.model.init_from(dir)?,
+        };
         if let Some(name) = info.fresh.first() {
             return Err(Error::Config(format!(
                 "{}: weight {name:?} is missing; a checkpoint of this run holds every weight",
@@ -319,7 +396,6 @@ impl<M: Model> Trainer<M> {
             weight_decay: a.weight_decay,
         };
         let params = self
-            .model
             .parameters()
             .into_iter()
             .zip(owners)
@@ -329,7 +405,18 @@ impl<M: Model> Trainer<M> {
                 (n, v, decay)
             })
             .collect();
-        Ok(Optimizer::new(a.optim_kind()?, hyper, params))
+        let optimizer = Optimizer::new(a.optim_kind()?, hyper, params);
+        match &self.precision {
+            Some(p) => optimizer.with_working_copies(
+                p.working_copies(&self.model)
+                    .into_iter()
+                    .zip(owners)
+                    .filter(|(_, o)| **o == self.dist.rank())
+                    .map(|(w, _)| w)
+                    .collect(),
+            ),
+            None => Ok(optimizer),
+        }
     }
 
     fn resolve_resume(&self, resume: Option<&str>) -> Result<Option<PathBuf>> {
@@ -397,6 +484,7 @@ impl<M: Model> Trainer<M> {
                 "eval_strategy needs evaluation data (validation_file)".into(),
             ));
         }
+        self.prepare_precision()?;
         let resume_dir = self.resolve_resume(resume)?;
         self.check_output_dir(resume_dir.is_some())?;
         if self.dist.is_main() {
@@ -437,7 +525,10 @@ impl<M: Model> Trainer<M> {
         )?;
         let warmup = a.warmup_steps_for(max_steps);
 
-        let vars: Vec<Var> = self
+        // The parameters the optimizer updates (f32 masters in mixed precision) and
+        // the variables the model computes with (their 16-bit copies, or the same).
+        let vars: Vec<Var> = self.parameters().into_iter().map(|(_, v)| v).collect();
+        let sources: Vec<Var> = self
             .model
             .parameters()
             .into_iter()
@@ -472,6 +563,8 @@ impl<M: Model> Trainer<M> {
         self.total_loss = 0.0;
         self.last_logged = 0;
         self.saved_steps.clear();
+        self.scaler = a.fp16.then(GradScaler::new);
+        self.skipped_steps = 0;
         if let Some(dir) = &resume_dir {
             position = self.restore(
                 dir,
@@ -535,25 +628,50 @@ impl<M: Model> Trainer<M> {
                     self.tr_loss +=
                         self.tr_loss / (1 + self.state.global_step - self.last_logged) as f64;
                 }
+                let loss = match &self.scaler {
+                    Some(s) => s.scale_loss(&loss)?,
+                    None => loss,
+                };
+                // Gradients of what the model computed with (the 16-bit working copy in
+                // mixed precision), in the dtype of the parameters the optimizer updates.
                 let store = loss.backward()?;
-                let local: Grads = vars
+                let local = sources
                     .iter()
-                    .map(|v| store.get(v.as_tensor()).cloned())
-                    .collect();
+                    .zip(&vars)
+                    .map(|(src, master)| {
+                        store
+                            .get(src.as_tensor())
+                            .map(|g| g.to_dtype(master.dtype()))
+                            .transpose()
+                            .map_err(Error::from)
+                    })
+                    .collect::<Result<Grads>>()?;
                 Optimizer::accumulate(&mut grads, local)?;
                 let sync = (i + 1) % ga == 0 || i + 1 == batches.len();
                 if !sync {
                     continue;
                 }
                 self.reduce_gradients(&mut grads, &vars)?;
+                let found_inf = match &self.scaler {
+                    Some(s) => s.unscale(&mut grads)?,
+                    None => false,
+                };
                 let grad_norm = if a.max_grad_norm > 0.0 {
                     Optimizer::clip(&mut grads, a.max_grad_norm)?
                 } else {
                     Optimizer::grad_norm(&grads)?
                 };
+                // The schedule counts the steps taken (fp16 skips those that overflow).
                 let lr = a.learning_rate
-                    * schedule.factor(self.state.global_step, warmup, max_steps, a.learning_rate);
-                if world > 1 && self.sharded_optimizer() {
+                    * schedule.factor(
+                        self.state.global_step - self.skipped_steps,
+                        warmup,
+                        max_steps,
+                        a.learning_rate,
+                    );
+                if found_inf {
+                    self.skipped_steps += 1;
+                } else if world > 1 && self.sharded_optimizer() {
                     let mine: Grads = grads
                         .iter()
                         .zip(&owners)
@@ -564,6 +682,9 @@ impl<M: Model> Trainer<M> {
                     self.share_updated_parameters(&vars, &owners)?;
                 } else {
                     optimizer.step(&grads, lr)?;
+                }
+                if let Some(s) = &mut self.scaler {
+                    s.update(found_inf);
                 }
                 grads.clear();
                 self.state.global_step += 1;
@@ -782,6 +903,7 @@ impl<M: Model> Trainer<M> {
         &mut self,
         bar: Option<&indicatif::ProgressBar>,
     ) -> Result<BTreeMap<String, f64>> {
+        self.prepare_precision()?;
         let data = self
             .eval_data
             .clone()
@@ -827,6 +949,7 @@ impl<M: Model> Trainer<M> {
     /// Logits (and labels, and the mean loss when labels are present) for every example
     /// of `data`, in order, with dropout off.
     pub fn predict(&mut self, data: &dyn BatchSource) -> Result<EvalPrediction> {
+        self.prepare_precision()?;
         let (_, logits, labels, _) = self.run_prediction(data)?;
         Ok(EvalPrediction { logits, labels })
     }
@@ -853,7 +976,8 @@ impl<M: Model> Trainer<M> {
                     l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
                 loss_n += chunk.len();
             }
-            all_logits.push(out.logits);
+            // f32 logits from a bf16/fp16 model, as transformers hands them to metrics.
+            all_logits.push(crate::precision::upcast(&out.logits)?);
             if let Some(l) = batch.labels {
                 all_labels.push(l);
             }
@@ -1027,7 +1151,16 @@ impl<M: Model> Trainer<M> {
         if self.dist.world_size() <= 1 {
             return Ok(());
         }
-        self.broadcast_from(&vars.iter().collect::<Vec<_>>(), 0)
+        self.broadcast_from(&vars.iter().collect::<Vec<_>>(), 0)?;
+        self.refresh_working_copies()
+    }
+
+    /// Mixed precision: the model's 16-bit copy from the (just overwritten) masters.
+    fn refresh_working_copies(&self) -> Result<()> {
+        match &self.precision {
+            Some(p) => p.refresh(&self.model),
+            None => Ok(()),
+        }
     }
 
     /// ZeRO-1, after each rank stepped its own parameters: every owner's new values
@@ -1044,7 +1177,7 @@ impl<M: Model> Trainer<M> {
                 self.broadcast_from(&mine, root)?;
             }
         }
-        Ok(())
+        self.refresh_working_copies()
     }
 
     fn save_checkpoint(
@@ -1080,15 +1213,10 @@ impl<M: Model> Trainer<M> {
         // The copy to host memory: the only part of an asynchronous save that blocks.
         // Only the main process writes the model; with a sharded optimizer every rank
         // writes its part of the state.
-        let export = if main {
-            crate::weights::export(&self.model)?
+        let weights: Arc<dyn kiln_formats::TensorCollection> = if main {
+            self.host_weights()?
         } else {
-            crate::weights::ModelExport {
-                config: Value::Null,
-                generation_config: None,
-                weights: kiln_formats::TensorMap::new(),
-                tied: Vec::new(),
-            }
+            Arc::new(kiln_formats::TensorMap::new())
         };
         let opt_state = if only_model || !(main || sharded) {
             None
@@ -1107,16 +1235,23 @@ impl<M: Model> Trainer<M> {
         }
         let snapshot = CheckpointSnapshot {
             step,
-            config: export.config,
-            generation_config: export.generation_config,
-            weights: export.weights,
-            tied: export.tied,
+            config: self.model.config(),
+            generation_config: self.model.generation_config(),
+            weights,
+            tied: self.model.tied_weights(),
             tokenizer_files: self.tokenizer_files.clone(),
             training_args: Some(self.args.to_json()),
             optimizer: opt_state,
             optimizer_sharded: sharded,
-            scheduler: (!only_model)
-                .then(|| json!({"step": step, "lr_scheduler_type": self.args.lr_scheduler_type})),
+            // The schedule's own step count: fp16 steps skipped for overflow are not in it.
+            scheduler: (!only_model).then(|| {
+                json!({"step": step - self.skipped_steps, "lr_scheduler_type": self.args.lr_scheduler_type})
+            }),
+            scaler: self
+                .scaler
+                .as_ref()
+                .filter(|_| !only_model)
+                .map(GradScaler::state),
             rng: (!only_model)
                 .then(|| serde_json::to_value(self.rng.state()).unwrap_or(Value::Null)),
             data: (!only_model).then(|| {
@@ -1183,6 +1318,32 @@ impl<M: Model> Trainer<M> {
         }
         self.saved_steps.push(step);
         Ok(())
+    }
+
+    /// The weights copied to host memory through the device's backend (the old export
+    /// when no backend is linked for the device), into the buffer of an earlier
+    /// snapshot that the writer has dropped.
+    fn host_weights(&mut self) -> Result<Arc<dyn kiln_formats::TensorCollection>> {
+        let params = self.parameters();
+        let Some(backend) = self.backend() else {
+            let export = crate::weights::export_parameters(&self.model, &params)?;
+            return Ok(Arc::new(export.weights));
+        };
+        // Only this trainer holds a snapshot whose write finished.
+        let reuse = self
+            .host_weights
+            .iter()
+            .position(|w| Arc::strong_count(w) == 1)
+            .map(|i| self.host_weights.swap_remove(i))
+            .and_then(|w| Arc::try_unwrap(w).ok())
+            .map(HostWeights::into_buffer);
+        let weights = Arc::new(HostWeights::take(backend, &params, reuse)?);
+        self.host_weights.push(Arc::clone(&weights));
+        // One save is written at a time: the buffer being written and this one.
+        while self.host_weights.len() > 2 {
+            self.host_weights.remove(0);
+        }
+        Ok(weights)
     }
 
     /// Logs the write time of background saves that finished (`save_runtime`).
@@ -1259,7 +1420,6 @@ impl<M: Model> Trainer<M> {
             if self.sharded_optimizer() {
                 let rank = self.dist.rank();
                 let mine: std::collections::BTreeSet<String> = self
-                    .model
                     .parameters()
                     .into_iter()
                     .zip(owners)
@@ -1278,6 +1438,16 @@ impl<M: Model> Trainer<M> {
                 dir.display()
             );
         }
+        if let (Some(scaler), Some(state)) = (&mut self.scaler, &resume.scaler) {
+            *scaler = GradScaler::from_state(state)
+                .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+        }
+        // Steps fp16 skipped: the checkpoint's global step less the schedule's count.
+        self.skipped_steps = resume
+            .scheduler
+            .as_ref()
+            .and_then(|s| s["step"].as_u64())
+            .map_or(0, |s| self.state.global_step.saturating_sub(s));
         if let Some(rng) = &resume.rng {
             let s: RngState = serde_json::from_value(rng.clone())
                 .map_err(|e| Error::Config(format!("{}: rng state: {e}", dir.display())))?;

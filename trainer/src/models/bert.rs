@@ -3,13 +3,13 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::config::{self, ProblemType, TokenIds, check};
 use super::layers::{
-    Activation, Embedding, LayerNorm, Linear, Params, attention, dropout, mask_to_bias,
+    Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, mask_to_bias,
     merge_heads, split_heads,
 };
 use super::loss;
@@ -363,6 +363,23 @@ impl BertLayer {
         self.output_norm.forward(&(out + x)?)
     }
 
+    fn map(&mut self, prefix: &str, f: MapFn<'_>) -> candle_core::Result<()> {
+        self.query
+            .map(&format!("{prefix}.attention.self.query"), f)?;
+        self.key.map(&format!("{prefix}.attention.self.key"), f)?;
+        self.value
+            .map(&format!("{prefix}.attention.self.value"), f)?;
+        self.attention_output
+            .map(&format!("{prefix}.attention.output.dense"), f)?;
+        self.attention_norm
+            .map(&format!("{prefix}.attention.output.LayerNorm"), f)?;
+        self.intermediate
+            .map(&format!("{prefix}.intermediate.dense"), f)?;
+        self.output.map(&format!("{prefix}.output.dense"), f)?;
+        self.output_norm
+            .map(&format!("{prefix}.output.LayerNorm"), f)
+    }
+
     fn push(&self, prefix: &str, out: &mut Params) {
         self.query
             .push(&format!("{prefix}.attention.self.query"), out);
@@ -431,6 +448,25 @@ impl Model for BertForSequenceClassification {
         self.pooler.push("bert.pooler.dense", &mut out);
         self.classifier.push("classifier", &mut out);
         out
+    }
+
+    fn map_parameters(
+        &mut self,
+        f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
+    ) -> Result<()> {
+        self.word_embeddings
+            .map("bert.embeddings.word_embeddings", f)?;
+        self.position_embeddings
+            .map("bert.embeddings.position_embeddings", f)?;
+        self.token_type_embeddings
+            .map("bert.embeddings.token_type_embeddings", f)?;
+        self.embeddings_norm.map("bert.embeddings.LayerNorm", f)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.map(&format!("bert.encoder.layer.{i}"), f)?;
+        }
+        self.pooler.map("bert.pooler.dense", f)?;
+        self.classifier.map("classifier", f)?;
+        Ok(())
     }
 
     fn config(&self) -> Value {

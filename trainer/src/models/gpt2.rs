@@ -8,8 +8,8 @@ use serde_json::{Map, Value, json};
 
 use super::config::{self, TokenIds, check};
 use super::layers::{
-    Activation, Embedding, LayerNorm, Linear, Params, attention, dropout, mask_to_bias,
-    matmul_last, merge_heads, normal, split_heads,
+    Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, map_var,
+    mask_to_bias, matmul_last, merge_heads, normal, split_heads,
 };
 use super::loss;
 use crate::model::{Batch, Model, Output};
@@ -427,6 +427,15 @@ impl Gpt2LMHeadModel {
 }
 
 impl Block {
+    fn map(&mut self, prefix: &str, f: MapFn<'_>) -> candle_core::Result<()> {
+        self.ln_1.map(&format!("{prefix}.ln_1"), f)?;
+        self.c_attn.map(&format!("{prefix}.attn.c_attn"), f)?;
+        self.attn_c_proj.map(&format!("{prefix}.attn.c_proj"), f)?;
+        self.ln_2.map(&format!("{prefix}.ln_2"), f)?;
+        self.c_fc.map(&format!("{prefix}.mlp.c_fc"), f)?;
+        self.mlp_c_proj.map(&format!("{prefix}.mlp.c_proj"), f)
+    }
+
     fn push(&self, prefix: &str, out: &mut Params) {
         self.ln_1.push(&format!("{prefix}.ln_1"), out);
         self.c_attn.push(&format!("{prefix}.attn.c_attn"), out);
@@ -471,6 +480,22 @@ impl Model for Gpt2LMHeadModel {
             out.push(("lm_head.weight".into(), head.clone()));
         }
         out
+    }
+
+    fn map_parameters(
+        &mut self,
+        f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
+    ) -> Result<()> {
+        self.wte.map("transformer.wte", f)?;
+        self.wpe.map("transformer.wpe", f)?;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.map(&format!("transformer.h.{i}"), f)?;
+        }
+        self.ln_f.map("transformer.ln_f", f)?;
+        if let Some(head) = &mut self.lm_head {
+            map_var(head, "lm_head.weight", f)?;
+        }
+        Ok(())
     }
 
     fn config(&self) -> Value {

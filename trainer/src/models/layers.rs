@@ -3,6 +3,14 @@
 //!
 //! Every operation here has a backward pass: candle-nn's fused `layer_norm` and
 //! `softmax_last_dim` have none (`apply_op*_no_bwd`), so they are written out.
+//!
+//! The layers run in the dtype of their parameters, so that bf16/fp16 training (a
+//! working copy of the parameters in that dtype, [`Model::map_parameters`]) computes in
+//! it; as torch's autocast does, LayerNorm and the attention softmax (with its additive
+//! mask) compute in f32 and cast back, and the losses take f32 logits. In f32 every
+//! cast is the identity, so f32 results are unchanged.
+//!
+//! [`Model::map_parameters`]: crate::model::Model::map_parameters
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 
@@ -10,6 +18,17 @@ use crate::rng::Rng;
 
 /// Parameters collected with their full names, in state_dict order.
 pub(crate) type Params = Vec<(String, Var)>;
+
+/// What [`crate::model::Model::map_parameters`] applies to each variable.
+pub(crate) type MapFn<'a> = &'a mut dyn FnMut(&str, &Var) -> Result<Var>;
+
+/// Replaces `var` by `f`'s variable for `name`.
+pub(crate) fn map_var(var: &mut Var, name: &str, f: MapFn<'_>) -> Result<()> {
+    *var = f(name, var)?;
+    Ok(())
+}
+
+pub(crate) use crate::precision::upcast;
 
 /// A variable of normal(0, std) entries.
 pub(crate) fn normal(shape: &[usize], std: f64, rng: &mut Rng, device: &Device) -> Result<Var> {
@@ -86,6 +105,14 @@ impl Linear {
             out.push((format!("{prefix}.bias"), b.clone()));
         }
     }
+
+    pub(crate) fn map(&mut self, prefix: &str, f: MapFn<'_>) -> Result<()> {
+        map_var(&mut self.weight, &format!("{prefix}.weight"), f)?;
+        if let Some(b) = &mut self.bias {
+            map_var(b, &format!("{prefix}.bias"), f)?;
+        }
+        Ok(())
+    }
 }
 
 /// `x @ w` for `x` of any rank ≥ 1 and a matrix `w` (leading dimensions flattened).
@@ -117,20 +144,29 @@ impl LayerNorm {
         })
     }
 
-    /// Normalises over the last dimension (biased variance, as torch).
+    /// Normalises over the last dimension (biased variance, as torch), in f32 for
+    /// 16-bit inputs (the result has `x`'s dtype).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = upcast(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         normed
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())
+            .broadcast_mul(&upcast(self.weight.as_tensor())?)?
+            .broadcast_add(&upcast(self.bias.as_tensor())?)?
+            .to_dtype(dtype)
     }
 
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
         out.push((format!("{prefix}.weight"), self.weight.clone()));
         out.push((format!("{prefix}.bias"), self.bias.clone()));
+    }
+
+    pub(crate) fn map(&mut self, prefix: &str, f: MapFn<'_>) -> Result<()> {
+        map_var(&mut self.weight, &format!("{prefix}.weight"), f)?;
+        map_var(&mut self.bias, &format!("{prefix}.bias"), f)
     }
 }
 
@@ -188,6 +224,10 @@ impl Embedding {
 
     pub(crate) fn push(&self, name: &str, out: &mut Params) {
         out.push((format!("{name}.weight"), self.weight.clone()));
+    }
+
+    pub(crate) fn map(&mut self, name: &str, f: MapFn<'_>) -> Result<()> {
+        map_var(&mut self.weight, &format!("{name}.weight"), f)
     }
 }
 
@@ -297,8 +337,9 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention as transformers' eager implementation computes it:
 /// softmax(q kᵀ · scale + bias), dropout on the probabilities, times v. `bias` is
-/// additive (0 where attending is allowed, the f32 minimum where not) and broadcasts to
-/// `[b, heads, t, t]`.
+/// additive (0 where attending is allowed, the f32 minimum where not), f32, and
+/// broadcasts to `[b, heads, t, t]`; the mask and the softmax are computed in f32 (as
+/// autocast does) and the probabilities cast back to `v`'s dtype.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -308,9 +349,9 @@ pub(crate) fn attention(
     p: f64,
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    let scores = upcast(&(q.matmul(&k.t()?)? * scale)?)?.broadcast_add(bias)?;
     let probs = dropout(&softmax_last(&scores)?, p, rng)?;
-    probs.matmul(v)
+    probs.to_dtype(v.dtype())?.matmul(v)
 }
 
 /// The additive bias for allowed (1) / masked (0) entries: 0 or the f32 minimum, as

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::layers::log_softmax_last;
+use super::layers::{log_softmax_last, upcast};
 
 /// torch's `ignore_index` default, which transformers uses for padding labels.
 pub(crate) const IGNORE_INDEX: i64 = -100;
@@ -46,8 +46,10 @@ pub(crate) fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
     total * (-1.0 / count as f64)
 }
 
-/// `MSELoss()`: mean of squared differences (`labels` converted to the logits' dtype).
+/// `MSELoss()`: mean of squared differences (`labels` converted to the logits' dtype;
+/// 16-bit predictions are taken in f32, as autocast computes losses).
 pub(crate) fn mse(predictions: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let predictions = &upcast(predictions)?;
     let labels = labels.to_dtype(predictions.dtype())?;
     if predictions.dims() != labels.dims() {
         candle_core::bail!(
@@ -59,8 +61,10 @@ pub(crate) fn mse(predictions: &Tensor, labels: &Tensor) -> Result<Tensor> {
     (predictions - labels)?.sqr()?.mean_all()
 }
 
-/// `BCEWithLogitsLoss()`: mean of `max(x, 0) - x·y + log(1 + e^-|x|)`.
+/// `BCEWithLogitsLoss()`: mean of `max(x, 0) - x·y + log(1 + e^-|x|)` (in f32 for
+/// 16-bit logits).
 pub(crate) fn bce_with_logits(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = &upcast(logits)?;
     let labels = labels.to_dtype(logits.dtype())?;
     if logits.dims() != labels.dims() {
         candle_core::bail!(

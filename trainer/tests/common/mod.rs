@@ -15,6 +15,8 @@ pub struct Tiny {
     w: Var,
     b: Var,
     pub dropout: f64,
+    /// Multiplies the loss (1: none); a large value makes fp16 gradients overflow.
+    pub loss_scale: f64,
 }
 
 pub const VOCAB: usize = 16;
@@ -30,6 +32,7 @@ impl Tiny {
             w: Var::from_tensor(&rng.normal_tensor(&[2, HIDDEN], 0.0, 0.5, &d).unwrap()).unwrap(),
             b: Var::from_tensor(&Tensor::zeros(2, DType::F32, &d).unwrap()).unwrap(),
             dropout: 0.2,
+            loss_scale: 1.0,
         }
     }
 }
@@ -45,16 +48,23 @@ impl Model for Tiny {
         let mut x = x.mean(1)?;
         if let Some(rng) = train {
             let mask = rng.dropout_mask(&[b, HIDDEN], self.dropout, &Device::Cpu)?;
-            x = (x * mask)?;
+            x = (&x * mask.to_dtype(x.dtype())?)?;
         }
         let logits = x
             .matmul(&self.w.as_tensor().t()?)?
             .broadcast_add(self.b.as_tensor())?;
         let loss = match &batch.labels {
-            Some(l) => Some(candle_nn::loss::cross_entropy(
-                &logits,
-                &l.to_dtype(DType::U32)?,
-            )?),
+            Some(l) => {
+                let loss = candle_nn::loss::cross_entropy(
+                    &logits.to_dtype(DType::F32)?,
+                    &l.to_dtype(DType::U32)?,
+                )?;
+                Some(if self.loss_scale == 1.0 {
+                    loss
+                } else {
+                    loss.affine(self.loss_scale, 0.0)?
+                })
+            }
             None => None,
         };
         Ok(Output { loss, logits })
@@ -66,6 +76,16 @@ impl Model for Tiny {
             ("classifier.weight".into(), self.w.clone()),
             ("classifier.bias".into(), self.b.clone()),
         ]
+    }
+
+    fn map_parameters(
+        &mut self,
+        f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
+    ) -> kiln_trainer::Result<()> {
+        self.emb = f("embeddings.weight", &self.emb)?;
+        self.w = f("classifier.weight", &self.w)?;
+        self.b = f("classifier.bias", &self.b)?;
+        Ok(())
     }
 
     fn config(&self) -> serde_json::Value {
