@@ -5,7 +5,8 @@
 //! workspace's own `target/<profile>/kiln`, which has no MPI), with the `failpoints`
 //! feature so that a rank can be made to crash or hang in the middle of a save. Without
 //! `mpirun` they skip with the reason — except under `KILN_REQUIRE_MPI=1` (CI), where
-//! that is a failure. `KILN_MPI_BIN` names an already built binary instead.
+//! that is a failure. `KILN_MPI_BIN` names an already built binary instead, and
+//! `KILN_MPI_TARGET` another target folder for that build (CI caches it).
 //!
 //! Tolerance: 2 ranks × batch b against 1 rank × batch 2b differ only in the order of
 //! float additions (the per-rank means are summed and halved instead of one mean over
@@ -40,7 +41,10 @@ fn mpi_kiln() -> Result<PathBuf, String> {
             Ok(o) if o.status.success() => {}
             _ => return Err("mpirun is not installed (Debian: openmpi-bin libopenmpi-dev)".into()),
         }
-        let target = repo().join("target/mpi");
+        // CI keeps this build in its cache (KILN_MPI_TARGET); locally it sits in target/.
+        let target = std::env::var_os("KILN_MPI_TARGET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/mpi"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         eprintln!(
             "building kiln with --features mpi,failpoints into {}",

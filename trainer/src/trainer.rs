@@ -449,7 +449,8 @@ impl<M: Model> Trainer<M> {
                 out.display()
             ))
         })?;
-        let probe = out.join(".kiln-write-test");
+        // One probe per process: the ranks of a run check the same folder at once.
+        let probe = out.join(format!(".kiln-write-test-{}", std::process::id()));
         std::fs::write(&probe, b"")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| {
@@ -485,13 +486,17 @@ impl<M: Model> Trainer<M> {
             ));
         }
         self.prepare_precision()?;
-        let resume_dir = self.resolve_resume(resume)?;
-        self.check_output_dir(resume_dir.is_some())?;
+        let resuming = resume
+            .or(self.args.resume_from_checkpoint.as_deref())
+            .is_some();
+        self.check_output_dir(resuming)?;
         if self.dist.is_main() {
             kiln_checkpoint::scan::clean_leftovers(&self.output_dir())?;
         }
-        // The other ranks look for checkpoints only once the clean-up is done.
+        // The other ranks look for checkpoints only once the clean-up (which may put a
+        // checkpoint back) is done, so that every rank resumes the same one.
         self.sync()?;
+        let resume_dir = self.resolve_resume(resume)?;
         self.saver = AsyncSaver::new(1);
         let a = self.args.clone();
         let world = self.dist.world_size();
