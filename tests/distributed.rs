@@ -206,6 +206,12 @@ fn max_diff(a: &Path, b: &Path) -> f32 {
     max
 }
 
+/// Panics unless `rel` (a weights file) under `a` and `b` agrees within [`TOL`].
+fn assert_same_weights(a: &Path, b: &Path, rel: &str, what: &str) {
+    let d = max_diff(&a.join(rel), &b.join(rel));
+    assert!(d < TOL, "{what}: {rel} differs by {d}");
+}
+
 fn state(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
 }
@@ -255,16 +261,18 @@ fn two_ranks_of_b_train_as_one_rank_of_2b_and_save_once() {
         1
     );
 
-    let d = max_diff(
-        &one.join("model.safetensors"),
-        &two.join("model.safetensors"),
+    assert_same_weights(
+        &one,
+        &two,
+        "model.safetensors",
+        "2 ranks x 8 vs 1 rank x 16, final",
     );
-    assert!(d < TOL, "final weights differ by {d}");
-    let d4 = max_diff(
-        &one.join("checkpoint-4/model.safetensors"),
-        &two.join("checkpoint-4/model.safetensors"),
+    assert_same_weights(
+        &one,
+        &two,
+        "checkpoint-4/model.safetensors",
+        "2 ranks x 8 vs 1 rank x 16, checkpoint-4",
     );
-    assert!(d4 < TOL, "checkpoint-4 weights differ by {d4}");
     // The same loss curve (logged rounded to 4 places, as transformers does) and the
     // same evaluation over the whole validation set (gathered from both ranks).
     let (l1, l2) = (losses(&one), losses(&two));
@@ -344,11 +352,7 @@ fn zero1_shards_resume_across_world_sizes_and_consolidate() {
         ),
     )
     .expect_success();
-    let d = max_diff(
-        &two.join("model.safetensors"),
-        &resumed1.join("model.safetensors"),
-    );
-    assert!(d < TOL, "2 -> 1 resume differs by {d}");
+    assert_same_weights(&two, &resumed1, "model.safetensors", "2 -> 1 resume");
     assert_eq!(losses(&resumed1).last(), losses(&two).last());
 
     // 1 -> 2: 2 ranks (sharded) resume a one-process checkpoint.
@@ -371,17 +375,14 @@ fn zero1_shards_resume_across_world_sizes_and_consolidate() {
         None,
     )
     .expect_success();
-    let d = max_diff(
-        &one.join("model.safetensors"),
-        &resumed2.join("model.safetensors"),
-    );
-    assert!(d < TOL, "1 -> 2 resume differs by {d}");
+    assert_same_weights(&one, &resumed2, "model.safetensors", "1 -> 2 resume");
     // Sharding the optimizer changes where state lives, not the arithmetic.
-    let d = max_diff(
-        &one.join("model.safetensors"),
-        &two.join("model.safetensors"),
+    assert_same_weights(
+        &one,
+        &two,
+        "model.safetensors",
+        "zero_stage 1 vs one process",
     );
-    assert!(d < TOL, "zero_stage 1 vs one process: {d}");
 
     // kiln convert consolidates the shards into one optimizer.safetensors holding every
     // parameter's state, in a checkpoint that verifies and resumes.
