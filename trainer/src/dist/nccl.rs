@@ -112,6 +112,12 @@ impl NcclCollective {
                 })?;
             Id::uninit(internal)
         };
+        // ncclCommInitRank uses the calling thread's current device: make it ours.
+        device
+            .cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding cuda context", e))?;
         // World size and rank fit in i32 (checked by TorchrunEnv), so cudarc's casts hold.
         let comm = Comm::from_rank(device.cuda_stream(), env.rank, env.world_size, id)
             .map_err(|e| nccl_error("ncclCommInitRank", e))?;
@@ -184,6 +190,11 @@ impl NcclCollective {
             let start = layout.start_offset();
             let view = slice.slice(start..start + n);
             let comm = self.comm();
+            // NCCL launches on the current device of the calling thread.
+            comm.0
+                .context()
+                .bind_to_thread()
+                .map_err(|e| cuda_error(what, e))?;
             op(&comm.0, &view, &mut out).map_err(|e| nccl_error(what, e))?;
             if !same {
                 comm.0
