@@ -326,6 +326,17 @@ mod tests {
         assert_eq!(partition(&[4, 8], 1), [0, 0]);
     }
 
+    #[cfg(not(feature = "nccl"))]
+    #[test]
+    fn torchrun_without_nccl_says_how_to_build() {
+        let e = nccl_collective(Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
     #[test]
     fn single_process_is_identity() {
         let c = SingleProcess;
