@@ -30,7 +30,8 @@
 //!   connections, two channels (training, checkpoint writer) so that saves run in the
 //!   background; each operation fails after `ddp_timeout` seconds naming the rank that
 //!   did not answer, and a rank that died is noticed at once (its connections close).
-//!   NCCL's own operations have no timeout.
+//!   NCCL's own operations have no timeout; instead a rank's fatal error or panic ends
+//!   every rank through a third channel ([`AbortLine`]), as `MPI_Abort` does.
 //!
 //! # Semantics (as transformers with accelerate)
 //!
@@ -75,7 +76,7 @@ mod nccl;
 #[cfg(feature = "nccl")]
 pub use self::nccl::NcclCollective;
 pub mod rendezvous;
-pub use self::rendezvous::{TcpGroup, TorchrunEnv};
+pub use self::rendezvous::{AbortLine, TcpGroup, TorchrunEnv};
 
 /// The collective operations of data-parallel training, for one process of a run.
 ///

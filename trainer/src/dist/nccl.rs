@@ -11,8 +11,10 @@
 //! - Host values (`all_reduce_f64`, `all_gather_bytes`) and checkpoint barriers go
 //!   through the rendezvous connections, over two channels (training, checkpoint
 //!   writer), every operation bounded by `ddp_timeout`: NCCL itself has no timeouts.
+//! - A third channel carries aborts ([`AbortLine`]): a rank's fatal error
+//!   ([`Collective::abort`]) or panic ends every rank, as `MPI_Abort` does.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use candle_core::backend::BackendDevice;
@@ -23,7 +25,7 @@ use cudarc::driver::CudaSlice;
 use cudarc::nccl::result::NcclError;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
-use super::rendezvous::{TcpGroup, TorchrunEnv};
+use super::rendezvous::{AbortLine, TcpGroup, TorchrunEnv};
 use super::{Collective, Coordinator};
 use crate::{Error, Result};
 
@@ -45,6 +47,8 @@ pub struct NcclCollective {
     train: TcpGroup,
     /// Checkpoint barriers (the background writer's thread).
     save: TcpGroup,
+    /// Ends every rank when one aborts ([`Collective::abort`], a panic).
+    abort_line: Arc<AbortLine>,
 }
 
 impl std::fmt::Debug for NcclCollective {
@@ -86,12 +90,28 @@ impl NcclCollective {
                 )));
             }
         };
-        let mut groups = TcpGroup::connect(&env, timeout, 2)?;
-        let (Some(save), Some(train)) = (groups.pop(), groups.pop()) else {
+        let mut groups = TcpGroup::connect(&env, timeout, 3)?;
+        let (Some(line), Some(save), Some(train)) = (groups.pop(), groups.pop(), groups.pop())
+        else {
             return Err(Error::Config(
                 "nccl: the rendezvous opened too few channels".into(),
             ));
         };
+        // One rank's fatal error or panic ends every rank (as MPI_Abort), so that none
+        // waits forever inside an NCCL collective (which has no timeout).
+        let abort_line = Arc::new(AbortLine::new(line));
+        let me = env.rank;
+        abort_line.watch(move |from, code| {
+            eprintln!("kiln: rank {me}: rank {from} ended the run (exit status {code})");
+            std::process::exit(code);
+        })?;
+        let hook_line = abort_line.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            hook_line.abort(101);
+            std::process::exit(101);
+        }));
         let id = if env.rank == 0 {
             let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
             let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
@@ -127,6 +147,7 @@ impl NcclCollective {
             device,
             train,
             save,
+            abort_line,
         })
     }
 
@@ -260,5 +281,11 @@ impl Collective for NcclCollective {
     /// Over the rendezvous connection (predictions, shard lists).
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.train.all_gather(mine)
+    }
+
+    /// Tells every other rank to end with `code` (through rank 0), then ends.
+    fn abort(&self, code: i32) -> ! {
+        self.abort_line.abort(code);
+        std::process::exit(code)
     }
 }

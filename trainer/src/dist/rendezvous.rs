@@ -144,6 +144,7 @@ const OP_BLOB: u8 = 1;
 const OP_GATHER: u8 = 2;
 const OP_BARRIER: u8 = 3;
 const OP_REPLY: u8 = 4;
+const OP_ABORT: u8 = 5;
 
 fn op_name(op: u8) -> &'static str {
     match op {
@@ -151,6 +152,7 @@ fn op_name(op: u8) -> &'static str {
         OP_GATHER => "a gather",
         OP_BARRIER => "a barrier",
         OP_REPLY => "a reply",
+        OP_ABORT => "an abort",
         _ => "an unknown operation",
     }
 }
@@ -525,6 +527,138 @@ impl TcpGroup {
     }
 }
 
+/// A channel of the rendezvous kept for one message: "rank r ends the run with exit
+/// status c" (as `MPI_Abort`). A watcher thread on every rank waits for it (rank 0
+/// relays it to every other rank); a connection that merely closes is not an abort.
+#[derive(Debug)]
+pub struct AbortLine {
+    rank: usize,
+    links: Mutex<Links>,
+}
+
+fn abort_frame(from: usize, code: i32) -> Vec<u8> {
+    let mut f = vec![OP_ABORT];
+    f.extend_from_slice(&12u64.to_le_bytes());
+    f.extend_from_slice(&(from as u64).to_le_bytes());
+    f.extend_from_slice(&code.to_le_bytes());
+    f
+}
+
+/// `(from, code)` of a whole abort frame.
+fn parse_abort(f: &[u8]) -> Option<(usize, i32)> {
+    if f.len() != 21 || f[0] != OP_ABORT {
+        return None;
+    }
+    let mut from = [0u8; 8];
+    from.copy_from_slice(&f[9..17]);
+    let mut code = [0u8; 4];
+    code.copy_from_slice(&f[17..21]);
+    Some((
+        usize::try_from(u64::from_le_bytes(from)).unwrap_or(usize::MAX),
+        i32::from_le_bytes(code),
+    ))
+}
+
+impl AbortLine {
+    /// Uses `group`'s channel for aborts only (no other operation may use it).
+    pub fn new(group: TcpGroup) -> Self {
+        let rank = group.rank;
+        AbortLine {
+            rank,
+            links: Mutex::new(group.links.into_inner().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+
+    /// Starts the watcher thread: `on_abort(from, code)` runs on it when a rank aborts
+    /// (after rank 0 relayed the message to the others).
+    pub fn watch(&self, on_abort: impl FnOnce(usize, i32) + Send + 'static) -> Result<()> {
+        let clone_err = |e: std::io::Error| Error::Config(format!("abort watcher: {e}"));
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        match &*links {
+            Links::Leaf(s) => {
+                let mut s = s.try_clone().map_err(clone_err)?;
+                std::thread::Builder::new()
+                    .name("kiln-abort-watch".into())
+                    .spawn(move || {
+                        let mut f = [0u8; 21];
+                        if s.set_read_timeout(None).is_ok()
+                            && s.read_exact(&mut f).is_ok()
+                            && let Some((from, code)) = parse_abort(&f)
+                        {
+                            on_abort(from, code);
+                        }
+                    })
+                    .map_err(clone_err)?;
+            }
+            Links::Root(peers) => {
+                if peers.is_empty() {
+                    return Ok(());
+                }
+                let mut readers = Vec::with_capacity(peers.len());
+                let mut writers = Vec::with_capacity(peers.len());
+                for p in peers {
+                    let r = p.try_clone().map_err(clone_err)?;
+                    // Shared with `abort`'s writes: frames are tiny, into an empty buffer.
+                    r.set_nonblocking(true).map_err(clone_err)?;
+                    readers.push((r, Vec::new(), true));
+                    writers.push(p.try_clone().map_err(clone_err)?);
+                }
+                std::thread::Builder::new()
+                    .name("kiln-abort-watch".into())
+                    .spawn(move || {
+                        let mut buf = [0u8; 64];
+                        while readers.iter().any(|r| r.2) {
+                            for (i, (r, got, open)) in readers.iter_mut().enumerate() {
+                                if !*open {
+                                    continue;
+                                }
+                                match r.read(&mut buf) {
+                                    Ok(0) => *open = false,
+                                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                                    Err(_) => *open = false,
+                                }
+                                if got.len() >= 21 {
+                                    if let Some((from, code)) = parse_abort(&got[..21]) {
+                                        let frame = abort_frame(from, code);
+                                        for (j, w) in writers.iter_mut().enumerate() {
+                                            if j != i {
+                                                let _ = w.write_all(&frame);
+                                            }
+                                        }
+                                        on_abort(from, code);
+                                        return;
+                                    }
+                                    *open = false;
+                                }
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    })
+                    .map_err(clone_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every other rank to end with `code` (best effort: a rank that is gone
+    /// already is skipped).
+    pub fn abort(&self, code: i32) {
+        let frame = abort_frame(self.rank, code);
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let streams: Vec<&mut TcpStream> = match &mut *links {
+            Links::Leaf(s) => vec![s],
+            Links::Root(peers) => peers.iter_mut().collect(),
+        };
+        for s in streams {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = s.write_all(&frame);
+            let _ = s.flush();
+        }
+    }
+}
+
 /// Blocking mode, no Nagle delay (frames are small and answered at once).
 fn prepare(s: &TcpStream) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
@@ -733,6 +867,54 @@ mod tests {
         let e = out[0].clone().unwrap().unwrap_err();
         assert!(e.contains("rank 1: its connection closed"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn an_abort_reaches_every_rank() {
+        // Rank 2 aborts with status 7: ranks 0, 1 and 3 hear it (rank 0 relays it).
+        let out = run(4, Duration::from_secs(20), |r, mut groups| {
+            let line = AbortLine::new(groups.pop().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            line.watch(move |from, code| tx.send((from, code)).unwrap())
+                .unwrap();
+            // Everyone watches before rank 2 aborts.
+            groups[0].barrier().unwrap();
+            if r == 2 {
+                line.abort(7);
+                return None;
+            }
+            Some(rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        });
+        assert_eq!(out, [Some((2, 7)), Some((2, 7)), None, Some((2, 7))]);
+        // Rank 0 aborting reaches everyone too; a rank that just ends aborts nobody.
+        let out = run(3, Duration::from_secs(20), |r, mut groups| {
+            let line = AbortLine::new(groups.pop().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            line.watch(move |from, code| tx.send((from, code)).unwrap())
+                .unwrap();
+            groups[0].barrier().unwrap();
+            match r {
+                0 => {
+                    line.abort(3);
+                    None
+                }
+                _ => Some(rx.recv_timeout(Duration::from_secs(10)).unwrap()),
+            }
+        });
+        assert_eq!(out, [None, Some((0, 3)), Some((0, 3))]);
+        let out = run(2, Duration::from_secs(20), |r, mut groups| {
+            let line = AbortLine::new(groups.pop().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            line.watch(move |from, code| tx.send((from, code)).unwrap())
+                .unwrap();
+            groups[0].barrier().unwrap();
+            if r == 1 {
+                drop(line);
+                return None;
+            }
+            Some(rx.recv_timeout(Duration::from_millis(500)).is_err())
+        });
+        assert_eq!(out, [Some(true), None]);
     }
 
     #[test]
