@@ -75,6 +75,48 @@ impl NcclCollective {
     /// `timeout` bounds the rendezvous, every host-side operation and every barrier.
     pub fn init(timeout: Duration) -> Result<Self> {
         let env = TorchrunEnv::from_env()?;
+        let mut groups = TcpGroup::connect(&env, timeout, 3)?;
+        let (Some(line), Some(save), Some(train)) = (groups.pop(), groups.pop(), groups.pop())
+        else {
+            return Err(Error::Config(
+                "nccl: the rendezvous opened too few channels".into(),
+            ));
+        };
+        // One rank's fatal error or panic ends every rank (as MPI_Abort), so that none
+        // waits forever inside an NCCL call (which has no timeout), ncclCommInitRank
+        // included: a rank that fails below tells the others before it returns.
+        let abort_line = Arc::new(AbortLine::new(line));
+        let me = env.rank;
+        abort_line.watch(move |from, code| {
+            eprintln!("kiln: rank {me}: rank {from} ended the run (exit status {code})");
+            std::process::exit(code);
+        })?;
+        let hook_line = abort_line.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            hook_line.abort(101);
+            std::process::exit(101);
+        }));
+        match Self::communicator(&env, &train) {
+            Ok((device, comm)) => Ok(NcclCollective {
+                env,
+                comm: Mutex::new(SendComm(comm)),
+                device,
+                train,
+                save,
+                abort_line,
+            }),
+            Err(e) => {
+                abort_line.abort(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens `cuda:<LOCAL_RANK>`, hands NCCL's unique id from rank 0 to every rank over
+    /// `train` and creates the communicator.
+    fn communicator(env: &TorchrunEnv, train: &TcpGroup) -> Result<(CudaDevice, Comm)> {
         let device = match kiln_backend::resolve(&format!("cuda:{}", env.local_rank)) {
             Ok(Device::Cuda(d)) => d,
             Ok(other) => {
@@ -90,28 +132,6 @@ impl NcclCollective {
                 )));
             }
         };
-        let mut groups = TcpGroup::connect(&env, timeout, 3)?;
-        let (Some(line), Some(save), Some(train)) = (groups.pop(), groups.pop(), groups.pop())
-        else {
-            return Err(Error::Config(
-                "nccl: the rendezvous opened too few channels".into(),
-            ));
-        };
-        // One rank's fatal error or panic ends every rank (as MPI_Abort), so that none
-        // waits forever inside an NCCL collective (which has no timeout).
-        let abort_line = Arc::new(AbortLine::new(line));
-        let me = env.rank;
-        abort_line.watch(move |from, code| {
-            eprintln!("kiln: rank {me}: rank {from} ended the run (exit status {code})");
-            std::process::exit(code);
-        })?;
-        let hook_line = abort_line.clone();
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            previous(info);
-            hook_line.abort(101);
-            std::process::exit(101);
-        }));
         let id = if env.rank == 0 {
             let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
             let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
@@ -141,14 +161,7 @@ impl NcclCollective {
         // World size and rank fit in i32 (checked by TorchrunEnv), so cudarc's casts hold.
         let comm = Comm::from_rank(device.cuda_stream(), env.rank, env.world_size, id)
             .map_err(|e| nccl_error("ncclCommInitRank", e))?;
-        Ok(NcclCollective {
-            env,
-            comm: Mutex::new(SendComm(comm)),
-            device,
-            train,
-            save,
-            abort_line,
-        })
+        Ok((device, comm))
     }
 
     fn comm(&self) -> MutexGuard<'_, SendComm> {
@@ -198,10 +211,10 @@ impl NcclCollective {
         // result after.
         let same = dev.same_device(&self.device)
             || dev.cuda_stream().cu_stream() == self.device.cuda_stream().cu_stream();
+        let mut out = dev.alloc_zeros::<f32>(n)?;
         if !same {
             dev.synchronize()?;
         }
-        let mut out = dev.alloc_zeros::<f32>(n)?;
         {
             let (storage, layout) = t.storage_and_layout();
             let Storage::Cuda(cuda) = &*storage else {
