@@ -367,6 +367,8 @@ fn train_with(
 ) -> Result<RunSummary> {
     let spec = match cfg.training.device.as_str() {
         "cuda" if dist.world_size() > 1 => format!("cuda:{}", dist.local_rank()),
+        // NCCL runs on GPUs only: `auto` would put every rank on cuda:0.
+        "auto" if dist.name() == "nccl" => format!("cuda:{}", dist.local_rank()),
         other => other.to_string(),
     };
     let selected = select_device(&spec, &cfg.training)?;

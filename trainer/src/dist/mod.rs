@@ -5,11 +5,33 @@
 //! |---|---|---|
 //! | [`SingleProcess`] | the default | `kiln train …` |
 //! | `MpiCollective` (cargo feature `mpi`) | CPUs, clusters | `mpirun -np N kiln train …` |
+//! | `NcclCollective` (cargo feature `nccl`, kiln-cli's `cuda`) | CUDA GPUs, one per process | `torchrun --nproc_per_node N $(which kiln) train …` |
 //!
 //! [`from_env`] picks the implementation from the launcher's environment: OpenMPI's
 //! `OMPI_COMM_WORLD_SIZE` (or the PMI/PMIx variables other MPI launchers set) selects
-//! MPI; torchrun's `WORLD_SIZE`/`RANK` is refused with a one-line reason until a
-//! NCCL implementation exists in this build. Without any of them the run is one process.
+//! MPI; torchrun's `WORLD_SIZE`/`RANK` selects NCCL (a build without the `nccl` feature
+//! refuses it with a one-line reason). Without any of them the run is one process.
+//!
+//! # torchrun + NCCL
+//!
+//! torchrun only sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
+//! `MASTER_ADDR` and `MASTER_PORT` and starts the processes, so
+//! `torchrun --nproc_per_node N $(which kiln) train …` works (`--nnodes`, `--node_rank`
+//! and `--master_addr` for several hosts), as does any launcher that sets these
+//! variables (all six are required; a missing or invalid one is a one-line error).
+//! Each process uses the GPU `cuda:<LOCAL_RANK>` (`device = "cuda"` or `"auto"`).
+//!
+//! - kiln meets the other processes through a [`rendezvous`] of its own (TCP, rank 0
+//!   listening on `MASTER_PORT`; no torch, no c10d store): it hands NCCL's unique id
+//!   from rank 0 to every rank, and stays open for the host-side operations.
+//! - Gradient buckets and weight broadcasts are all-reduced/broadcast by NCCL on the
+//!   GPU, never through host memory.
+//! - Losses, evaluation predictions and checkpoint barriers go through the rendezvous
+//!   connections, two channels (training, checkpoint writer) so that saves run in the
+//!   background; each operation fails after `ddp_timeout` seconds naming the rank that
+//!   did not answer, and a rank that died is noticed at once (its connections close).
+//!   NCCL's own operations have no timeout; instead a rank's fatal error or panic ends
+//!   every rank through a third channel ([`AbortLine`]), as `MPI_Abort` does.
 //!
 //! # Semantics (as transformers with accelerate)
 //!
@@ -49,6 +71,12 @@ use crate::{Error, Result};
 mod mpi;
 #[cfg(feature = "mpi")]
 pub use self::mpi::MpiCollective;
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use self::nccl::NcclCollective;
+pub mod rendezvous;
+pub use self::rendezvous::{AbortLine, TcpGroup, TorchrunEnv};
 
 /// The collective operations of data-parallel training, for one process of a run.
 ///
@@ -134,18 +162,30 @@ pub fn launch_from_env() -> Launch {
 }
 
 /// The collective of this process, from the launcher's environment ([`launch_from_env`]):
-/// MPI under an MPI launcher (feature `mpi`), else a single process. `timeout` bounds
+/// MPI under an MPI launcher (feature `mpi`), NCCL under torchrun (feature `nccl`), else
+/// a single process. `timeout` bounds
 /// every barrier. A launcher this build cannot serve is a one-line error.
 pub fn from_env(timeout: Duration) -> Result<Arc<dyn Collective>> {
     match launch_from_env() {
         Launch::Single => Ok(Arc::new(SingleProcess)),
         Launch::Mpi(var) => mpi_collective(&var, timeout),
-        Launch::Torchrun => Err(Error::Config(
-            "launched by torchrun (RANK/WORLD_SIZE are set), but this kiln has no NCCL \
-             collective; start it with `mpirun -np N kiln train …` (build with --features mpi)"
-                .into(),
-        )),
+        Launch::Torchrun => nccl_collective(timeout),
     }
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_collective(timeout: Duration) -> Result<Arc<dyn Collective>> {
+    Ok(Arc::new(NcclCollective::init(timeout)?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_collective(_timeout: Duration) -> Result<Arc<dyn Collective>> {
+    Err(Error::Config(
+        "launched by torchrun (RANK/WORLD_SIZE are set), but this kiln was built without \
+         NCCL; rebuild with `cargo build --release -p kiln-cli --features cuda`, or start it \
+         with `mpirun -np N kiln train …` (--features mpi)"
+            .into(),
+    ))
 }
 
 #[cfg(feature = "mpi")]
@@ -285,6 +325,17 @@ mod tests {
         // Sizes 8, 5, 4, 3 over 2 ranks: 8 -> r0, 5 -> r1, 4 -> r1 (5 < 8), 3 -> r0 (8 < 9).
         assert_eq!(partition(&[4, 8, 3, 5], 2), [1, 0, 0, 1]);
         assert_eq!(partition(&[4, 8], 1), [0, 0]);
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    #[test]
+    fn torchrun_without_nccl_says_how_to_build() {
+        let e = nccl_collective(Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+        assert!(!e.contains('\n'));
     }
 
     #[test]
