@@ -371,52 +371,16 @@ pub fn every_dtype_map() -> TensorMap<'static> {
     map
 }
 
-/// The Python of [`python`], or — when there is none — prints `skipping: <reason>` and
+/// The Python of `kiln_test_support::python`, or — when there is none — prints `skipping: <reason>` and
 /// returns from the test (a failure instead under `KILN_REQUIRE_PYTHON=1`, as in CI).
 #[macro_export]
 macro_rules! python_or_skip {
     () => {
-        match common::python() {
-            Ok(py) => py,
-            // CI (.ci/run) sets KILN_REQUIRE_PYTHON: there, no Python is a failure.
-            Err(why) if std::env::var_os("KILN_REQUIRE_PYTHON").is_some_and(|v| v == "1") => {
-                panic!("KILN_REQUIRE_PYTHON=1 but {why}")
-            }
-            Err(why) => {
-                println!("skipping: {why}");
-                return;
-            }
+        match kiln_test_support::python_or_skip() {
+            Some(py) => py,
+            None => return,
         }
     };
-}
-
-/// Python with torch, safetensors and transformers: `$KILN_PYTHON`, else the kiln venv.
-/// `Err` says why there is none (the caller prints `skipping: <reason>`).
-pub fn python() -> Result<PathBuf, String> {
-    static PY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PY.get_or_init(|| {
-        let (py, from) = match std::env::var_os("KILN_PYTHON") {
-            Some(p) if !p.is_empty() => (PathBuf::from(p), "KILN_PYTHON"),
-            _ => (
-                PathBuf::from("/root/.cache/kiln/venv/bin/python"),
-                "the default venv",
-            ),
-        };
-        let out = Command::new(&py)
-            .args(["-c", "import torch, safetensors, transformers"])
-            .output()
-            .map_err(|e| format!("no Python at {} ({from}): {e}", py.display()))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let last = err.lines().last().unwrap_or("").to_string();
-            return Err(format!(
-                "{} ({from}) cannot import torch, safetensors, transformers: {last}",
-                py.display()
-            ));
-        }
-        Ok(py)
-    })
-    .clone()
 }
 
 /// Runs a Python snippet with `args` (sys.argv[1..]); panics with its output on failure.

@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use kiln_checkpoint::model::SaveOptions;
@@ -237,62 +236,11 @@ fn parameter_names_order_and_shapes_are_transformers() {
 // ---------------------------------------------------------------------------------
 // (b) folders kiln wrote, in transformers
 
-fn python() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("KILN_PYTHON") {
-        return Ok(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME").ok_or("HOME is not set and KILN_PYTHON is not set")?;
-    let p = Path::new(&home).join(".cache/kiln/venv/bin/python");
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "no Python venv at {} (set KILN_PYTHON)",
-            p.display()
-        ))
-    }
-}
-
-/// Runs `check_models.py` on `jobs`; `None`, after printing why, without Python,
-/// torch or transformers.
+/// Runs `tests/check_models.py` on `jobs` with real transformers (see
+/// [`kiln_test_support::run_checker`]); `None` after a printed skip.
 fn transformers_check(jobs: &[Value], work: &Path) -> Option<Vec<Value>> {
-    let python = match python() {
-        Ok(p) => p,
-        Err(why) => {
-            println!("skipping: {why}");
-            return None;
-        }
-    };
-    let jobs_path = work.join("jobs.json");
-    std::fs::write(&jobs_path, serde_json::to_string(jobs).unwrap()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check_models.py");
-    let out = match Command::new(&python)
-        .arg(&script)
-        .arg(&jobs_path)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .env("TOKENIZERS_PARALLELISM", "false")
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => {
-            println!("skipping: cannot run {}: {e}", python.display());
-            return None;
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{} failed:\n{stdout}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
-    if let Some(why) = report.get("skip") {
-        println!("skipping: {why}");
-        return None;
-    }
-    Some(report["results"].as_array().unwrap().clone())
+    kiln_test_support::run_checker(&script, jobs, work)
 }
 
 struct Job {

@@ -12,26 +12,6 @@ use serde_json::Value;
 
 const MAX_LENGTH: usize = 7;
 
-fn python() -> Result<PathBuf, String> {
-    let python = std::env::var_os("KILN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.cache/kiln/venv/bin/python"));
-    let ok = Command::new(&python)
-        .args(["-c", "import transformers, tokenizers"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("{}: {e}", python.display()))?;
-    if ok.success() {
-        Ok(python)
-    } else {
-        Err(format!(
-            "{} cannot import transformers and tokenizers",
-            python.display()
-        ))
-    }
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tokenizer_interop.py")
 }
@@ -197,12 +177,8 @@ fn path(p: &Path) -> &str {
 
 #[test]
 fn saved_by_kiln_loads_in_transformers() {
-    let python = match python() {
-        Ok(p) => p,
-        Err(reason) => {
-            println!("skipping: {reason}");
-            return;
-        }
+    let Some(python) = kiln_test_support::python_or_skip() else {
+        return;
     };
     let bert = TokenizerTrainer::new(TokenizerKind::Bert, 300)
         .with_model_max_length(64)
@@ -241,12 +217,8 @@ fn saved_by_kiln_loads_in_transformers() {
 
 #[test]
 fn saved_by_transformers_loads_in_kiln() {
-    let python = match python() {
-        Ok(p) => p,
-        Err(reason) => {
-            println!("skipping: {reason}");
-            return;
-        }
+    let Some(python) = kiln_test_support::python_or_skip() else {
+        return;
     };
     let (bert_dir, gpt2_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let out = run(
