@@ -104,7 +104,8 @@ pub struct TrainingArguments {
     pub save_only_model: bool,
     /// Weights as safetensors (else PyTorch `.bin`).
     pub save_safetensors: bool,
-    /// In multi-node runs, save on the main process of every node.
+    /// In multi-node runs, save on the main process of every node (local rank 0), for
+    /// nodes that do not share a file system; on one node it changes nothing.
     pub save_on_each_node: bool,
     /// Load the best checkpoint's weights at the end of training.
     pub load_best_model_at_end: bool,

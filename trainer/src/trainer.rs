@@ -37,7 +37,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use kiln_backend::Backend;
 use kiln_checkpoint::async_save::{AsyncSaver, SaveJob};
-use kiln_checkpoint::commit::SingleProcess;
+use kiln_checkpoint::commit::{Coordinator, SingleProcess};
 
 use crate::dist::Collective;
 use kiln_checkpoint::model::{SaveOptions, save_pretrained};
@@ -338,7 +338,7 @@ impl<M: Model> Trainer<M> {
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.output_dir());
-        if self.dist.is_main() {
+        if self.writer().is_main() {
             let export = crate::weights::export_parameters(&self.model, &self.parameters())?;
             let mut save = export.model_save();
             save.tokenizer_files = self.tokenizer_files.clone();
@@ -351,7 +351,7 @@ impl<M: Model> Trainer<M> {
     /// Writes `trainer_state.json` into `output_dir` (main process only).
     pub fn save_state(&self) -> Result<PathBuf> {
         let path = self.output_dir().join(TRAINER_STATE_NAME);
-        if self.dist.is_main() {
+        if self.writer().is_main() {
             std::fs::create_dir_all(self.output_dir())
                 .map_err(|e| kiln_checkpoint::Error::io(self.output_dir(), e))?;
             self.state.save(&path)?;
@@ -490,7 +490,7 @@ impl<M: Model> Trainer<M> {
             .or(self.args.resume_from_checkpoint.as_deref())
             .is_some();
         self.check_output_dir(resuming)?;
-        if self.dist.is_main() {
+        if self.writer().is_main() {
             kiln_checkpoint::scan::clean_leftovers(&self.output_dir())?;
         }
         // The other ranks look for checkpoints only once the clean-up (which may put a
@@ -1053,6 +1053,16 @@ impl<M: Model> Trainer<M> {
         Ok((concat_padded(&logits)?, labels))
     }
 
+    /// Who writes files: rank 0, or with `save_on_each_node` the first process of every
+    /// node ([`crate::dist::EachNode`]).
+    fn writer(&self) -> Arc<dyn Coordinator> {
+        if self.args.save_on_each_node {
+            Arc::new(crate::dist::EachNode(self.dist.clone()))
+        } else {
+            self.dist.clone()
+        }
+    }
+
     /// Whether every rank keeps only its part of the optimizer state (ZeRO stage 1).
     fn sharded_optimizer(&self) -> bool {
         self.args.zero_stage == 1 && self.dist.world_size() > 1
@@ -1210,7 +1220,8 @@ impl<M: Model> Trainer<M> {
         }
         self.state.stateful_callbacks = callbacks_state;
         let only_model = self.args.save_only_model;
-        let main = self.dist.is_main();
+        let coord = self.writer();
+        let main = coord.is_main();
         let sharded = self.sharded_optimizer();
         // The loss accumulated since the last log, averaged over ranks (a collective:
         // every rank saves at the same steps).
@@ -1273,7 +1284,6 @@ impl<M: Model> Trainer<M> {
             state: self.state.clone(),
             save_options: self.save_options(),
         };
-        let coord = self.dist.clone();
         let limit = self.args.save_total_limit;
         let best = self.state.best_model_checkpoint.clone();
         let write = move |snap: CheckpointSnapshot| -> kiln_checkpoint::Result<PathBuf> {

@@ -135,6 +135,40 @@ impl Collective for SingleProcess {
     }
 }
 
+/// The checkpoint writers of a run as `save_on_each_node` wants them: the main process
+/// of every node (local rank 0) writes and commits, as transformers' `should_save`
+/// does, for nodes that do not share a file system. Barriers and ranks are the run's.
+/// On one node this is the run itself (local rank 0 is rank 0).
+#[derive(Clone)]
+pub struct EachNode(pub Arc<dyn Collective>);
+
+impl std::fmt::Debug for EachNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EachNode")
+            .field("rank", &self.0.rank())
+            .field("local_rank", &self.0.local_rank())
+            .finish()
+    }
+}
+
+impl Coordinator for EachNode {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn local_rank(&self) -> usize {
+        self.0.local_rank()
+    }
+    fn barrier(&self) -> kiln_checkpoint::Result<()> {
+        self.0.barrier()
+    }
+    fn is_main(&self) -> bool {
+        self.0.local_rank() == 0
+    }
+}
+
 /// What the environment says about how this process was launched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launch {
@@ -336,6 +370,57 @@ mod tests {
             .to_string();
         assert!(e.contains("--features cuda"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    /// Rank 3 of 4, the first process of the second node.
+    #[derive(Debug)]
+    struct SecondNode;
+    impl Coordinator for SecondNode {
+        fn rank(&self) -> usize {
+            2
+        }
+        fn world_size(&self) -> usize {
+            4
+        }
+        fn local_rank(&self) -> usize {
+            0
+        }
+        fn barrier(&self) -> kiln_checkpoint::Result<()> {
+            Ok(())
+        }
+    }
+    impl Collective for SecondNode {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            Ok(t.clone())
+        }
+        fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor> {
+            Ok(t.clone())
+        }
+        fn all_reduce_f64(&self, _values: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+        fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+            Ok(vec![mine.to_vec()])
+        }
+    }
+
+    #[test]
+    fn each_node_makes_local_rank_zero_a_writer() {
+        let node: Arc<dyn Collective> = Arc::new(SecondNode);
+        assert!(!node.is_main());
+        let each = EachNode(node);
+        assert!(each.is_main());
+        assert_eq!((each.rank(), each.world_size()), (2, 4));
+        // The RNG file keeps the global rank.
+        assert_eq!(
+            kiln_checkpoint::training::rng_state_name(each.rank(), each.world_size()),
+            "rng_state_2.json"
+        );
+        let single = EachNode(Arc::new(SingleProcess));
+        assert!(single.is_main());
     }
 
     #[test]
