@@ -72,9 +72,15 @@ impl MpiCollective {
         let local = world.split_shared(world.rank());
         // A panic on any rank ends the whole run at once: unwinding would reach
         // MPI_Finalize, which waits for the other ranks, and they for this one.
+        // kiln says so itself: OpenMPI's own MPI_ABORT notice is not always printed
+        // (its show_help can be cut short while the job is torn down).
+        let (me, of) = (world.rank(), world.size());
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             previous(info);
+            eprintln!(
+                "kiln: rank {me} of {of} panicked; ending every rank (MPI_Abort, status 101)"
+            );
             SimpleCommunicator::world().abort(101);
         }));
         Ok(MpiCollective {
@@ -199,6 +205,10 @@ impl Collective for MpiCollective {
     }
 
     fn abort(&self, code: i32) -> ! {
+        eprintln!(
+            "kiln: rank {} of {} ending every rank (MPI_Abort, status {code})",
+            self.rank, self.size
+        );
         self.train.abort(code)
     }
 }
