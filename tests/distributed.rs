@@ -505,6 +505,39 @@ fn a_hanging_rank_makes_the_others_fail_at_the_barrier_timeout() {
 }
 
 #[test]
+fn a_rank_hanging_in_training_ends_the_run_at_the_timeout() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let start = Instant::now();
+    // Rank 1 stops answering before the gradient all-reduce of its third step; rank 0
+    // waits in that all-reduce, a blocking MPI call, until the watchdog ends the run.
+    let run = mpirun(
+        &bin,
+        2,
+        &with(base_args(&out, 8), &[("ddp_timeout", "3")]),
+        Some("FAILPOINTS=kiln-train-before-all-reduce=2*off->sleep(120000)"),
+    );
+    let took = start.elapsed();
+    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        took < Duration::from_secs(60),
+        "took {took:?}: the all-reduce did not time out"
+    );
+    assert!(
+        run.stderr.contains(
+            "rank 0 of 2: no answer from every rank in a gradient all-reduce within 3 s \
+             (ddp_timeout"
+        ),
+        "no clear timeout error:\n{}",
+        run.stderr
+    );
+    // Nothing was due to be saved yet (save_steps 4): no checkpoint, committed or not.
+    assert!(!names(&out).iter().any(|n| n.contains("checkpoint-")));
+}
+
+#[test]
 fn an_mpi_launch_without_mpi_support_is_one_clear_error() {
     // The workspace's kiln has no MPI; the launcher's variable alone tells it apart.
     let tmp = tempfile::tempdir().unwrap();

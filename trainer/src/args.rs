@@ -139,8 +139,9 @@ pub struct TrainingArguments {
     pub async_save: bool,
     /// kiln: `stop` (default) or `continue` when a checkpoint save fails.
     pub on_save_error: SaveErrorPolicy,
-    /// Seconds a process waits at a barrier of a multi-process run (the checkpoint
-    /// commit's) before failing instead of hanging (transformers' `ddp_timeout`).
+    /// Seconds a process of a multi-process run waits for the others, at a checkpoint
+    /// barrier or in a training collective (MPI), before failing instead of hanging
+    /// (transformers' `ddp_timeout`).
     pub ddp_timeout: u64,
     /// Size of the gradient buckets all-reduced together in multi-process runs, in MiB
     /// (default 25, torch DDP's).

@@ -1105,6 +1105,8 @@ impl<M: Model> Trainer<M> {
             .map(|g| if g.is_some() { 1.0 } else { 0.0 })
             .collect();
         self.dist.all_reduce_f64(&mut present)?;
+        // Tests make one rank hang here (the others then wait in the gradient all-reduce).
+        fail::fail_point!("kiln-train-before-all-reduce");
         let counts: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
         for range in crate::dist::buckets(&counts, self.bucket_elems()) {
             let mut flat = Vec::with_capacity(range.len());

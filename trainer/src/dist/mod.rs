@@ -50,6 +50,10 @@
 //!   `rng_state_<rank>.json` (and, with `zero_stage = 1`, its optimizer shard); the
 //!   checkpoint commit meets at [`Coordinator::barrier`], which fails after
 //!   `ddp_timeout` seconds instead of hanging.
+//! - A training collective that waits longer than `ddp_timeout` (another rank died or
+//!   hangs) ends the run with a line naming the rank and the operation: MPI through a
+//!   [`watchdog::Watchdog`] beside the blocking call, the rendezvous operations of the
+//!   NCCL run by their own deadlines.
 //!
 //! # Threads
 //!
@@ -76,6 +80,7 @@ mod nccl;
 #[cfg(feature = "nccl")]
 pub use self::nccl::NcclCollective;
 pub mod rendezvous;
+pub mod watchdog;
 pub use self::rendezvous::{AbortLine, TcpGroup, TorchrunEnv};
 
 /// The collective operations of data-parallel training, for one process of a run.

@@ -10,6 +10,7 @@ use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 
+use super::watchdog::Watchdog;
 use super::{Collective, Coordinator};
 use crate::{Error, Result};
 
@@ -20,7 +21,14 @@ use crate::{Error, Result};
 /// while training goes on; MPI is initialised with `MPI_THREAD_MULTIPLE` so that the
 /// two threads may call it at once. An MPI library that offers less makes kiln save in
 /// the foreground ([`Collective::background_barriers`]).
+///
+/// Every operation is bounded by `ddp_timeout`: checkpoint barriers fail with an error,
+/// and a training collective (gradient all-reduce, broadcast, gather) still waiting
+/// then makes a [`Watchdog`] print which rank gave up on what and `MPI_Abort` the run,
+/// as torch's NCCL watchdog does.
 pub struct MpiCollective {
+    /// Ends the run when a training collective waits longer than `ddp_timeout`.
+    watchdog: Watchdog,
     train: SimpleCommunicator,
     save: SimpleCommunicator,
     rank: usize,
@@ -83,7 +91,21 @@ impl MpiCollective {
             );
             SimpleCommunicator::world().abort(101);
         }));
+        let watchdog = Watchdog::start(timeout, move |what, waited| {
+            eprintln!(
+                "kiln: rank {me} of {of}: no answer from every rank in {what} within {} s \
+                 (ddp_timeout; waited {:.1} s): another process died or hangs; ending every \
+                 rank (MPI_Abort, status 1)",
+                timeout.as_secs(),
+                waited.as_secs_f64()
+            );
+            // MPI_COMM_WORLD from this thread: with MPI_THREAD_MULTIPLE any thread may
+            // call MPI; with less, OpenMPI's abort still only kills the job.
+            SimpleCommunicator::world().abort(1);
+        })
+        .map_err(|e| Error::Config(format!("mpi: cannot start the watchdog thread: {e}")))?;
         Ok(MpiCollective {
+            watchdog,
             rank: world.rank() as usize,
             size: world.size() as usize,
             local_rank: local.rank() as usize,
@@ -150,6 +172,7 @@ impl Collective for MpiCollective {
         let send = Self::host_f32(t)?;
         mpi_count(send.len(), "an all-reduce")?;
         let mut recv = vec![0f32; send.len()];
+        let _watched = self.watchdog.enter("a gradient all-reduce");
         self.train
             .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
         Ok(Tensor::from_vec(recv, send.len(), t.device())?)
@@ -162,6 +185,7 @@ impl Collective for MpiCollective {
             .ok()
             .filter(|&r| (r as usize) < self.size)
             .ok_or_else(|| Error::Config(format!("broadcast root {root} is not a rank")))?;
+        let _watched = self.watchdog.enter("a broadcast");
         self.train
             .process_at_rank(root)
             .broadcast_into(&mut buf[..]);
@@ -172,6 +196,7 @@ impl Collective for MpiCollective {
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
         mpi_count(values.len(), "an all-reduce")?;
         let send = values.to_vec();
+        let _watched = self.watchdog.enter("an all-reduce of losses or metrics");
         self.train
             .all_reduce_into(&send[..], values, SystemOperation::sum());
         Ok(())
@@ -179,6 +204,7 @@ impl Collective for MpiCollective {
 
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let len = mpi_count(mine.len(), "a gather")?;
+        let _watched = self.watchdog.enter("a gather");
         let mut counts = vec![0i32; self.size];
         self.train.all_gather_into(&len, &mut counts[..]);
         let mut displs = Vec::with_capacity(self.size);
