@@ -21,6 +21,13 @@ use kiln_backend_cuda as _;
 #[cfg(feature = "metal")]
 use kiln_backend_metal as _;
 
+/// mimalloc keeps freed memory for reuse: candle allocates a fresh buffer for every
+/// tensor, and glibc's malloc hands the large ones back to the kernel on free (mmap /
+/// trim), so every training step paid page faults for all its activations again
+/// (`benches/README.md`, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
