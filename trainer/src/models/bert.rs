@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::config::{self, ProblemType, TokenIds, check};
+use super::fused;
 use super::layers::{
     Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, mask_to_bias,
     merge_heads, split_heads,
@@ -408,9 +409,11 @@ impl Model for BertForSequenceClassification {
             Some(tt) => tt.clone(),
             None => Tensor::zeros((b, t), DType::U32, device)?,
         };
-        let x = (self.word_embeddings.forward(ids)?
-            + self.token_type_embeddings.forward(&token_types)?)?
-        .broadcast_add(&self.position_embeddings.first_rows(t)?)?;
+        let x = fused::add_trailing(
+            &(self.word_embeddings.forward(ids)?
+                + self.token_type_embeddings.forward(&token_types)?)?,
+            &self.position_embeddings.first_rows(t)?,
+        )?;
         let x = self.embeddings_norm.forward(&x)?;
         let mut x = dropout(&x, c.hidden_dropout_prob, train.as_deref_mut())?;
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::config::{self, TokenIds, check};
+use super::fused;
 use super::layers::{
     Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, map_var,
     mask_to_bias, matmul_last, merge_heads, normal, split_heads,
@@ -311,10 +312,7 @@ impl Gpt2LMHeadModel {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let device = ids.device();
-        let mut x = self
-            .wte
-            .forward(ids)?
-            .broadcast_add(&self.wpe.first_rows(t)?)?;
+        let mut x = fused::add_trailing(&self.wte.forward(ids)?, &self.wpe.first_rows(t)?)?;
         if let Some(tt) = token_type_ids {
             // transformers embeds GPT-2's token types with the word embeddings.
             x = (x + self.wte.forward(tt)?)?;

@@ -2,7 +2,9 @@
 //! transformers' initialisation drawn from kiln's [`Rng`].
 //!
 //! Every operation here has a backward pass: candle-nn's fused `layer_norm` and
-//! `softmax_last_dim` have none (`apply_op*_no_bwd`), so they are written out.
+//! `softmax_last_dim` have none (`apply_op*_no_bwd`), so kiln has its own fused CPU
+//! kernels with backward passes ([`super::fused`]) and the written-out forms for other
+//! devices and dtypes.
 //!
 //! The layers run in the dtype of their parameters, so that bf16/fp16 training (a
 //! working copy of the parameters in that dtype, [`Model::map_parameters`]) computes in
@@ -14,6 +16,7 @@
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 
+use super::fused;
 use crate::rng::Rng;
 
 /// Parameters collected with their full names, in state_dict order.
@@ -94,7 +97,7 @@ impl Linear {
         };
         let y = matmul_last(x, &w)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor()),
+            Some(b) => fused::add_trailing(&y, b.as_tensor()),
             None => Ok(y),
         }
     }
@@ -149,14 +152,11 @@ impl LayerNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = upcast(x)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&upcast(self.weight.as_tensor())?)?
-            .broadcast_add(&upcast(self.bias.as_tensor())?)?
-            .to_dtype(dtype)
+        let (w, b) = (
+            upcast(self.weight.as_tensor())?,
+            upcast(self.bias.as_tensor())?,
+        );
+        fused::layer_norm(&x, &w, &b, self.eps)?.to_dtype(dtype)
     }
 
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
@@ -305,12 +305,9 @@ pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tenso
     }
 }
 
-/// Softmax over the last dimension (the max is a constant for the gradient, since
-/// softmax does not depend on it).
+/// Softmax over the last dimension.
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    fused::softmax_last(x)
 }
 
 /// Log-softmax over the last dimension.

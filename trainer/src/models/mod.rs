@@ -29,6 +29,7 @@
 
 mod bert;
 mod config;
+mod fused;
 mod gpt2;
 mod layers;
 mod loss;

@@ -1,0 +1,408 @@
+//! Fused CPU kernels, with their backward passes, for the hot spots of training small
+//! transformers on candle's CPU backend.
+//!
+//! Written out in candle's elementary ops, a LayerNorm is ten operations forward and
+//! twenty backward, each a pass over memory and a fresh buffer; and the gradient of
+//! every tensor broadcast over leading dimensions (a bias, LayerNorm's weight, the
+//! position embeddings) is a sum over those dimensions, which candle's CPU backend
+//! computes with a division per element. Profiling `kiln train` on the bundled data put
+//! a quarter of the time in that sum alone (`benches/README.md`, "Training speed").
+//!
+//! Each function here computes the same values as its written-out form in
+//! [`super::layers`] (up to float rounding: tested against it, values and gradients),
+//! as one candle custom op whose backward is one more pass. They apply to contiguous
+//! f32 tensors on the CPU; anything else (CUDA, Metal, 16-bit) takes the written-out
+//! form, whose kernels those backends have. Every kernel is sequential and computes
+//! each output in a fixed order, so results are deterministic, as bit-for-bit resume
+//! needs.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
+
+/// Whether the fused kernels apply to these tensors.
+fn fusable(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
+/// The f32 elements of a contiguous CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: the input is not contiguous"),
+    }
+}
+
+/// A tensor's elements as a vector (one copy on the CPU).
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Sums the rows of `x` seen as `[n / width, width]`: the gradient of a tensor
+/// broadcast over `x`'s leading dimensions. Row by row, in order.
+fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
+    let mut acc = vec![0f32; width];
+    for row in x.chunks_exact(width) {
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    acc
+}
+
+/// `x + b` where `b`'s shape is the trailing part of `x`'s (a bias `[out]` over
+/// `[…, out]`, position embeddings `[t, h]` over `[b, t, h]`): `broadcast_add`, whose
+/// backward sums the gradient over the leading dimensions in one sequential pass.
+pub(crate) fn add_trailing(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (xd, bd) = (x.dims(), b.dims());
+    let trailing = bd.len() <= xd.len() && xd[xd.len() - bd.len()..] == *bd;
+    if !trailing || !fusable(&[x, b]) || b.elem_count() == 0 {
+        return x.broadcast_add(b);
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddTrailing)
+}
+
+struct AddTrailing;
+
+impl CustomOp2 for AddTrailing {
+    fn name(&self) -> &'static str {
+        "kiln-add-trailing"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(b.len()) {
+            out.extend(row.iter().zip(b).map(|(x, b)| x + b));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = sum_rows(&host(grad)?, b.elem_count());
+        let db = Tensor::from_vec(db, b.shape(), b.device())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// LayerNorm over the last dimension (biased variance, as torch) of `x` with weight `w`
+/// and bias `b` (all of one dtype).
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dims().last().copied().unwrap_or(0);
+    if !fusable(&[x, w, b]) || h == 0 || w.dims() != [h] || b.dims() != [h] {
+        return written_out::layer_norm(x, w, b, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )
+}
+
+/// Mean and 1/√(var + eps) of one row, as the written-out form computes them.
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "kiln-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(w.len()) {
+            let (mean, rstd) = row_stats(row, self.eps);
+            out.extend(
+                row.iter()
+                    .zip(w.iter().zip(b))
+                    .map(|(v, (w, b))| (v - mean) * rstd * w + b),
+            );
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With x̂ = (x − mean)·rstd and g = dy·w: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),
+    /// dw = Σ dy·x̂ and db = Σ dy over the rows.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, ws, dy) = (host(x)?, host(w)?, host(grad)?);
+        let h = ws.len();
+        let n = h as f32;
+        let mut dx = Vec::with_capacity(xs.len());
+        let mut dw = vec![0f32; h];
+        let mut db = vec![0f32; h];
+        let mut xhat = vec![0f32; h];
+        let mut g = vec![0f32; h];
+        for (row, dyr) in xs.chunks_exact(h).zip(dy.chunks_exact(h)) {
+            let (mean, rstd) = row_stats(row, self.eps);
+            let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+            for i in 0..h {
+                xhat[i] = (row[i] - mean) * rstd;
+                g[i] = dyr[i] * ws[i];
+                sum_g += g[i];
+                sum_gx += g[i] * xhat[i];
+                dw[i] += dyr[i] * xhat[i];
+                db[i] += dyr[i];
+            }
+            let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+            dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// Softmax over the last dimension.
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x]) || x.dims().last().copied().unwrap_or(0) == 0 {
+        return written_out::softmax_last(x);
+    }
+    x.contiguous()?.apply_op1(SoftmaxLast)
+}
+
+struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let h = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(h) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let start = out.len();
+            out.extend(row.iter().map(|v| (v - max).exp()));
+            let sum: f32 = out[start..].iter().sum();
+            out[start..].iter_mut().for_each(|e| *e /= sum);
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// dx = y·(dy − Σ dy·y) per row.
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (y, dy) = (host(res)?, host(grad)?);
+        let h = x.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = Vec::with_capacity(y.len());
+        for (yr, dyr) in y.chunks_exact(h).zip(dy.chunks_exact(h)) {
+            let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
+            dx.extend(yr.iter().zip(dyr).map(|(y, d)| y * (d - dot)));
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// The same functions in candle's elementary ops, for the devices and dtypes the fused
+/// kernels do not cover.
+pub(crate) mod written_out {
+    use candle_core::{D, Result, Tensor};
+
+    /// LayerNorm over the last dimension, biased variance.
+    pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        normed.broadcast_mul(w)?.broadcast_add(b)
+    }
+
+    /// Softmax over the last dimension (the max is a constant for the gradient, since
+    /// softmax does not depend on it).
+    pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Deterministic, varied values (no RNG needed).
+    fn values(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 0.7311 + seed).sin() * 2.5) + (i % 7) as f32 * 0.1)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Values and the gradients of every input under a weighted sum (so that each output
+    /// element gets a different upstream gradient), for `f` applied to `inputs`.
+    fn value_and_grads(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let weights = values(y.dims(), 3.0);
+        let grads = (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = ts.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+        (y, g)
+    }
+
+    fn assert_same(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+        tol: f32,
+    ) {
+        let (y1, g1) = value_and_grads(inputs, fused);
+        let (y2, g2) = value_and_grads(inputs, reference);
+        let d = max_diff(&y1, &y2);
+        assert!(d <= tol, "values differ by {d}");
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            let d = max_diff(a, b);
+            assert!(d <= tol, "gradients of input {i} differ by {d}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_written_out_form() {
+        let x = values(&[3, 5, 16], 0.0);
+        let w = (values(&[16], 1.0) * 0.5).unwrap();
+        let b = values(&[16], 2.0);
+        assert_same(
+            &[x, w, b],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            |t| written_out::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn softmax_matches_the_written_out_form_with_masked_entries() {
+        // A row with the f32 minimum added, as attention masks add it.
+        let mask: Vec<f32> = (0..40)
+            .map(|i| if i % 8 > 5 { f32::MIN } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (5, 8), &Device::Cpu).unwrap();
+        let x = (values(&[2, 5, 8], 0.5) * 4.0).unwrap();
+        let x = x.broadcast_add(&mask).unwrap();
+        assert_same(
+            &[x],
+            |t| softmax_last(&t[0]),
+            |t| written_out::softmax_last(&t[0]),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn add_trailing_matches_broadcast_add() {
+        let x = values(&[4, 3, 6], 0.0);
+        for b in [values(&[6], 1.0), values(&[3, 6], 2.0)] {
+            assert_same(
+                &[x.clone(), b],
+                |t| add_trailing(&t[0], &t[1]),
+                |t| t[0].broadcast_add(&t[1]),
+                1e-5,
+            );
+        }
+        // Not a trailing shape: plain broadcasting, as before.
+        let col = values(&[4, 3, 1], 3.0);
+        let y = add_trailing(&x, &col).unwrap();
+        assert_eq!(max_diff(&y, &x.broadcast_add(&col).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn non_contiguous_inputs_and_other_dtypes_take_the_right_path() {
+        // A transposed input is made contiguous first.
+        let x = values(&[6, 4], 0.0).t().unwrap();
+        let y = softmax_last(&x).unwrap();
+        assert!(max_diff(&y, &written_out::softmax_last(&x).unwrap()) <= 1e-6);
+        // f64 is not fused; it computes through the written-out form.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let y64 = softmax_last(&x64).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&y, &y64) <= 1e-6);
+    }
+
+    #[test]
+    fn results_are_deterministic() {
+        let x = values(&[8, 32], 0.0);
+        let w = values(&[32], 1.0);
+        let b = values(&[32], 2.0);
+        let run = || {
+            value_and_grads(&[x.clone(), w.clone(), b.clone()], |t| {
+                softmax_last(&layer_norm(&t[0], &t[1], &t[2], 1e-5)?)
+            })
+        };
+        let (y1, g1) = run();
+        let (y2, g2) = run();
+        assert_eq!(max_diff(&y1, &y2), 0.0);
+        for (a, b) in g1.iter().zip(&g2) {
+            assert_eq!(max_diff(a, b), 0.0);
+        }
+    }
+}
