@@ -21,12 +21,27 @@ use kiln_backend_cuda as _;
 #[cfg(feature = "metal")]
 use kiln_backend_metal as _;
 
-/// mimalloc keeps freed memory for reuse: candle allocates a fresh buffer for every
-/// tensor, and glibc's malloc hands the large ones back to the kernel on free (mmap /
-/// trim), so every training step paid page faults for all its activations again
-/// (`benches/README.md`, "Allocator").
+/// candle allocates a fresh buffer for every tensor of every step; glibc's malloc hands
+/// the large ones back to the kernel on free (mmap / trim), and mimalloc by default
+/// after 10 ms (purge), so every step paid page faults, and the kernel's zeroing of
+/// those pages, for all its activations again. kiln uses mimalloc and keeps freed
+/// memory for reuse ([`keep_freed_memory`]), as torch's caching allocator does: the
+/// process stays at its peak size (`benches/README.md`, "Training speed").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Turns mimalloc's purging off (`mi_option_purge_delay` = -1) unless the user set
+/// `MIMALLOC_PURGE_DELAY` (which mimalloc reads itself).
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // mimalloc's option enum (v2 and v3 alike: 15) has purge_delay right before
+        // use_numa_nodes; libmimalloc-sys names only the latter.
+        let purge_delay = libmimalloc_sys::mi_option_use_numa_nodes - 1;
+        // SAFETY: mi_option_set stores one option value (atomically); it may be called at
+        // any time from any thread, and purge_delay is a valid option of this mimalloc.
+        unsafe { libmimalloc_sys::mi_option_set(purge_delay, -1) }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -178,6 +193,7 @@ struct Outcome {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     // Fault tests (feature `failpoints`): FAILPOINTS=kiln-save-before-commit=panic, …
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
