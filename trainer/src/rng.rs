@@ -4,7 +4,9 @@
 //!
 //! candle's CPU generator cannot be seeded (`set_seed` errors and `Tensor::rand` draws
 //! from a thread-local generator), so kiln never uses it: initialisation, dropout and
-//! shuffling all draw from an [`Rng`].
+//! shuffling all draw from an [`Rng`]. A dropout mask is drawn by a ChaCha8 generator
+//! keyed from the [`Rng`]'s stream ([`Rng::dropout_values`]), so that the state to
+//! checkpoint stays the one ChaCha20 position.
 
 use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha20Rng;
@@ -106,11 +108,41 @@ impl Rng {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
+        Tensor::from_vec(self.dropout_values(n, p), shape, device)
+    }
+
+    /// The values of [`Rng::dropout_mask`], in row-major order.
+    ///
+    /// A mask takes 256 bits of this generator's stream as the key of a ChaCha8
+    /// generator, which draws one 32-bit word per element: entry `i` is 0 when word `i`
+    /// is below `⌈p·2^32⌉`. Dropout needs millions of draws per step and no secrecy;
+    /// ChaCha20 with 64 bits per element spent a sixth of a training step on them
+    /// (`benches/README.md`, "Training speed"). Deterministic, and resumable: the state of
+    /// this generator after the mask is all a checkpoint needs.
+    pub fn dropout_values(&mut self, n: usize, p: f64) -> Vec<f32> {
         let keep = (1.0 / (1.0 - p)) as f32;
-        let data: Vec<f32> = (0..n)
-            .map(|_| if self.uniform() < p { 0.0 } else { keep })
-            .collect();
-        Tensor::from_vec(data, shape, device)
+        let threshold = (p * (1u64 << 32) as f64).ceil() as u64;
+        let mut key = [0u8; 32];
+        self.inner.fill_bytes(&mut key);
+        let mut draws = rand_chacha::ChaCha8Rng::from_seed(key);
+        let mut out = Vec::with_capacity(n);
+        let mut bytes = [0u8; 4 * 2048];
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(2048);
+            let chunk = &mut bytes[..4 * take];
+            draws.fill_bytes(chunk);
+            out.extend(chunk.chunks_exact(4).map(|w| {
+                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                if u64::from(word) < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            }));
+            left -= take;
+        }
+        out
     }
 
     /// The state, for a checkpoint.
@@ -157,6 +189,33 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropout_masks_are_reproducible_fresh_and_of_the_right_rate() {
+        let mut a = Rng::seed_from_u64(7);
+        let mut b = a.clone();
+        let (n, p) = (200_000, 0.1);
+        let m1 = a.dropout_values(n, p);
+        assert_eq!(m1, b.dropout_values(n, p));
+        // One mask advances the generator by its 256-bit key alone.
+        let mut c = Rng::seed_from_u64(7);
+        for _ in 0..4 {
+            c.next_u64();
+        }
+        assert_eq!(a.state(), c.state());
+        // The next mask differs; the rate is p (±5 standard deviations) and kept
+        // entries are scaled by 1 / (1 - p).
+        let m2 = a.dropout_values(n, p);
+        assert_ne!(m1, m2);
+        let dropped = m2.iter().filter(|&&v| v == 0.0).count() as f64;
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        assert!((dropped - n as f64 * p).abs() < 5.0 * sd, "{dropped}");
+        assert!(m2.iter().all(|&v| v == 0.0 || v == (1.0 / 0.9) as f32));
+        // p = 0.5 on a size that is not a multiple of the draw buffer.
+        let half = a.dropout_values(2049, 0.5);
+        assert_eq!(half.len(), 2049);
+        assert!(half.iter().any(|&v| v == 0.0) && half.iter().any(|&v| v == 2.0));
+    }
 
     #[test]
     fn state_restores_the_sequence() {

@@ -197,44 +197,119 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-/// Softmax over the last dimension.
-pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if !fusable(&[x]) || x.dims().last().copied().unwrap_or(0) == 0 {
-        return written_out::softmax_last(x);
+/// softmax(x · scale + bias) over the last dimension, for attention scores `x` and a
+/// constant additive mask `bias` that broadcasts to `x`'s shape: one pass forward and
+/// one backward, where the written-out form takes an affine, a broadcast add (with a
+/// gradient for the mask that nothing uses) and the softmax, each with its backward.
+pub(crate) fn softmax_scaled_biased(x: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
+    let h = x.dims().last().copied().unwrap_or(0);
+    if !fusable(&[x, bias]) || h == 0 {
+        return written_out::softmax_last(&(x * scale)?.broadcast_add(bias)?);
     }
-    x.contiguous()?.apply_op1(SoftmaxLast)
+    // A view of the mask in x's shape (stride 0 where it broadcasts).
+    let bias = bias.broadcast_as(x.shape())?;
+    x.contiguous()?.apply_op1(ScaledBiasedSoftmax {
+        scale: scale as f32,
+        bias,
+    })
 }
 
-struct SoftmaxLast;
+struct ScaledBiasedSoftmax {
+    scale: f32,
+    bias: Tensor,
+}
 
-impl CustomOp1 for SoftmaxLast {
+impl CustomOp1 for ScaledBiasedSoftmax {
     fn name(&self) -> &'static str {
-        "kiln-softmax-last"
+        "kiln-scaled-biased-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let h = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let dims = l.shape().dims();
+        let h = dims.last().copied().unwrap_or(1).max(1);
+        let (storage, bl) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cpu(bias) = &*storage else {
+            candle_core::bail!("{}: the mask is not on the CPU", self.name())
+        };
+        let bias = bias.as_slice::<f32>()?;
+        let strides = bl.stride();
+        let (lead, last) = strides.split_at(strides.len() - 1);
+        let last = last[0];
         let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(h) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (r, row) in x.chunks_exact(h).enumerate() {
+            // The mask's offset for row r: its index in the leading dimensions, by stride.
+            let (mut rest, mut at) = (r, bl.start_offset());
+            for (d, stride) in dims[..dims.len() - 1].iter().zip(lead).rev() {
+                at += (rest % d) * stride;
+                rest /= d;
+            }
             let start = out.len();
-            out.extend(row.iter().map(|v| (v - max).exp()));
+            out.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(i, v)| v * self.scale + bias[at + i * last]),
+            );
+            let max = out[start..]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            out[start..].iter_mut().for_each(|e| *e = (*e - max).exp());
             let sum: f32 = out[start..].iter().sum();
             out[start..].iter_mut().for_each(|e| *e /= sum);
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    /// dx = y·(dy − Σ dy·y) per row.
+    /// dx = scale·y·(dy − Σ dy·y) per row; the mask is a constant.
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (y, dy) = (host(res)?, host(grad)?);
         let h = x.dims().last().copied().unwrap_or(1).max(1);
         let mut dx = Vec::with_capacity(y.len());
         for (yr, dyr) in y.chunks_exact(h).zip(dy.chunks_exact(h)) {
             let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
-            dx.extend(yr.iter().zip(dyr).map(|(y, d)| y * (d - dot)));
+            dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
         }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `x · mask` for a constant `mask` (dropout's, in `x`'s element order). candle's
+/// multiplication also computes a gradient for the mask, a second product, a zero
+/// tensor and a sum the size of `x`, which nothing uses; this one computes only
+/// `dx = dy · mask`.
+pub(crate) fn mul_mask(x: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
+    if mask.len() != x.elem_count() {
+        candle_core::bail!(
+            "a mask of {} values for {} elements",
+            mask.len(),
+            x.elem_count()
+        )
+    }
+    if !fusable(&[x]) {
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        return x * mask;
+    }
+    x.contiguous()?
+        .apply_op1(MulConstant(std::sync::Arc::new(mask)))
+}
+
+struct MulConstant(std::sync::Arc<Vec<f32>>);
+
+impl CustomOp1 for MulConstant {
+    fn name(&self) -> &'static str {
+        "kiln-mul-constant"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let out = x.iter().zip(self.0.iter()).map(|(x, m)| x * m).collect();
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dy = host(grad)?;
+        let dx = dy.iter().zip(self.0.iter()).map(|(d, m)| d * m).collect();
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -343,20 +418,24 @@ mod tests {
     }
 
     #[test]
-    fn softmax_matches_the_written_out_form_with_masked_entries() {
-        // A row with the f32 minimum added, as attention masks add it.
-        let mask: Vec<f32> = (0..40)
-            .map(|i| if i % 8 > 5 { f32::MIN } else { 0.0 })
+    fn scaled_biased_softmax_matches_the_written_out_form() {
+        let x = (values(&[2, 3, 5, 8], 0.5) * 4.0).unwrap();
+        let min = f32::MIN;
+        // A padding mask [b, 1, 1, t] (BERT) and a causal one [1, 1, t, t] (GPT-2).
+        let pad: Vec<f32> = (0..16).map(|i| if i % 8 > 5 { min } else { 0.0 }).collect();
+        let pad = Tensor::from_vec(pad, (2, 1, 1, 8), &Device::Cpu).unwrap();
+        let causal: Vec<f32> = (0..40)
+            .map(|i| if i % 8 > i / 8 + 3 { min } else { 0.0 })
             .collect();
-        let mask = Tensor::from_vec(mask, (5, 8), &Device::Cpu).unwrap();
-        let x = (values(&[2, 5, 8], 0.5) * 4.0).unwrap();
-        let x = x.broadcast_add(&mask).unwrap();
-        assert_same(
-            &[x],
-            |t| softmax_last(&t[0]),
-            |t| written_out::softmax_last(&t[0]),
-            1e-6,
-        );
+        let causal = Tensor::from_vec(causal, (1, 1, 5, 8), &Device::Cpu).unwrap();
+        for bias in [pad, causal] {
+            assert_same(
+                &[x.clone()],
+                |t| softmax_scaled_biased(&t[0], 0.125, &bias),
+                |t| written_out::softmax_last(&(&t[0] * 0.125)?.broadcast_add(&bias)?),
+                1e-6,
+            );
+        }
     }
 
     #[test]
@@ -377,15 +456,45 @@ mod tests {
     }
 
     #[test]
+    fn mul_mask_matches_mul() {
+        let x = values(&[4, 6], 0.0);
+        let mask = values(&[4, 6], 5.0)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let m = host(&mask).unwrap();
+        assert_same(
+            &[x.clone()],
+            |t| mul_mask(&t[0], m.clone()),
+            |t| &t[0] * &mask,
+            0.0,
+        );
+        // Other dtypes multiply with candle's op.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let y = mul_mask(&x64, m.clone())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(max_diff(&y, &(&x * &mask).unwrap()), 0.0);
+        assert!(mul_mask(&x, vec![1.0; 3]).is_err());
+    }
+
+    #[test]
     fn non_contiguous_inputs_and_other_dtypes_take_the_right_path() {
         // A transposed input is made contiguous first.
         let x = values(&[6, 4], 0.0).t().unwrap();
-        let y = softmax_last(&x).unwrap();
-        assert!(max_diff(&y, &written_out::softmax_last(&x).unwrap()) <= 1e-6);
+        let zero = Tensor::zeros(6, DType::F32, &Device::Cpu).unwrap();
+        let y = softmax_scaled_biased(&x, 0.5, &zero).unwrap();
+        let expected = written_out::softmax_last(&(&x * 0.5).unwrap()).unwrap();
+        assert!(max_diff(&y, &expected) <= 1e-6);
         // f64 is not fused; it computes through the written-out form.
-        let x64 = x.to_dtype(DType::F64).unwrap();
-        let y64 = softmax_last(&x64).unwrap().to_dtype(DType::F32).unwrap();
-        assert!(max_diff(&y, &y64) <= 1e-6);
+        let (x64, zero64) = (
+            x.to_dtype(DType::F64).unwrap(),
+            zero.to_dtype(DType::F64).unwrap(),
+        );
+        let y64 = softmax_scaled_biased(&x64, 0.5, &zero64).unwrap();
+        assert!(max_diff(&y, &y64.to_dtype(DType::F32).unwrap()) <= 1e-6);
     }
 
     #[test]
@@ -395,7 +504,8 @@ mod tests {
         let b = values(&[32], 2.0);
         let run = || {
             value_and_grads(&[x.clone(), w.clone(), b.clone()], |t| {
-                softmax_last(&layer_norm(&t[0], &t[1], &t[2], 1e-5)?)
+                let zero = Tensor::zeros(32, DType::F32, &Device::Cpu)?;
+                softmax_scaled_biased(&layer_norm(&t[0], &t[1], &t[2], 1e-5)?, 0.3, &zero)
             })
         };
         let (y1, g1) = run();

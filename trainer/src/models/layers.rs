@@ -298,16 +298,10 @@ pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tenso
             if p >= 1.0 {
                 return x.zeros_like();
             }
-            let mask = rng.dropout_mask(x.dims(), p, x.device())?;
-            x * mask.to_dtype(x.dtype())?
+            fused::mul_mask(x, rng.dropout_values(x.elem_count(), p))
         }
         _ => Ok(x.clone()),
     }
-}
-
-/// Softmax over the last dimension.
-pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    fused::softmax_last(x)
 }
 
 /// Log-softmax over the last dimension.
@@ -346,8 +340,8 @@ pub(crate) fn attention(
     p: f64,
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
-    let scores = upcast(&(q.matmul(&k.t()?)? * scale)?)?.broadcast_add(bias)?;
-    let probs = dropout(&softmax_last(&scores)?, p, rng)?;
+    let probs = fused::softmax_scaled_biased(&upcast(&q.matmul(&k.t()?)?)?, scale, bias)?;
+    let probs = dropout(&probs, p, rng)?;
     probs.to_dtype(v.dtype())?.matmul(v)
 }
 
