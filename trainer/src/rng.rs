@@ -214,7 +214,7 @@ mod tests {
         // p = 0.5 on a size that is not a multiple of the draw buffer.
         let half = a.dropout_values(2049, 0.5);
         assert_eq!(half.len(), 2049);
-        assert!(half.iter().any(|&v| v == 0.0) && half.iter().any(|&v| v == 2.0));
+        assert!(half.contains(&0.0) && half.contains(&2.0));
     }
 
     #[test]

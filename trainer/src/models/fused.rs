@@ -430,7 +430,7 @@ mod tests {
         let causal = Tensor::from_vec(causal, (1, 1, 5, 8), &Device::Cpu).unwrap();
         for bias in [pad, causal] {
             assert_same(
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 |t| softmax_scaled_biased(&t[0], 0.125, &bias),
                 |t| written_out::softmax_last(&(&t[0] * 0.125)?.broadcast_add(&bias)?),
                 1e-6,
@@ -465,7 +465,7 @@ mod tests {
             .unwrap();
         let m = host(&mask).unwrap();
         assert_same(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| mul_mask(&t[0], m.clone()),
             |t| &t[0] * &mask,
             0.0,
