@@ -101,6 +101,155 @@ impl CustomOp2 for AddTrailing {
     }
 }
 
+/// A dense layer over the last dimension of `x`: `x · Wᵀ + b` for torch's `Linear`
+/// (`w` is `[out, in]`), `x · W + b` for GPT-2's `Conv1D` (`transposed`, `w` is
+/// `[in, out]`). One gemm writes onto the bias rows; the backward is two gemms and a
+/// row sum. Written out, the same layer is two reshapes, a transpose, a matmul and a
+/// broadcast add, and candle's backward allocates, zeroes and adds a gradient for each.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    let written = || {
+        let wt = if transposed { w.clone() } else { w.t()? };
+        let y = super::layers::matmul_last(x, &wt)?;
+        match b {
+            Some(b) => add_trailing(&y, b),
+            None => Ok(y),
+        }
+    };
+    let (rows_w, cols_w) = match w.dims() {
+        [r, c] => (*r, *c),
+        _ => return written(),
+    };
+    let (input, output) = if transposed {
+        (rows_w, cols_w)
+    } else {
+        (cols_w, rows_w)
+    };
+    let fits = x.dims().last() == Some(&input)
+        && b.is_none_or(|b| b.dims() == [output])
+        && input > 0
+        && output > 0;
+    if !fits || !fusable(&[x, w]) || !b.is_none_or(|b| fusable(&[b])) {
+        return written();
+    }
+    let op = LinearOp { transposed };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        // Without a bias the third input is a zero bias that needs no gradient.
+        None => {
+            let zero = Tensor::zeros(output, DType::F32, x.device())?;
+            x.apply_op3(&w, &zero, op)
+        }
+    }
+}
+
+struct LinearOp {
+    transposed: bool,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "kiln-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let output = b.len();
+        let input = w.len() / output;
+        let rows = x.len() / input;
+        // dst starts as the bias in every row; gemm adds x · W(ᵀ) onto it.
+        let mut dst = Vec::with_capacity(rows * output);
+        for _ in 0..rows {
+            dst.extend_from_slice(b);
+        }
+        // The right-hand matrix [input, output]: Wᵀ of a row-major [output, input] W, or
+        // W itself for Conv1D.
+        let (rhs_rs, rhs_cs) = if self.transposed {
+            (output as isize, 1)
+        } else {
+            (1, input as isize)
+        };
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the three buffers hold rows×output (dst), rows×input (x) and
+        // input×output (w) f32 values (lengths checked by `linear` through the shapes,
+        // and by the divisions above), and the strides address only those elements:
+        // dst and x row-major, w as described above. dst does not alias x or w.
+        unsafe {
+            gemm::gemm(
+                rows,
+                output,
+                input,
+                dst.as_mut_ptr(),
+                1,
+                output as isize,
+                true,
+                x.as_ptr(),
+                1,
+                input as isize,
+                w.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+        let mut shape = l1.shape().dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = output;
+        }
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+    }
+
+    /// With g = dy as [rows, out] and x as [rows, in]: dx = g·W (Conv1D: g·Wᵀ),
+    /// dW = gᵀ·x (Conv1D: xᵀ·g), db = Σ rows of g.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let output = b.elem_count();
+        let input = w.elem_count() / output;
+        let rows = x.elem_count() / input;
+        let g = grad.detach().contiguous()?.reshape((rows, output))?;
+        let x2 = x.detach().reshape((rows, input))?;
+        let w = w.detach();
+        let (dx, dw) = if self.transposed {
+            (g.matmul(&w.t()?)?, x2.t()?.matmul(&g)?)
+        } else {
+            (g.matmul(&w)?, g.t()?.matmul(&x2)?)
+        };
+        let db = Tensor::from_vec(sum_rows(&host(&g)?, output), output, b.device())?;
+        Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+    }
+}
+
 /// LayerNorm over the last dimension (biased variance, as torch) of `x` with weight `w`
 /// and bias `b` (all of one dtype).
 pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -436,6 +585,38 @@ mod tests {
                 1e-6,
             );
         }
+    }
+
+    #[test]
+    fn linear_matches_matmul_plus_bias_in_both_layouts() {
+        let x = values(&[3, 4, 5], 0.0);
+        let w = (values(&[6, 5], 1.0) * 0.3).unwrap(); // nn.Linear(5, 6): [out, in]
+        let b = values(&[6], 2.0);
+        let wt = w.t().unwrap().contiguous().unwrap(); // Conv1D(6, 5): [in, out]
+        let reference = |t: &[Tensor], transposed: bool| {
+            let w = if transposed { t[1].clone() } else { t[1].t()? };
+            super::super::layers::matmul_last(&t[0], &w)?.broadcast_add(&t[2])
+        };
+        assert_same(
+            &[x.clone(), w, b.clone()],
+            |t| linear(&t[0], &t[1], Some(&t[2]), false),
+            |t| reference(t, false),
+            1e-5,
+        );
+        assert_same(
+            &[x.clone(), wt, b],
+            |t| linear(&t[0], &t[1], Some(&t[2]), true),
+            |t| reference(t, true),
+            1e-5,
+        );
+        // Without a bias.
+        let w = values(&[2, 5], 4.0);
+        assert_same(
+            &[x, w],
+            |t| linear(&t[0], &t[1], None, false),
+            |t| super::super::layers::matmul_last(&t[0], &t[1].t()?),
+            1e-5,
+        );
     }
 
     #[test]

@@ -90,16 +90,12 @@ impl Linear {
 
     /// `x @ W^T + b` (`x @ W + b` for Conv1D) over the last dimension.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = if self.transposed {
-            self.weight.as_tensor().clone()
-        } else {
-            self.weight.as_tensor().t()?
-        };
-        let y = matmul_last(x, &w)?;
-        match &self.bias {
-            Some(b) => fused::add_trailing(&y, b.as_tensor()),
-            None => Ok(y),
-        }
+        fused::linear(
+            x,
+            self.weight.as_tensor(),
+            self.bias.as_ref().map(|b| b.as_tensor()),
+            self.transposed,
+        )
     }
 
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
