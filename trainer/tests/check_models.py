@@ -9,7 +9,7 @@ JOBS.json: [{"dir": ..., "auto": "AutoModelForSequenceClassification",
              "generate": {"prompt": [[...]], "max_new_tokens": 6} or absent}]
 Prints one JSON line: {"results": [{"missing": [...], "unexpected": [...],
 "mismatched": [...], "architecture": ..., "logits": [...], "loss": x,
-"generate": [[...]]}]} or {"skip": "<reason>"}.
+"generate": [[...]], "grads": {name: [...]}}]} or {"skip": "<reason>"}.
 """
 import json
 import sys
@@ -45,6 +45,16 @@ def main():
             "loss": None if out.loss is None else out.loss.item(),
             "problem_type": getattr(model.config, "problem_type", None),
         }
+        # Gradients of the loss (eval mode: no dropout, as kiln's forward without an
+        # Rng), by parameter name, for kiln's backward passes to be compared with torch's.
+        if labels is not None:
+            model.zero_grad()
+            model(**inputs, labels=labels).loss.backward()
+            result["grads"] = {
+                name: p.grad.flatten().tolist()
+                for name, p in model.named_parameters()
+                if p.grad is not None
+            }
         if "generate" in job:
             g = job["generate"]
             prompt = torch.tensor(g["prompt"])

@@ -21,6 +21,8 @@ use kiln_trainer::weights;
 use serde_json::{Value, json};
 
 const TOLERANCE: f32 = 1e-4;
+/// Gradients of the loss, kiln vs torch (f32: the sums run in different orders).
+const GRAD_TOLERANCE: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -384,6 +386,18 @@ fn folders_kiln_initialised_and_saved_load_in_transformers_with_kiln_logits() {
     for job in &mut jobs {
         let dir = work.path().join(job.name);
         let out = job.model.forward(&job.batch, None).unwrap();
+        let grads = out.loss.as_ref().unwrap().backward().unwrap();
+        let grads: Vec<(String, Vec<f32>)> = job
+            .model
+            .parameters()
+            .into_iter()
+            .map(|(name, var)| {
+                let g = grads
+                    .get(var.as_tensor())
+                    .expect("every parameter has a gradient");
+                (name, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            })
+            .collect();
         weights::save_pretrained(job.model.as_ref(), &dir, &job.options).unwrap();
         let mut inputs = json!({
             "input_ids": job.batch.input_ids.to_vec2::<u32>().unwrap(),
@@ -405,11 +419,12 @@ fn folders_kiln_initialised_and_saved_load_in_transformers_with_kiln_logits() {
             scalar(&out.loss.unwrap()),
             prompt,
             dir,
+            grads,
         ));
     }
     // Generations are computed on reloaded models (exercising kiln's own round trip).
     let mut kiln_generated = Vec::new();
-    for (job, (_, _, prompt, dir)) in jobs.iter().zip(&kiln) {
+    for (job, (_, _, prompt, dir, _)) in jobs.iter().zip(&kiln) {
         kiln_generated.push(prompt.as_ref().map(|p| {
             let (m, info) =
                 Gpt2LMHeadModel::from_pretrained(dir, &mut Rng::seed_from_u64(0), &device).unwrap();
@@ -425,7 +440,7 @@ fn folders_kiln_initialised_and_saved_load_in_transformers_with_kiln_logits() {
     let Some(results) = transformers_check(&py_jobs, work.path()) else {
         return;
     };
-    for (((job, (logits, loss, _, _)), generated), r) in
+    for (((job, (logits, loss, _, _, grads)), generated), r) in
         jobs.iter().zip(&kiln).zip(&kiln_generated).zip(&results)
     {
         assert_eq!(r["missing"], json!([]), "{}: {r}", job.name);
@@ -448,6 +463,36 @@ fn folders_kiln_initialised_and_saved_load_in_transformers_with_kiln_logits() {
             d < TOLERANCE && dl < TOLERANCE,
             "{}: logits {d}, loss {dl}",
             job.name
+        );
+        // kiln's backward passes (fused CPU kernels included) against torch's autograd:
+        // every parameter torch lists (tied weights once, summed over both uses).
+        let torch_grads = r["grads"].as_object().expect("torch's gradients");
+        let (mut worst, mut largest) = (0f32, 0f32);
+        for (name, want) in torch_grads {
+            let (_, got) = grads
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("{}: kiln has no parameter {name}", job.name));
+            let want = flat_f32(want);
+            let d = max_diff(got, &want);
+            assert!(
+                d < GRAD_TOLERANCE,
+                "{}: gradient of {name} differs by {d}",
+                job.name
+            );
+            worst = worst.max(d);
+            largest = largest.max(max_abs(&want));
+        }
+        assert_eq!(
+            torch_grads.len(),
+            grads.len(),
+            "{}: parameter counts",
+            job.name
+        );
+        println!(
+            "{}: max |gradient diff| {worst:.3e} over {} parameters (max |gradient| {largest:.3})",
+            job.name,
+            grads.len()
         );
         if let Some(g) = generated {
             let want: Vec<Vec<u32>> = serde_json::from_value(r["generate"].clone()).unwrap();
