@@ -41,6 +41,20 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Calls `f` with a CPU f32 tensor's elements in row-major order: in place when the
+/// tensor is contiguous, else from a copy.
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
+        }
+    }
+    Ok(f(&host(t)?))
+}
+
 /// Sums the rows of `x` seen as `[n / width, width]`: the gradient of a tensor
 /// broadcast over `x`'s leading dimensions. Row by row, in order.
 fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
@@ -95,7 +109,7 @@ impl CustomOp2 for AddTrailing {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = sum_rows(&host(grad)?, b.elem_count());
+        let db = read(grad, |g| sum_rows(g, b.elem_count()))?;
         let db = Tensor::from_vec(db, b.shape(), b.device())?;
         Ok((Some(grad.clone()), Some(db)))
     }
@@ -245,7 +259,7 @@ impl CustomOp3 for LinearOp {
         } else {
             (g.matmul(&w)?, g.t()?.matmul(&x2)?)
         };
-        let db = Tensor::from_vec(sum_rows(&host(&g)?, output), output, b.device())?;
+        let db = Tensor::from_vec(read(&g, |g| sum_rows(g, output))?, output, b.device())?;
         Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
     }
 }
@@ -315,28 +329,32 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xs, ws, dy) = (host(x)?, host(w)?, host(grad)?);
+        let ws = host(w)?;
         let h = ws.len();
         let n = h as f32;
-        let mut dx = Vec::with_capacity(xs.len());
+        let mut dx = Vec::with_capacity(x.elem_count());
         let mut dw = vec![0f32; h];
         let mut db = vec![0f32; h];
         let mut xhat = vec![0f32; h];
         let mut g = vec![0f32; h];
-        for (row, dyr) in xs.chunks_exact(h).zip(dy.chunks_exact(h)) {
-            let (mean, rstd) = row_stats(row, self.eps);
-            let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-            for i in 0..h {
-                xhat[i] = (row[i] - mean) * rstd;
-                g[i] = dyr[i] * ws[i];
-                sum_g += g[i];
-                sum_gx += g[i] * xhat[i];
-                dw[i] += dyr[i] * xhat[i];
-                db[i] += dyr[i];
-            }
-            let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
-            dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
-        }
+        read(x, |xs| {
+            read(grad, |dy| {
+                for (row, dyr) in xs.chunks_exact(h).zip(dy.chunks_exact(h)) {
+                    let (mean, rstd) = row_stats(row, self.eps);
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for i in 0..h {
+                        xhat[i] = (row[i] - mean) * rstd;
+                        g[i] = dyr[i] * ws[i];
+                        sum_g += g[i];
+                        sum_gx += g[i] * xhat[i];
+                        dw[i] += dyr[i] * xhat[i];
+                        db[i] += dyr[i];
+                    }
+                    let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+                    dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
+                }
+            })
+        })??;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -412,13 +430,80 @@ impl CustomOp1 for ScaledBiasedSoftmax {
 
     /// dx = scale·y·(dy − Σ dy·y) per row; the mask is a constant.
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (y, dy) = (host(res)?, host(grad)?);
         let h = x.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = Vec::with_capacity(y.len());
-        for (yr, dyr) in y.chunks_exact(h).zip(dy.chunks_exact(h)) {
-            let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
-            dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
+        let mut dx = Vec::with_capacity(x.elem_count());
+        read(res, |y| {
+            read(grad, |dy| {
+                for (yr, dyr) in y.chunks_exact(h).zip(dy.chunks_exact(h)) {
+                    let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
+                    dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
+                }
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// GELU, exact (`erf`, transformers' `gelu`) or with the tanh approximation
+/// (`gelu_new`). candle's backward of its GELU ops is about ten tensor operations (and
+/// rounds 1/√(2π) to 0.398942); this one is one pass.
+pub(crate) fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
+    if !fusable(&[x]) {
+        return if tanh { x.gelu() } else { x.gelu_erf() };
+    }
+    x.contiguous()?.apply_op1(Gelu { tanh })
+}
+
+struct Gelu {
+    tanh: bool,
+}
+
+/// √(2/π), the tanh approximation's scale.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+impl Gelu {
+    fn value(&self, x: f32) -> f32 {
+        if self.tanh {
+            0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+        } else {
+            0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
         }
+    }
+
+    fn slope(&self, x: f32) -> f32 {
+        if self.tanh {
+            let t = (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 0.134145 * x * x)
+        } else {
+            // Φ(x) + x·φ(x), with φ the standard normal density.
+            let pdf = (-0.5 * x * x).exp()
+                * (0.5 * std::f32::consts::FRAC_2_SQRT_PI)
+                * std::f32::consts::FRAC_1_SQRT_2;
+            0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)) + x * pdf
+        }
+    }
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "kiln-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let out = x.iter().map(|&v| self.value(v)).collect();
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = read(x, |xs| {
+            read(grad, |dy| {
+                xs.iter()
+                    .zip(dy)
+                    .map(|(&v, d)| d * self.slope(v))
+                    .collect::<Vec<f32>>()
+            })
+        })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -457,8 +542,9 @@ impl CustomOp1 for MulConstant {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dy = host(grad)?;
-        let dx = dy.iter().zip(self.0.iter()).map(|(d, m)| d * m).collect();
+        let dx = read(grad, |dy| {
+            dy.iter().zip(self.0.iter()).map(|(d, m)| d * m).collect()
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -616,6 +702,23 @@ mod tests {
             |t| linear(&t[0], &t[1], None, false),
             |t| super::super::layers::matmul_last(&t[0], &t[1].t()?),
             1e-5,
+        );
+    }
+
+    #[test]
+    fn gelu_matches_candles_both_forms() {
+        let x = (values(&[5, 7], 0.0) * 1.6).unwrap();
+        assert_same(
+            std::slice::from_ref(&x),
+            |t| gelu(&t[0], false),
+            |t| t[0].gelu_erf(),
+            2e-6,
+        );
+        assert_same(
+            std::slice::from_ref(&x),
+            |t| gelu(&t[0], true),
+            |t| t[0].gelu(),
+            2e-6,
         );
     }
 

@@ -271,8 +271,8 @@ impl Activation {
 
     pub(crate) fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
+            Activation::Gelu => fused::gelu(x, false),
+            Activation::GeluTanh => fused::gelu(x, true),
             Activation::Relu => x.relu(),
             Activation::Silu => x.silu(),
             Activation::Tanh => x.tanh(),
