@@ -192,8 +192,45 @@ struct Outcome {
     code: u8,
 }
 
+/// Several processes of a data-parallel run on one node would each start one compute
+/// thread per core (candle's default) and overload the node; as torchrun sets
+/// `OMP_NUM_THREADS=1`, kiln gives each process `cores / processes on this node`
+/// threads (at least one) unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set.
+/// The node's process count comes from the launcher (OpenMPI, MPICH, torchrun).
+fn share_cores_between_local_processes() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(threads) = threads_per_local_process(|k| std::env::var(k).ok(), cores) {
+        let threads = threads.to_string();
+        // SAFETY: this runs first in `main`, before kiln or any library it uses has
+        // started a thread, so no other thread can read the environment concurrently.
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", &threads);
+            std::env::set_var("CANDLE_NUM_THREADS", &threads);
+        }
+    }
+}
+
+/// The compute threads for each process when the launcher says this node runs several
+/// (`var` reads the environment); `None` to leave candle's default.
+fn threads_per_local_process(var: impl Fn(&str) -> Option<String>, cores: usize) -> Option<usize> {
+    let set = |k: &str| var(k).is_some_and(|v| !v.is_empty());
+    if set("RAYON_NUM_THREADS") || set("CANDLE_NUM_THREADS") {
+        return None;
+    }
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "LOCAL_WORLD_SIZE",
+    ]
+    .iter()
+    .find_map(|k| var(k)?.trim().parse::<usize>().ok())
+    .filter(|&n| n > 1)?;
+    Some((cores / local).max(1))
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    share_cores_between_local_processes();
     // Fault tests (feature `failpoints`): FAILPOINTS=kiln-save-before-commit=panic, …
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -648,4 +685,41 @@ fn backends(as_json: bool, device: Option<&kiln_backend::DeviceSpec>) -> CmdResu
         return ok(format!("{}\n", json!(report)));
     }
     ok(kiln_backend::text(&report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::threads_per_local_process;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn local_processes_share_the_cores() {
+        assert_eq!(threads_per_local_process(env(&[]), 16), None);
+        let mpi = [("OMPI_COMM_WORLD_LOCAL_SIZE", "4")];
+        assert_eq!(threads_per_local_process(env(&mpi), 16), Some(4));
+        assert_eq!(threads_per_local_process(env(&mpi), 2), Some(1));
+        let torchrun = [("LOCAL_WORLD_SIZE", "2")];
+        assert_eq!(threads_per_local_process(env(&torchrun), 2), Some(1));
+        // One process on the node, or the user's own setting: candle's default.
+        assert_eq!(
+            threads_per_local_process(env(&[("LOCAL_WORLD_SIZE", "1")]), 8),
+            None
+        );
+        let own = [
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ("RAYON_NUM_THREADS", "3"),
+        ];
+        assert_eq!(threads_per_local_process(env(&own), 8), None);
+        assert_eq!(
+            threads_per_local_process(env(&[("MPI_LOCALNRANKS", "x")]), 8),
+            None
+        );
+    }
 }
