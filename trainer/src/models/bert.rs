@@ -11,7 +11,6 @@ use super::config::{self, ProblemType, TokenIds, check};
 use super::fused;
 use super::layers::{
     Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, mask_to_bias,
-    merge_heads, split_heads,
 };
 use super::loss;
 use crate::model::{Batch, Model, Output};
@@ -340,19 +339,17 @@ impl BertLayer {
     ) -> candle_core::Result<Tensor> {
         let heads = config.num_attention_heads;
         let scale = 1.0 / ((config.hidden_size / heads) as f64).sqrt();
-        let q = split_heads(&self.query.forward(x)?, heads)?;
-        let k = split_heads(&self.key.forward(x)?, heads)?;
-        let v = split_heads(&self.value.forward(x)?, heads)?;
         let context = attention(
-            &q,
-            &k,
-            &v,
+            &self.query.forward(x)?,
+            &self.key.forward(x)?,
+            &self.value.forward(x)?,
+            heads,
             bias,
             scale,
             config.attention_probs_dropout_prob,
             rng.as_deref_mut(),
         )?;
-        let attended = self.attention_output.forward(&merge_heads(&context)?)?;
+        let attended = self.attention_output.forward(&context)?;
         let attended = dropout(&attended, config.hidden_dropout_prob, rng.as_deref_mut())?;
         let x = self.attention_norm.forward(&(attended + x)?)?;
         let inner = activation.forward(&self.intermediate.forward(&x)?)?;

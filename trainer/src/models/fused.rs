@@ -55,6 +55,21 @@ fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&host(t)?))
 }
 
+/// Calls `f(elements, start, (s0, s1))` with a CPU f32 `[b, t, e]` tensor whose last
+/// dimension is contiguous, in place; other layouts from a contiguous copy.
+fn read_strided<R>(t: &Tensor, f: impl FnOnce(&[f32], usize, (usize, usize)) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((_, strides, start))) =
+            (&*storage, bte_layout(layout))
+        {
+            return Ok(f(cpu.as_slice::<f32>()?, start, strides));
+        }
+    }
+    let (_, t1, e) = t.dims3()?;
+    Ok(f(&host(t)?, 0, (t1 * e, e)))
+}
+
 /// Sums the rows of `x` seen as `[n / width, width]`: the gradient of a tensor
 /// broadcast over `x`'s leading dimensions. Row by row, in order.
 fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
@@ -261,6 +276,322 @@ impl CustomOp3 for LinearOp {
         };
         let db = Tensor::from_vec(read(&g, |g| sum_rows(g, output))?, output, b.device())?;
         Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+    }
+}
+
+/// A matrix inside a buffer: where it starts and its row and column strides.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat {
+    fn t(self) -> Mat {
+        Mat {
+            off: self.off,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    /// One past the largest index of a `rows × cols` matrix.
+    fn end(self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            return self.off;
+        }
+        self.off + (rows - 1) * self.rs + (cols - 1) * self.cs + 1
+    }
+}
+
+/// `dst (m×n) = a (m×k) · b (k×n)` on one thread (the matrices of attention are small
+/// and many; candle's matmul splits each over threads, which costs more than it gives).
+/// Panics-free: an out-of-bounds view is an error.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    d: Mat,
+    a: &[f32],
+    am: Mat,
+    b: &[f32],
+    bm: Mat,
+) -> Result<()> {
+    if d.end(m, n) > dst.len() || am.end(m, k) > a.len() || bm.end(k, n) > b.len() {
+        candle_core::bail!("kiln-attention: a matrix view runs past its buffer")
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                dst[d.off + i * d.rs + j * d.cs] = 0.0;
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: the bounds check above keeps every element gemm reads or writes inside
+    // `a`, `b` and `dst` (the largest index of each view is within its slice); dst is a
+    // distinct &mut slice, so it aliases neither input; strides fit isize (they index
+    // existing slices).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.off),
+            d.cs as isize,
+            d.rs as isize,
+            false,
+            a.as_ptr().add(am.off),
+            am.cs as isize,
+            am.rs as isize,
+            b.as_ptr().add(bm.off),
+            bm.cs as isize,
+            bm.rs as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+    Ok(())
+}
+
+/// Head `hd` of batch entry `bi` of a `[b, t, heads·d]` tensor with strides `(s0, s1, 1)`
+/// from `start`: a `t × d` matrix.
+fn head(start: usize, stride: (usize, usize), bi: usize, hd: usize, d: usize) -> Mat {
+    Mat {
+        off: start + bi * stride.0 + hd * d,
+        rs: stride.1,
+        cs: 1,
+    }
+}
+
+/// The shape `[b, t, e]` and strides of a 3-D tensor whose last dimension is contiguous.
+fn bte_layout(l: &Layout) -> Option<((usize, usize, usize), (usize, usize), usize)> {
+    match (l.shape().dims(), l.stride()) {
+        ([b, t, e], [s0, s1, 1]) => Some(((*b, *t, *e), (*s0, *s1), l.start_offset())),
+        _ => None,
+    }
+}
+
+/// Attention scores `q·kᵀ` of every head, `[b, heads, tq, tk]`, from `q` `[b, tq,
+/// heads·d]` and `k` `[b, tk, heads·d]` as the projections give them (views such as
+/// GPT-2's slices of its fused projection included): no split into heads, no copies.
+pub(crate) fn attention_scores(q: &Tensor, k: &Tensor, heads: usize) -> Result<Tensor> {
+    let fits = |t: &Tensor| t.rank() == 3 && t.stride()[2] == 1;
+    if !fusable(&[q, k]) || !fits(q) || !fits(k) || heads == 0 || q.dim(2)? % heads != 0 {
+        return split_heads(q, heads)?.matmul(&split_heads(k, heads)?.t()?);
+    }
+    q.apply_op2(k, AttentionScores { heads })
+}
+
+/// The attention output `probs·v` of every head, merged back into `[b, tq, heads·d]`,
+/// from `probs` `[b, heads, tq, tk]` and `v` `[b, tk, heads·d]`.
+pub(crate) fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let fits = v.rank() == 3 && v.stride()[2] == 1 && probs.rank() == 4;
+    if !fusable(&[probs, v]) || !fits || heads == 0 || v.dim(2)? % heads != 0 {
+        return merge_heads(&probs.matmul(&split_heads(v, heads)?)?);
+    }
+    probs.contiguous()?.apply_op2(v, AttentionContext { heads })
+}
+
+/// `[b, t, heads·d]` → `[b, heads, t, d]` (contiguous).
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, size) = x.dims3()?;
+    x.reshape((b, t, heads, size / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[b, heads, t, d]` → `[b, t, heads·d]`.
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, t, heads * d))
+}
+
+struct AttentionScores {
+    heads: usize,
+}
+
+impl CustomOp2 for AttentionScores {
+    fn name(&self) -> &'static str {
+        "kiln-attention-scores"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+        let (Some(((b, tq, e), sq, oq)), Some(((bk, tk, ek), sk, ok))) =
+            (bte_layout(l1), bte_layout(l2))
+        else {
+            candle_core::bail!("{}: unexpected layouts", self.name())
+        };
+        if b != bk || e != ek {
+            candle_core::bail!(
+                "{}: q {:?} and k {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let (h, d) = (self.heads, e / self.heads);
+        let mut out = vec![0f32; b * h * tq * tk];
+        for bi in 0..b {
+            for hd in 0..h {
+                let o = Mat {
+                    off: (bi * h + hd) * tq * tk,
+                    rs: tk,
+                    cs: 1,
+                };
+                let kt = head(ok, sk, bi, hd, d).t();
+                gemm_into((tq, tk, d), &mut out, o, q, head(oq, sq, bi, hd, d), k, kt)?;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, h, tq, tk))))
+    }
+
+    /// dQ = dS·K and dK = dSᵀ·Q per head, written straight into `[b, t, heads·d]`.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, tq, e) = q.dims3()?;
+        let tk = k.dim(1)?;
+        let (h, d) = (self.heads, e / self.heads);
+        let mut dq = vec![0f32; b * tq * e];
+        let mut dk = vec![0f32; b * tk * e];
+        read_strided(q, |qs, oq, sq| {
+            read_strided(k, |ks, ok, sk| {
+                read(grad, |ds| -> Result<()> {
+                    for bi in 0..b {
+                        for hd in 0..h {
+                            let g = Mat {
+                                off: (bi * h + hd) * tq * tk,
+                                rs: tk,
+                                cs: 1,
+                            };
+                            let (qm, km) = (head(oq, sq, bi, hd, d), head(ok, sk, bi, hd, d));
+                            let dqm = head(0, (tq * e, e), bi, hd, d);
+                            let dkm = head(0, (tk * e, e), bi, hd, d);
+                            gemm_into((tq, d, tk), &mut dq, dqm, ds, g, ks, km)?;
+                            gemm_into((tk, d, tq), &mut dk, dkm, ds, g.t(), qs, qm)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .and_then(|r| r)
+            })
+            .and_then(|r| r)
+        })
+        .and_then(|r| r)?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, tq, e), dev)?),
+            Some(Tensor::from_vec(dk, (b, tk, e), dev)?),
+        ))
+    }
+}
+
+struct AttentionContext {
+    heads: usize,
+}
+
+impl CustomOp2 for AttentionContext {
+    fn name(&self) -> &'static str {
+        "kiln-attention-context"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = slice(s1, l1, self.name())?;
+        let v = s2.as_slice::<f32>()?;
+        let (&[b, h, tq, tk], Some(((bv, tv, e), sv, ov))) = (l1.dims(), bte_layout(l2)) else {
+            candle_core::bail!("{}: unexpected layouts", self.name())
+        };
+        if b != bv || tk != tv || h != self.heads {
+            candle_core::bail!(
+                "{}: probs {:?} and v {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let d = e / h;
+        let mut out = vec![0f32; b * tq * e];
+        for bi in 0..b {
+            for hd in 0..h {
+                let pm = Mat {
+                    off: (bi * h + hd) * tq * tk,
+                    rs: tk,
+                    cs: 1,
+                };
+                let om = head(0, (tq * e, e), bi, hd, d);
+                gemm_into((tq, d, tk), &mut out, om, p, pm, v, head(ov, sv, bi, hd, d))?;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, tq, e))))
+    }
+
+    /// dP = dC·Vᵀ and dV = Pᵀ·dC per head.
+    fn bwd(
+        &self,
+        probs: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, h, tq, tk) = probs.dims4()?;
+        let e = v.dim(2)?;
+        let d = e / h;
+        let mut dp = vec![0f32; b * h * tq * tk];
+        let mut dv = vec![0f32; b * tk * e];
+        read(probs, |ps| {
+            read_strided(v, |vs, ov, sv| {
+                read(grad, |dc| -> Result<()> {
+                    for bi in 0..b {
+                        for hd in 0..h {
+                            let pm = Mat {
+                                off: (bi * h + hd) * tq * tk,
+                                rs: tk,
+                                cs: 1,
+                            };
+                            let gm = head(0, (tq * e, e), bi, hd, d);
+                            let vm = head(ov, sv, bi, hd, d);
+                            gemm_into((tq, tk, d), &mut dp, pm, dc, gm, vs, vm.t())?;
+                            let dvm = head(0, (tk * e, e), bi, hd, d);
+                            gemm_into((tk, d, tq), &mut dv, dvm, ps, pm.t(), dc, gm)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .and_then(|r| r)
+            })
+            .and_then(|r| r)
+        })
+        .and_then(|r| r)?;
+        let dev = v.device();
+        Ok((
+            Some(Tensor::from_vec(dp, (b, h, tq, tk), dev)?),
+            Some(Tensor::from_vec(dv, (b, tk, e), dev)?),
+        ))
     }
 }
 
@@ -720,6 +1051,56 @@ mod tests {
             |t| t[0].gelu(),
             2e-6,
         );
+    }
+
+    #[test]
+    fn attention_matmuls_match_split_heads_and_matmul() {
+        let heads = 3;
+        // GPT-2's case: q, k, v are slices of one fused projection (strided views).
+        let qkv = values(&[2, 5, 3 * 12], 0.0);
+        let (q, k, v) = (
+            qkv.narrow(2, 0, 12).unwrap(),
+            qkv.narrow(2, 12, 12).unwrap(),
+            qkv.narrow(2, 24, 12).unwrap(),
+        );
+        let reference = |t: &[Tensor]| {
+            let s = split_heads(&t[0], heads)?.matmul(&split_heads(&t[1], heads)?.t()?)?;
+            let p = written_out::softmax_last(&s)?;
+            merge_heads(&p.matmul(&split_heads(&t[2], heads)?)?)
+        };
+        let fused = |t: &[Tensor]| {
+            let s = attention_scores(&t[0], &t[1], heads)?;
+            let p = written_out::softmax_last(&s)?;
+            attention_context(&p, &t[2], heads)
+        };
+        // As three inputs of their own (BERT's case) ...
+        let inputs = [
+            q.contiguous().unwrap(),
+            k.contiguous().unwrap(),
+            v.contiguous().unwrap(),
+        ];
+        assert_same(&inputs, fused, reference, 1e-5);
+        // ... and as views of one tensor, whose gradient gathers all three.
+        let (y1, g1) = value_and_grads(std::slice::from_ref(&qkv), |t| {
+            let (q, k, v) = (
+                t[0].narrow(2, 0, 12)?,
+                t[0].narrow(2, 12, 12)?,
+                t[0].narrow(2, 24, 12)?,
+            );
+            fused(&[q, k, v])
+        });
+        let (y2, g2) = value_and_grads(std::slice::from_ref(&qkv), |t| {
+            let (q, k, v) = (
+                t[0].narrow(2, 0, 12)?,
+                t[0].narrow(2, 12, 12)?,
+                t[0].narrow(2, 24, 12)?,
+            );
+            reference(&[q, k, v])
+        });
+        assert!(max_diff(&y1, &y2) <= 1e-5);
+        assert!(max_diff(&g1[0], &g2[0]) <= 1e-5);
+        // Heads that do not divide the width take candle's path and its error.
+        assert!(attention_scores(&inputs[0], &inputs[1], 5).is_err());
     }
 
     #[test]

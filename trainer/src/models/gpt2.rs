@@ -10,7 +10,7 @@ use super::config::{self, TokenIds, check};
 use super::fused;
 use super::layers::{
     Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, map_var,
-    mask_to_bias, matmul_last, merge_heads, normal, split_heads,
+    mask_to_bias, matmul_last, normal,
 };
 use super::loss;
 use crate::model::{Batch, Model, Output};
@@ -342,11 +342,22 @@ impl Gpt2LMHeadModel {
             }
             let h = block.ln_1.forward(&x)?;
             let qkv = block.c_attn.forward(&h)?;
-            let q = split_heads(&qkv.narrow(2, 0, e)?, heads)?;
-            let k = split_heads(&qkv.narrow(2, e, e)?, heads)?;
-            let v = split_heads(&qkv.narrow(2, 2 * e, e)?, heads)?;
-            let context = attention(&q, &k, &v, &bias, scale, c.attn_pdrop, rng.as_deref_mut())?;
-            let attended = block.attn_c_proj.forward(&merge_heads(&context)?)?;
+            let (q, k, v) = (
+                qkv.narrow(2, 0, e)?,
+                qkv.narrow(2, e, e)?,
+                qkv.narrow(2, 2 * e, e)?,
+            );
+            let context = attention(
+                &q,
+                &k,
+                &v,
+                heads,
+                &bias,
+                scale,
+                c.attn_pdrop,
+                rng.as_deref_mut(),
+            )?;
+            let attended = block.attn_c_proj.forward(&context)?;
             x = (x + dropout(&attended, c.resid_pdrop, rng.as_deref_mut())?)?;
             let h = block.ln_2.forward(&x)?;
             let inner = self.activation.forward(&block.c_fc.forward(&h)?)?;

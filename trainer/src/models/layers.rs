@@ -308,37 +308,28 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// `[b, t, heads * d]` → `[b, heads, t, d]`.
-pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, size) = x.dims3()?;
-    x.reshape((b, t, heads, size / heads))?
-        .transpose(1, 2)?
-        .contiguous()
-}
-
-/// `[b, heads, t, d]` → `[b, t, heads * d]`.
-pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, heads, t, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, t, heads * d))
-}
-
 /// Scaled dot-product attention as transformers' eager implementation computes it:
-/// softmax(q kᵀ · scale + bias), dropout on the probabilities, times v. `bias` is
-/// additive (0 where attending is allowed, the f32 minimum where not), f32, and
-/// broadcasts to `[b, heads, t, t]`; the mask and the softmax are computed in f32 (as
-/// autocast does) and the probabilities cast back to `v`'s dtype.
+/// softmax(q kᵀ · scale + bias), dropout on the probabilities, times v, for `heads`
+/// heads of `q`, `k`, `v` given as the projections return them (`[b, t, heads·d]`), and
+/// the heads merged back into `[b, t, heads·d]`. `bias` is additive (0 where attending
+/// is allowed, the f32 minimum where not), f32, and broadcasts to `[b, heads, t, t]`;
+/// the mask and the softmax are computed in f32 (as autocast does) and the
+/// probabilities cast back to `v`'s dtype.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: usize,
     bias: &Tensor,
     scale: f64,
     p: f64,
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
-    let probs = fused::softmax_scaled_biased(&upcast(&q.matmul(&k.t()?)?)?, scale, bias)?;
+    let scores = fused::attention_scores(q, k, heads)?;
+    let probs = fused::softmax_scaled_biased(&upcast(&scores)?, scale, bias)?;
     let probs = dropout(&probs, p, rng)?;
-    probs.to_dtype(v.dtype())?.matmul(v)
+    fused::attention_context(&probs.to_dtype(v.dtype())?, v, heads)
 }
 
 /// The additive bias for allowed (1) / masked (0) entries: 0 or the f32 minimum, as
