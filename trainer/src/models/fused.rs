@@ -371,8 +371,11 @@ fn head(start: usize, stride: (usize, usize), bi: usize, hd: usize, d: usize) ->
     }
 }
 
+/// A `[b, t, e]` tensor's shape, its first two strides (the last is 1) and its start.
+type BteLayout = ((usize, usize, usize), (usize, usize), usize);
+
 /// The shape `[b, t, e]` and strides of a 3-D tensor whose last dimension is contiguous.
-fn bte_layout(l: &Layout) -> Option<((usize, usize, usize), (usize, usize), usize)> {
+fn bte_layout(l: &Layout) -> Option<BteLayout> {
     match (l.shape().dims(), l.stride()) {
         ([b, t, e], [s0, s1, 1]) => Some(((*b, *t, *e), (*s0, *s1), l.start_offset())),
         _ => None,
