@@ -192,31 +192,38 @@ struct Outcome {
     code: u8,
 }
 
-/// Several processes of a data-parallel run on one node would each start one compute
-/// thread per core (candle's default) and overload the node; as torchrun sets
-/// `OMP_NUM_THREADS=1`, kiln gives each process `cores / processes on this node`
-/// threads (at least one) unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set.
-/// The node's process count comes from the launcher (OpenMPI, MPICH, torchrun).
-fn share_cores_between_local_processes() {
+/// Fixes the compute threads for the whole run in `RAYON_NUM_THREADS` and
+/// `CANDLE_NUM_THREADS` unless the user set either:
+///
+/// - candle reads its thread count on every matrix product, and without these
+///   variables that means counting the physical cores in `/proc/cpuinfo` each time
+///   (about 950 file opens per step of the bundled run); kiln counts once, as candle
+///   would;
+/// - several processes of a data-parallel run on one node would each start one thread
+///   per core and overload the node; as torchrun sets `OMP_NUM_THREADS=1`, each gets
+///   `cores / processes on this node` (at least one), the process count coming from the
+///   launcher (OpenMPI, MPICH, torchrun).
+fn fix_compute_threads() {
+    let var = |k: &str| std::env::var(k).ok();
+    let set = |k: &str| var(k).is_some_and(|v| !v.is_empty());
+    if set("RAYON_NUM_THREADS") || set("CANDLE_NUM_THREADS") {
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if let Some(threads) = threads_per_local_process(|k| std::env::var(k).ok(), cores) {
-        let threads = threads.to_string();
-        // SAFETY: this runs first in `main`, before kiln or any library it uses has
-        // started a thread, so no other thread can read the environment concurrently.
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", &threads);
-            std::env::set_var("CANDLE_NUM_THREADS", &threads);
-        }
+    let threads = threads_per_local_process(var, cores)
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+        .to_string();
+    // SAFETY: this runs first in `main`, before kiln or any library it uses has started
+    // a thread, so no other thread can read the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", &threads);
+        std::env::set_var("CANDLE_NUM_THREADS", &threads);
     }
 }
 
 /// The compute threads for each process when the launcher says this node runs several
-/// (`var` reads the environment); `None` to leave candle's default.
+/// (`var` reads the environment); `None` for a single process.
 fn threads_per_local_process(var: impl Fn(&str) -> Option<String>, cores: usize) -> Option<usize> {
-    let set = |k: &str| var(k).is_some_and(|v| !v.is_empty());
-    if set("RAYON_NUM_THREADS") || set("CANDLE_NUM_THREADS") {
-        return None;
-    }
     let local = [
         "OMPI_COMM_WORLD_LOCAL_SIZE",
         "MPI_LOCALNRANKS",
@@ -230,7 +237,7 @@ fn threads_per_local_process(var: impl Fn(&str) -> Option<String>, cores: usize)
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    share_cores_between_local_processes();
+    fix_compute_threads();
     // Fault tests (feature `failpoints`): FAILPOINTS=kiln-save-before-commit=panic, …
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -707,16 +714,11 @@ mod tests {
         assert_eq!(threads_per_local_process(env(&mpi), 2), Some(1));
         let torchrun = [("LOCAL_WORLD_SIZE", "2")];
         assert_eq!(threads_per_local_process(env(&torchrun), 2), Some(1));
-        // One process on the node, or the user's own setting: candle's default.
+        // One process on the node: candle's default.
         assert_eq!(
             threads_per_local_process(env(&[("LOCAL_WORLD_SIZE", "1")]), 8),
             None
         );
-        let own = [
-            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
-            ("RAYON_NUM_THREADS", "3"),
-        ];
-        assert_eq!(threads_per_local_process(env(&own), 8), None);
         assert_eq!(
             threads_per_local_process(env(&[("MPI_LOCALNRANKS", "x")]), 8),
             None

@@ -181,6 +181,27 @@ struct LinearOp {
     transposed: bool,
 }
 
+impl LinearOp {
+    /// The weight as the `[input, output]` right factor of `x · W(ᵀ)`: the transpose of
+    /// a row-major `[output, input]` Linear weight, or Conv1D's row-major weight itself.
+    fn w_as_rhs(&self, input: usize, output: usize) -> Mat {
+        if self.transposed {
+            row_major(output)
+        } else {
+            row_major(input).t()
+        }
+    }
+}
+
+/// A row-major matrix of `cols` columns at the start of its buffer.
+fn row_major(cols: usize) -> Mat {
+    Mat {
+        off: 0,
+        rs: cols,
+        cs: 1,
+    }
+}
+
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "kiln-linear"
@@ -206,46 +227,13 @@ impl CustomOp3 for LinearOp {
         for _ in 0..rows {
             dst.extend_from_slice(b);
         }
-        // The right-hand matrix [input, output]: Wᵀ of a row-major [output, input] W, or
-        // W itself for Conv1D.
-        let (rhs_rs, rhs_cs) = if self.transposed {
-            (output as isize, 1)
-        } else {
-            (1, input as isize)
-        };
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: the three buffers hold rows×output (dst), rows×input (x) and
-        // input×output (w) f32 values (lengths checked by `linear` through the shapes,
-        // and by the divisions above), and the strides address only those elements:
-        // dst and x row-major, w as described above. dst does not alias x or w.
-        unsafe {
-            gemm::gemm(
-                rows,
-                output,
-                input,
-                dst.as_mut_ptr(),
-                1,
-                output as isize,
-                true,
-                x.as_ptr(),
-                1,
-                input as isize,
-                w.as_ptr(),
-                rhs_cs,
-                rhs_rs,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+        gemm_with(
+            (rows, output, input),
+            (&mut dst, row_major(output)),
+            (x, row_major(input)),
+            (w, self.w_as_rhs(input, output)),
+            true,
+        )?;
         let mut shape = l1.shape().dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = output;
@@ -266,16 +254,46 @@ impl CustomOp3 for LinearOp {
         let output = b.elem_count();
         let input = w.elem_count() / output;
         let rows = x.elem_count() / input;
-        let g = grad.detach().contiguous()?.reshape((rows, output))?;
-        let x2 = x.detach().reshape((rows, input))?;
-        let w = w.detach();
-        let (dx, dw) = if self.transposed {
-            (g.matmul(&w.t()?)?, x2.t()?.matmul(&g)?)
+        let mut dx = vec![0f32; rows * input];
+        let mut dw = vec![0f32; input * output];
+        let wm = self.w_as_rhs(input, output); // W(ᵀ) as the [input, output] right factor
+        let (gm, xm) = (row_major(output), row_major(input));
+        let dwm = if self.transposed {
+            row_major(output) // dW [input, output] = xᵀ·g
         } else {
-            (g.matmul(&w)?, g.t()?.matmul(&x2)?)
+            row_major(input).t() // dW [output, input], written as its transpose xᵀ·g
         };
-        let db = Tensor::from_vec(read(&g, |g| sum_rows(g, output))?, output, b.device())?;
-        Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+        let db = read(x, |xs| {
+            read(w, |ws| {
+                read(grad, |gs| -> Result<Vec<f32>> {
+                    gemm_with(
+                        (rows, input, output),
+                        (&mut dx, xm),
+                        (gs, gm),
+                        (ws, wm.t()),
+                        false,
+                    )?;
+                    gemm_with(
+                        (input, output, rows),
+                        (&mut dw, dwm),
+                        (xs, xm.t()),
+                        (gs, gm),
+                        false,
+                    )?;
+                    Ok(sum_rows(gs, output))
+                })
+                .and_then(|r| r)
+            })
+            .and_then(|r| r)
+        })
+        .and_then(|r| r)?;
+        let dev = x.device();
+        let (dx, dw) = (
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+        );
+        let db = Tensor::from_vec(db, output, b.device())?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -306,10 +324,8 @@ impl Mat {
 
 /// `dst (m×n) = a (m×k) · b (k×n)` on one thread (the matrices of attention are small
 /// and many; candle's matmul splits each over threads, which costs more than it gives).
-/// Panics-free: an out-of-bounds view is an error.
-#[allow(clippy::too_many_arguments)]
 fn gemm_into(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: &mut [f32],
     d: Mat,
     a: &[f32],
@@ -317,24 +333,58 @@ fn gemm_into(
     b: &[f32],
     bm: Mat,
 ) -> Result<()> {
+    gemm_with(mnk, (dst, d), (a, am), (b, bm), false)
+}
+
+/// candle's thread count, asked once: without `RAYON_NUM_THREADS` set, candle's
+/// `get_num_threads` counts the physical cores from `/proc/cpuinfo` on every call.
+fn compute_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// Work (multiply-adds) below which a gemm runs on one thread: at this size the hand-off
+/// to rayon's workers, which then spin for more work beside the main thread, costs more
+/// than the second core gives (measured on the bundled BERT: 10% of a step on 2 cores).
+const PARALLEL_GEMM_WORK: usize = 1 << 25;
+
+/// `dst (m×n) (+)= a (m×k) · b (k×n)` (`accumulate`: add onto dst), on candle's threads
+/// when the product is large ([`PARALLEL_GEMM_WORK`]). An out-of-bounds view is an
+/// error, never a panic or a stray access.
+fn gemm_with(
+    (m, n, k): (usize, usize, usize),
+    (dst, d): (&mut [f32], Mat),
+    (a, am): (&[f32], Mat),
+    (b, bm): (&[f32], Mat),
+    accumulate: bool,
+) -> Result<()> {
     if d.end(m, n) > dst.len() || am.end(m, k) > a.len() || bm.end(k, n) > b.len() {
-        candle_core::bail!("kiln-attention: a matrix view runs past its buffer")
+        candle_core::bail!("kiln: a matrix view runs past its buffer")
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                dst[d.off + i * d.rs + j * d.cs] = 0.0;
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[d.off + i * d.rs + j * d.cs] = 0.0;
+                }
             }
         }
         return Ok(());
     }
+    let threads = compute_threads();
+    let parallelism = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_GEMM_WORK
+    {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the bounds check above keeps every element gemm reads or writes inside
     // `a`, `b` and `dst` (the largest index of each view is within its slice); dst is a
     // distinct &mut slice, so it aliases neither input; strides fit isize (they index
-    // existing slices).
+    // existing slices). With `accumulate` gemm reads dst, which is initialised.
     unsafe {
         gemm::gemm(
             m,
@@ -343,19 +393,19 @@ fn gemm_into(
             dst.as_mut_ptr().add(d.off),
             d.cs as isize,
             d.rs as isize,
-            false,
+            accumulate,
             a.as_ptr().add(am.off),
             am.cs as isize,
             am.rs as isize,
             b.as_ptr().add(bm.off),
             bm.cs as isize,
             bm.rs as isize,
-            0.0f32,
+            if accumulate { 1.0f32 } else { 0.0f32 },
             1.0f32,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
     Ok(())
