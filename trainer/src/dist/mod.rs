@@ -30,8 +30,10 @@
 //!   connections, two channels (training, checkpoint writer) so that saves run in the
 //!   background; each operation fails after `ddp_timeout` seconds naming the rank that
 //!   did not answer, and a rank that died is noticed at once (its connections close).
-//!   NCCL's own operations have no timeout; instead a rank's fatal error or panic ends
-//!   every rank through a third channel ([`AbortLine`]), as `MPI_Abort` does.
+//!   NCCL's own operations have no timeout: each is waited for under a
+//!   [`watchdog::Watchdog`] that aborts the run after `ddp_timeout`; a rank's fatal
+//!   error or panic ends every rank through a third channel ([`AbortLine`]), as
+//!   `MPI_Abort` does.
 //!
 //! # Semantics (as transformers with accelerate)
 //!
@@ -51,9 +53,10 @@
 //!   checkpoint commit meets at [`Coordinator::barrier`], which fails after
 //!   `ddp_timeout` seconds instead of hanging.
 //! - A training collective that waits longer than `ddp_timeout` (another rank died or
-//!   hangs) ends the run with a line naming the rank and the operation: MPI through a
-//!   [`watchdog::Watchdog`] beside the blocking call, the rendezvous operations of the
-//!   NCCL run by their own deadlines.
+//!   hangs) ends the run with a line naming the rank and the operation: MPI's and
+//!   NCCL's operations through a [`watchdog::Watchdog`] beside the blocking call or the
+//!   stream's synchronisation, the rendezvous operations of the NCCL run by their own
+//!   deadlines.
 //!
 //! # Threads
 //!

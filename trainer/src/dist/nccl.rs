@@ -13,6 +13,10 @@
 //!   writer), every operation bounded by `ddp_timeout`: NCCL itself has no timeouts.
 //! - A third channel carries aborts ([`AbortLine`]): a rank's fatal error
 //!   ([`Collective::abort`]) or panic ends every rank, as `MPI_Abort` does.
+//! - NCCL's own operations have no timeout, so each is waited for (its stream
+//!   synchronised) under a [`Watchdog`]: one still unfinished after `ddp_timeout` (a
+//!   rank died or hangs) prints which rank gave up on what and aborts every rank, as
+//!   torch's NCCL watchdog does.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,6 +30,7 @@ use cudarc::nccl::result::NcclError;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::rendezvous::{AbortLine, TcpGroup, TorchrunEnv};
+use super::watchdog::Watchdog;
 use super::{Collective, Coordinator};
 use crate::{Error, Result};
 
@@ -49,6 +54,8 @@ pub struct NcclCollective {
     save: TcpGroup,
     /// Ends every rank when one aborts ([`Collective::abort`], a panic).
     abort_line: Arc<AbortLine>,
+    /// Ends the run when an NCCL operation does not finish within `ddp_timeout`.
+    watchdog: Watchdog,
 }
 
 impl std::fmt::Debug for NcclCollective {
@@ -98,6 +105,19 @@ impl NcclCollective {
             hook_line.abort(101);
             std::process::exit(101);
         }));
+        let dog_line = abort_line.clone();
+        let (rank, world) = (env.rank, env.world_size);
+        let watchdog = Watchdog::start(timeout, move |what, waited| {
+            eprintln!(
+                "kiln: rank {rank} of {world}: {what} did not finish within {} s (ddp_timeout; \
+                 waited {:.1} s): another process died or hangs; ending every rank",
+                timeout.as_secs(),
+                waited.as_secs_f64()
+            );
+            dog_line.abort(1);
+            std::process::exit(1);
+        })
+        .map_err(|e| Error::Config(format!("nccl: cannot start the watchdog thread: {e}")))?;
         match Self::communicator(&env, &train) {
             Ok((device, comm)) => Ok(NcclCollective {
                 env,
@@ -106,6 +126,7 @@ impl NcclCollective {
                 train,
                 save,
                 abort_line,
+                watchdog,
             }),
             Err(e) => {
                 abort_line.abort(1);
@@ -195,7 +216,7 @@ impl NcclCollective {
     fn on_device(
         &self,
         t: &Tensor,
-        what: &str,
+        what: &'static str,
         op: impl FnOnce(
             &Comm,
             &cudarc::driver::CudaView<'_, f32>,
@@ -207,8 +228,8 @@ impl NcclCollective {
         // The communicator enqueues on the stream it was made with: candle's per-thread
         // stream of the context, the one candle's kernels of the calling (training) thread
         // run on, so the collective is ordered after them and before what follows. A
-        // tensor of a candle device with a stream of its own is made ready first, and the
-        // result after.
+        // tensor of a candle device with a stream of its own is made ready first; the
+        // collective itself is always waited for (under the watchdog, below).
         let same = dev.same_device(&self.device)
             || dev.cuda_stream().cu_stream() == self.device.cuda_stream().cu_stream();
         let mut out = dev.alloc_zeros::<f32>(n)?;
@@ -229,13 +250,14 @@ impl NcclCollective {
                 .context()
                 .bind_to_thread()
                 .map_err(|e| cuda_error(what, e))?;
+            // Enqueued, then waited for under the watchdog: NCCL has no timeout of its
+            // own, and a peer that never joins leaves the stream blocked forever.
+            let _watched = self.watchdog.enter(what);
             op(&comm.0, &view, &mut out).map_err(|e| nccl_error(what, e))?;
-            if !same {
-                comm.0
-                    .stream()
-                    .synchronize()
-                    .map_err(|e| cuda_error(what, e))?;
-            }
+            comm.0
+                .stream()
+                .synchronize()
+                .map_err(|e| cuda_error(what, e))?;
         }
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
         Ok(Tensor::from_storage(storage, n, BackpropOp::none(), false))
@@ -271,7 +293,7 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        self.on_device(t, "an all-reduce", |comm, input, out| {
+        self.on_device(t, "an NCCL all-reduce", |comm, input, out| {
             comm.all_reduce(input, out, &ReduceOp::Sum).map(|_| ())
         })
     }
@@ -281,7 +303,7 @@ impl Collective for NcclCollective {
             .ok()
             .filter(|&r| (r as usize) < self.env.world_size)
             .ok_or_else(|| Error::Config(format!("broadcast root {root} is not a rank")))?;
-        self.on_device(t, "a broadcast", |comm, input, out| {
+        self.on_device(t, "an NCCL broadcast", |comm, input, out| {
             comm.broadcast(Some(input), out, root).map(|_| ())
         })
     }
