@@ -487,7 +487,7 @@ fn a_hanging_rank_makes_the_others_fail_at_the_barrier_timeout() {
     let run = mpirun(
         &bin,
         2,
-        &with(base_args(&out, 8), &[("ddp_timeout", "3")]),
+        &with(base_args(&out, 8), &[("ddp_timeout", "10")]),
         Some("FAILPOINTS=kiln-save-before-commit=sleep(120000)"),
     );
     let took = start.elapsed();
@@ -497,7 +497,7 @@ fn a_hanging_rank_makes_the_others_fail_at_the_barrier_timeout() {
         "took {took:?}: the barrier did not time out"
     );
     assert!(
-        run.stderr.contains("rank 0 of 2") && run.stderr.contains("within 3 s (ddp_timeout)"),
+        run.stderr.contains("rank 0 of 2") && run.stderr.contains("within 10 s (ddp_timeout)"),
         "no clear timeout error:\n{}",
         run.stderr
     );
@@ -513,10 +513,12 @@ fn a_rank_hanging_in_training_ends_the_run_at_the_timeout() {
     let start = Instant::now();
     // Rank 1 stops answering before the gradient all-reduce of its third step; rank 0
     // waits in that all-reduce, a blocking MPI call, until the watchdog ends the run.
+    // 10 s: every collective has this limit, so it must exceed how far apart the two
+    // ranks can reach the first broadcast on a busy 2-core machine.
     let run = mpirun(
         &bin,
         2,
-        &with(base_args(&out, 8), &[("ddp_timeout", "3")]),
+        &with(base_args(&out, 8), &[("ddp_timeout", "10")]),
         Some("FAILPOINTS=kiln-train-before-all-reduce=2*off->sleep(120000)"),
     );
     let took = start.elapsed();
@@ -527,7 +529,7 @@ fn a_rank_hanging_in_training_ends_the_run_at_the_timeout() {
     );
     assert!(
         run.stderr.contains(
-            "rank 0 of 2: no answer from every rank in a gradient all-reduce within 3 s \
+            "rank 0 of 2: no answer from every rank in a gradient all-reduce within 10 s \
              (ddp_timeout"
         ),
         "no clear timeout error:\n{}",
