@@ -389,3 +389,36 @@ fn a_failed_save_stops_training_and_saves_the_model_elsewhere() {
     kiln(["verify", saved.as_str()]).expect_success();
     std::fs::remove_dir_all(&saved).unwrap();
 }
+
+#[test]
+fn a_config_describing_an_impossible_model_is_one_line() {
+    // A hostile or mistaken config.json: a BERT with 2^40 tokens of 768 floats (3 PiB),
+    // beside a valid vocabulary.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "architectures": ["BertForSequenceClassification"],
+        "model_type": "bert",
+        "vocab_size": 1u64 << 40,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "intermediate_size": 3072
+    });
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("vocab.txt"),
+        "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n",
+    )
+    .unwrap();
+    let start = Instant::now();
+    kiln([
+        "predict",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--text",
+        "hello",
+    ])
+    .expect_error(&["parameters", "refusing to build it"]);
+    // Refused from the config alone, before allocating or reading any weights.
+    assert!(start.elapsed() < Duration::from_secs(30));
+}

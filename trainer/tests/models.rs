@@ -772,3 +772,70 @@ fn bad_inputs_are_errors_not_panics() {
         "past n_positions"
     );
 }
+
+fn element_count(model: &dyn Model) -> u64 {
+    model
+        .parameters()
+        .iter()
+        .map(|(_, v)| v.elem_count() as u64)
+        .sum()
+}
+
+#[test]
+fn parameter_counts_are_those_of_the_built_models() {
+    let mut rng = Rng::seed_from_u64(0);
+    let bert = BertForSequenceClassification::new(bert_config(), &mut rng, &Device::Cpu).unwrap();
+    assert_eq!(bert_config().parameter_count(), Some(element_count(&bert)));
+    for tied in [true, false] {
+        let c = Gpt2Config {
+            tie_word_embeddings: tied,
+            ..gpt2_config()
+        };
+        let gpt2 = Gpt2LMHeadModel::new(c.clone(), &mut rng, &Device::Cpu).unwrap();
+        assert_eq!(
+            c.parameter_count(),
+            Some(element_count(&gpt2)),
+            "tied {tied}"
+        );
+    }
+}
+
+#[test]
+fn configs_too_large_for_the_machine_are_refused_before_allocating() {
+    let mut rng = Rng::seed_from_u64(0);
+    // 2^40 tokens of 32 floats: 128 TiB, more than any machine this runs on.
+    let huge = BertConfig {
+        vocab_size: 1 << 40,
+        ..bert_config()
+    };
+    let e = BertForSequenceClassification::new(huge, &mut rng, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("more than the") && e.contains("GiB of memory"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'));
+    // So large that the count itself overflows.
+    let overflow = Gpt2Config {
+        n_embd: 1 << 40,
+        n_head: 1,
+        ..gpt2_config()
+    };
+    assert_eq!(overflow.parameter_count(), None);
+    let e = Gpt2LMHeadModel::new(overflow, &mut rng, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more parameters than can be counted"), "{e}");
+    // And from a folder: config.json alone decides, before any weights are read.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = bert_config().to_json();
+    config["vocab_size"] = json!(1u64 << 40);
+    config["architectures"] = json!(["BertForSequenceClassification"]);
+    config["model_type"] = json!("bert");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let e = BertForSequenceClassification::from_pretrained(dir.path(), &mut rng, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refusing to build it"), "{e}");
+}

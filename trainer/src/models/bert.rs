@@ -157,6 +157,25 @@ impl BertConfig {
         v
     }
 
+    /// The number of parameters the model of this config has (`None` if it overflows a
+    /// u64): embeddings, layers, pooler and classifier, as
+    /// `BertForSequenceClassification` builds them.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let layer = config::count(&[&[4, h, h], &[4, h], &[2, h, i], &[i], &[h], &[4, h]])?;
+        config::count(&[
+            &[self.vocab_size, h],
+            &[self.max_position_embeddings, h],
+            &[self.type_vocab_size, h],
+            &[2, h],
+            &[h, h],
+            &[h],
+            &[h, self.num_labels()],
+            &[self.num_labels()],
+        ])?
+        .checked_add(layer.checked_mul(self.num_hidden_layers as u64)?)
+    }
+
     /// Checks that kiln can build this config.
     pub fn validate(&self) -> Result<()> {
         check(self.num_labels() >= 1, || {
@@ -233,6 +252,7 @@ impl BertForSequenceClassification {
     /// word embeddings zero), drawing from `rng`.
     pub fn new(config: BertConfig, rng: &mut Rng, device: &Device) -> Result<Self> {
         config.validate()?;
+        config::check_size("BERT", config.parameter_count(), device)?;
         let std = config.initializer_range;
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;

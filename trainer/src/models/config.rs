@@ -164,3 +164,55 @@ pub(crate) fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
         Err(Error::Config(what()))
     }
 }
+
+/// A parameter count from a config's sizes: `Σ factors` of products, in u64 with
+/// overflow checks (`None` when it does not fit).
+pub(crate) fn count(terms: &[&[usize]]) -> Option<u64> {
+    terms.iter().try_fold(0u64, |sum, factors| {
+        let product = factors
+            .iter()
+            .try_fold(1u64, |p, &f| p.checked_mul(u64::try_from(f).ok()?))?;
+        sum.checked_add(product)
+    })
+}
+
+/// Refuses, before anything is allocated, a model whose parameters (f32, `count` of
+/// them; `None`: more than a u64 counts) would not fit in the memory of `device`, as
+/// its backend reports it (a CPU's is the machine's). A hostile or mistaken
+/// `config.json` (a vocabulary of 2^40 tokens) then gets one clear line instead of an
+/// allocation failure that aborts the process. Devices without memory figures are only
+/// checked for overflow.
+pub(crate) fn check_size(
+    model: &str,
+    count: Option<u64>,
+    device: &candle_core::Device,
+) -> Result<()> {
+    let bytes = count.and_then(|c| c.checked_mul(4));
+    let Some(bytes) = bytes else {
+        return Err(Error::Config(format!(
+            "the {model} config describes more parameters than can be counted (over 2^62): \
+             refusing to build it"
+        )));
+    };
+    let ordinal = match device.location() {
+        candle_core::DeviceLocation::Cpu => 0,
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        candle_core::DeviceLocation::Metal { gpu_id } => gpu_id,
+    };
+    let total = crate::precision::backend_for(device)
+        .and_then(|b| b.devices().into_iter().find(|d| d.ordinal == ordinal))
+        .and_then(|d| d.memory_total);
+    if let Some(total) = total
+        && bytes > total
+    {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::Config(format!(
+            "the {model} config describes {} parameters ({:.1} GiB in f32), more than the \
+             {:.1} GiB of memory of {device:?}: refusing to build it",
+            count.unwrap_or(0),
+            gib(bytes),
+            gib(total)
+        )));
+    }
+    Ok(())
+}

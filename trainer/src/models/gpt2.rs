@@ -135,6 +135,30 @@ impl Gpt2Config {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
+    /// The number of parameters the model of this config has (`None` if it overflows a
+    /// u64), as `Gpt2LMHeadModel` builds it (an untied head counted once more).
+    pub fn parameter_count(&self) -> Option<u64> {
+        let (e, i) = (self.n_embd, self.inner_size());
+        let block = config::count(&[
+            &[4, e],
+            &[e, 3, e],
+            &[3, e],
+            &[e, e],
+            &[e],
+            &[2, e, i],
+            &[i],
+            &[e],
+        ])?;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            config::count(&[&[self.vocab_size, e]])?
+        };
+        config::count(&[&[self.vocab_size, e], &[self.n_positions, e], &[2, e]])?
+            .checked_add(block.checked_mul(self.n_layer as u64)?)?
+            .checked_add(head)
+    }
+
     /// The feed-forward size.
     pub fn inner_size(&self) -> usize {
         self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
@@ -230,6 +254,7 @@ impl Gpt2LMHeadModel {
     /// sqrt(2 · n_layer)), zero biases, LayerNorm 1/0), drawing from `rng`.
     pub fn new(config: Gpt2Config, rng: &mut Rng, device: &Device) -> Result<Self> {
         config.validate()?;
+        config::check_size("GPT-2", config.parameter_count(), device)?;
         let std = config.initializer_range;
         let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
         let e = config.n_embd;
