@@ -477,66 +477,71 @@ fn a_rank_dying_mid_save_commits_nothing_and_stops_the_run() {
     assert!(listed.contains(&"checkpoint-8".to_string()));
 }
 
-#[test]
-fn a_hanging_rank_makes_the_others_fail_at_the_barrier_timeout() {
-    let bin = mpi_or_skip!();
-    let _one_at_a_time = serial();
+/// Runs 2 ranks with `ddp_timeout` 10 s, rank 1 with the fail point `failpoint`, and
+/// checks that the run fails well before rank 1's 120 s sleep ends, with `message` on
+/// stderr, and committed no checkpoint. Returns the output folder's names.
+///
+/// 10 s: every collective has this limit, so it must exceed how far apart the two ranks
+/// can reach the first broadcast on a busy 2-core machine.
+fn expect_timeout(bin: &Path, failpoint: &str, message: &str) -> Vec<String> {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let start = Instant::now();
     let run = mpirun(
-        &bin,
+        bin,
         2,
         &with(base_args(&out, 8), &[("ddp_timeout", "10")]),
-        Some("FAILPOINTS=kiln-save-before-commit=sleep(120000)"),
+        Some(&format!("FAILPOINTS={failpoint}")),
     );
     let took = start.elapsed();
     assert_ne!(run.code, Some(0), "{}", run.stderr);
     assert!(
         took < Duration::from_secs(60),
-        "took {took:?}: the barrier did not time out"
+        "took {took:?}: nothing timed out"
     );
     assert!(
-        run.stderr.contains("rank 0 of 2") && run.stderr.contains("within 10 s (ddp_timeout)"),
-        "no clear timeout error:\n{}",
+        run.stderr.contains(message),
+        "no clear timeout error ({message:?}):\n{}",
         run.stderr
     );
-    assert!(!names(&out).iter().any(|n| n.starts_with("checkpoint-")));
+    let listed = names(&out);
+    assert!(
+        !listed.iter().any(|n| n.starts_with("checkpoint-")),
+        "{listed:?}"
+    );
+    listed
+}
+
+#[test]
+fn a_hanging_rank_makes_the_others_fail_at_the_barrier_timeout() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    // Rank 1 sleeps in its checkpoint writer before the commit barrier.
+    expect_timeout(
+        &bin,
+        "kiln-save-before-commit=sleep(120000)",
+        "rank 0 of 2: no answer from every rank at a checkpoint barrier within 10 s \
+         (ddp_timeout)",
+    );
 }
 
 #[test]
 fn a_rank_hanging_in_training_ends_the_run_at_the_timeout() {
     let bin = mpi_or_skip!();
     let _one_at_a_time = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let start = Instant::now();
     // Rank 1 stops answering before the gradient all-reduce of its third step; rank 0
     // waits in that all-reduce, a blocking MPI call, until the watchdog ends the run.
-    // 10 s: every collective has this limit, so it must exceed how far apart the two
-    // ranks can reach the first broadcast on a busy 2-core machine.
-    let run = mpirun(
+    let listed = expect_timeout(
         &bin,
-        2,
-        &with(base_args(&out, 8), &[("ddp_timeout", "10")]),
-        Some("FAILPOINTS=kiln-train-before-all-reduce=2*off->sleep(120000)"),
+        "kiln-train-before-all-reduce=2*off->sleep(120000)",
+        "rank 0 of 2: no answer from every rank in a gradient all-reduce within 10 s \
+         (ddp_timeout",
     );
-    let took = start.elapsed();
-    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    // Nothing was due to be saved yet (save_steps 4): not even a staging folder.
     assert!(
-        took < Duration::from_secs(60),
-        "took {took:?}: the all-reduce did not time out"
+        !listed.iter().any(|n| n.contains("checkpoint-")),
+        "{listed:?}"
     );
-    assert!(
-        run.stderr.contains(
-            "rank 0 of 2: no answer from every rank in a gradient all-reduce within 10 s \
-             (ddp_timeout"
-        ),
-        "no clear timeout error:\n{}",
-        run.stderr
-    );
-    // Nothing was due to be saved yet (save_steps 4): no checkpoint, committed or not.
-    assert!(!names(&out).iter().any(|n| n.contains("checkpoint-")));
 }
 
 #[test]
