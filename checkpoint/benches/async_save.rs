@@ -5,10 +5,15 @@
 //! A third function writes the same bytes raw (one file, fsynced, folder fsynced): the
 //! floor a save is compared with.
 //!
+//! The snapshot copies into host buffers that are reused once their write finished, as
+//! the Trainer's does (`HostWeights`, two buffers: one being written, one free): a fresh
+//! allocation per save would measure the kernel zeroing new pages, not the copy.
+//!
 //! `KILN_BENCH_BYTES=1073741824 cargo bench -p kiln-checkpoint --bench async_save`
 //! (default 16 MiB).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -22,6 +27,23 @@ const MIB: usize = 1 << 20;
 /// The "device" tensors: what a snapshot copies.
 fn weights(bytes: usize) -> Vec<Vec<u8>> {
     (0..4).map(|i| vec![i as u8; bytes / 4]).collect()
+}
+
+/// Host buffers for snapshots, reused after their write.
+type Pool = Arc<Mutex<Vec<Vec<Vec<u8>>>>>;
+
+/// Copies `device` into a free buffer of `pool` (allocating one when none is free).
+fn take_snapshot(device: &[Vec<u8>], pool: &Pool) -> Vec<Vec<u8>> {
+    let free = pool.lock().unwrap().pop();
+    match free {
+        Some(mut buf) => {
+            for (dst, src) in buf.iter_mut().zip(device) {
+                dst.copy_from_slice(src);
+            }
+            buf
+        }
+        None => device.to_vec(),
+    }
 }
 
 fn write_checkpoint(
@@ -77,11 +99,14 @@ fn bench(c: &mut Criterion) {
 
     let out = tmp.path().join("sync");
     let mut step = 0u64;
+    let pool: Pool = Arc::default();
     group.bench_function("sync_save", |b| {
         b.iter(|| {
             step += 1;
-            let snap = device.clone();
-            write_checkpoint(&out, step, &snap).unwrap()
+            let snap = take_snapshot(&device, &pool);
+            let path = write_checkpoint(&out, step, &snap).unwrap();
+            pool.lock().unwrap().push(snap);
+            path
         })
     });
 
@@ -96,12 +121,16 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 saver.wait().unwrap();
                 step += 1;
-                let (o, s) = (out.clone(), step);
+                let (o, s, back) = (out.clone(), step, Arc::clone(&pool));
                 let start = Instant::now();
                 let job = SaveJob::snapshot(
                     out.join(format!("checkpoint-{s}")),
-                    || Ok(device.clone()),
-                    move |snap| write_checkpoint(&o, s, &snap),
+                    || Ok(take_snapshot(&device, &pool)),
+                    move |snap| {
+                        let path = write_checkpoint(&o, s, &snap);
+                        back.lock().unwrap().push(snap);
+                        path
+                    },
                 )
                 .unwrap();
                 saver.submit(job).unwrap();
