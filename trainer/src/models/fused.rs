@@ -835,11 +835,19 @@ pub(crate) fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
     if !fusable(&[x]) {
         return if tanh { x.gelu() } else { x.gelu_erf() };
     }
-    x.contiguous()?.apply_op1(Gelu { tanh })
+    x.contiguous()?.apply_op1(Gelu {
+        tanh,
+        saved: std::sync::OnceLock::new(),
+    })
 }
 
+/// One GELU of the graph. The forward pass keeps the transcendental part of each
+/// element (tanh of the approximation's argument, or Φ(x) of the exact form) for the
+/// backward pass, as torch keeps its intermediates, so the backward pass computes no
+/// `tanh` or `erf` again.
 struct Gelu {
     tanh: bool,
+    saved: std::sync::OnceLock<Vec<f32>>,
 }
 
 /// √(2/π), the tanh approximation's scale.
@@ -854,24 +862,33 @@ fn fast_tanh(u: f32) -> f32 {
 }
 
 impl Gelu {
-    fn value(&self, x: f32) -> f32 {
+    /// The part both passes need: tanh(√(2/π)(x + 0.044715x³)), or Φ(x).
+    fn part(&self, x: f32) -> f32 {
         if self.tanh {
-            0.5 * x * (1.0 + fast_tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+            fast_tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
         } else {
-            0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+            0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
         }
     }
 
-    fn slope(&self, x: f32) -> f32 {
+    fn value(&self, x: f32, part: f32) -> f32 {
         if self.tanh {
-            let t = fast_tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x));
+            0.5 * x * (1.0 + part)
+        } else {
+            x * part
+        }
+    }
+
+    fn slope(&self, x: f32, part: f32) -> f32 {
+        if self.tanh {
+            let t = part;
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 0.134145 * x * x)
         } else {
             // Φ(x) + x·φ(x), with φ the standard normal density.
             let pdf = (-0.5 * x * x).exp()
                 * (0.5 * std::f32::consts::FRAC_2_SQRT_PI)
                 * std::f32::consts::FRAC_1_SQRT_2;
-            0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)) + x * pdf
+            part + x * pdf
         }
     }
 }
@@ -883,17 +900,33 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let out = x.iter().map(|&v| self.value(v)).collect();
+        let parts: Vec<f32> = x.iter().map(|&v| self.part(v)).collect();
+        let out = x
+            .iter()
+            .zip(&parts)
+            .map(|(&v, &p)| self.value(v, p))
+            .collect();
+        // Run once per op; a second run (there is none) would recompute in `bwd`.
+        let _ = self.saved.set(parts);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = read(x, |xs| {
             read(grad, |dy| {
-                xs.iter()
-                    .zip(dy)
-                    .map(|(&v, d)| d * self.slope(v))
-                    .collect::<Vec<f32>>()
+                match self.saved.get().filter(|p| p.len() == xs.len()) {
+                    Some(parts) => xs
+                        .iter()
+                        .zip(parts)
+                        .zip(dy)
+                        .map(|((&v, &p), d)| d * self.slope(v, p))
+                        .collect::<Vec<f32>>(),
+                    None => xs
+                        .iter()
+                        .zip(dy)
+                        .map(|(&v, d)| d * self.slope(v, self.part(v)))
+                        .collect(),
+                }
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
