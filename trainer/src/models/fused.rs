@@ -82,6 +82,41 @@ fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
     acc
 }
 
+/// Elements from which the fused kernels split their work over rayon's threads. At the
+/// bundled models' sizes (at most 2^18 elements a tensor) handing work to rayon costs
+/// more than the second core gives; a larger model's GELU or LayerNorm alone would
+/// otherwise keep one core busy while the others wait.
+const PARALLEL_ELEMENTS: usize = 1 << 20;
+
+/// Runs `task` over `rows` rows of `width` elements: once over all of them when they are
+/// few, else over blocks of about 2^16 elements on rayon's threads, results in block
+/// order. The blocks depend only on the sizes, never on the thread count, so results are
+/// the same on every machine.
+fn by_rows<T: Send>(
+    rows: usize,
+    width: usize,
+    task: impl Fn(std::ops::Range<usize>) -> T + Sync,
+) -> Vec<T> {
+    if rows.saturating_mul(width) < PARALLEL_ELEMENTS {
+        return vec![task(0..rows)];
+    }
+    use rayon::prelude::*;
+    let block = ((1usize << 16) / width.max(1)).max(1);
+    (0..rows.div_ceil(block))
+        .into_par_iter()
+        .map(|i| task(i * block..((i + 1) * block).min(rows)))
+        .collect()
+}
+
+/// The blocks of [`by_rows`] joined (no copy when there is one).
+fn joined(mut parts: Vec<Vec<f32>>) -> Vec<f32> {
+    if parts.len() == 1 {
+        parts.pop().unwrap_or_default()
+    } else {
+        parts.concat()
+    }
+}
+
 /// `x + b` where `b`'s shape is the trailing part of `x`'s (a bias `[out]` over
 /// `[…, out]`, position embeddings `[t, h]` over `[b, t, h]`): `broadcast_add`, whose
 /// backward sums the gradient over the leading dimensions in one sequential pass.
@@ -691,15 +726,19 @@ impl CustomOp3 for LayerNormOp {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
         let b = slice(s3, l3, self.name())?;
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(w.len()) {
-            let (mean, rstd) = row_stats(row, self.eps);
-            out.extend(
-                row.iter()
-                    .zip(w.iter().zip(b))
-                    .map(|(v, (w, b))| (v - mean) * rstd * w + b),
-            );
-        }
+        let h = w.len();
+        let out = joined(by_rows(x.len() / h, h, |rows| {
+            let mut out = Vec::with_capacity(rows.len() * h);
+            for row in x[rows.start * h..rows.end * h].chunks_exact(h) {
+                let (mean, rstd) = row_stats(row, self.eps);
+                out.extend(
+                    row.iter()
+                        .zip(w.iter().zip(b))
+                        .map(|(v, (w, b))| (v - mean) * rstd * w + b),
+                );
+            }
+            out
+        }));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -716,29 +755,43 @@ impl CustomOp3 for LayerNormOp {
         let ws = host(w)?;
         let h = ws.len();
         let n = h as f32;
-        let mut dx = Vec::with_capacity(x.elem_count());
-        let mut dw = vec![0f32; h];
-        let mut db = vec![0f32; h];
-        let mut xhat = vec![0f32; h];
-        let mut g = vec![0f32; h];
-        read(x, |xs| {
+        // Per block of rows: dx of its rows and its part of dw and db, summed in order.
+        let parts = read(x, |xs| {
             read(grad, |dy| {
-                for (row, dyr) in xs.chunks_exact(h).zip(dy.chunks_exact(h)) {
-                    let (mean, rstd) = row_stats(row, self.eps);
-                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                    for i in 0..h {
-                        xhat[i] = (row[i] - mean) * rstd;
-                        g[i] = dyr[i] * ws[i];
-                        sum_g += g[i];
-                        sum_gx += g[i] * xhat[i];
-                        dw[i] += dyr[i] * xhat[i];
-                        db[i] += dyr[i];
+                by_rows(xs.len() / h.max(1), h, |rows| {
+                    let mut dx = Vec::with_capacity(rows.len() * h);
+                    let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                    let (mut xhat, mut g) = (vec![0f32; h], vec![0f32; h]);
+                    let span = rows.start * h..rows.end * h;
+                    for (row, dyr) in xs[span.clone()]
+                        .chunks_exact(h)
+                        .zip(dy[span].chunks_exact(h))
+                    {
+                        let (mean, rstd) = row_stats(row, self.eps);
+                        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                        for i in 0..h {
+                            xhat[i] = (row[i] - mean) * rstd;
+                            g[i] = dyr[i] * ws[i];
+                            sum_g += g[i];
+                            sum_gx += g[i] * xhat[i];
+                            dw[i] += dyr[i] * xhat[i];
+                            db[i] += dyr[i];
+                        }
+                        let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+                        dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
                     }
-                    let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
-                    dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
-                }
+                    (dx, dw, db)
+                })
             })
         })??;
+        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+        let mut dxs = Vec::with_capacity(parts.len());
+        for (dx, pw, pb) in parts {
+            dw.iter_mut().zip(&pw).for_each(|(a, v)| *a += v);
+            db.iter_mut().zip(&pb).for_each(|(a, v)| *a += v);
+            dxs.push(dx);
+        }
+        let dx = joined(dxs);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -787,43 +840,55 @@ impl CustomOp1 for ScaledBiasedSoftmax {
         let strides = bl.stride();
         let (lead, last) = strides.split_at(strides.len() - 1);
         let last = last[0];
-        let mut out = Vec::with_capacity(x.len());
-        for (r, row) in x.chunks_exact(h).enumerate() {
-            // The mask's offset for row r: its index in the leading dimensions, by stride.
-            let (mut rest, mut at) = (r, bl.start_offset());
-            for (d, stride) in dims[..dims.len() - 1].iter().zip(lead).rev() {
-                at += (rest % d) * stride;
-                rest /= d;
+        let out = joined(by_rows(x.len() / h, h, |rows| {
+            let mut out = Vec::with_capacity(rows.len() * h);
+            for r in rows {
+                let row = &x[r * h..(r + 1) * h];
+                // The mask's offset for row r: its index in the leading dimensions, by
+                // stride.
+                let (mut rest, mut at) = (r, bl.start_offset());
+                for (d, stride) in dims[..dims.len() - 1].iter().zip(lead).rev() {
+                    at += (rest % d) * stride;
+                    rest /= d;
+                }
+                let start = out.len();
+                out.extend(
+                    row.iter()
+                        .enumerate()
+                        .map(|(i, v)| v * self.scale + bias[at + i * last]),
+                );
+                let max = out[start..]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                out[start..].iter_mut().for_each(|e| *e = (*e - max).exp());
+                let sum: f32 = out[start..].iter().sum();
+                out[start..].iter_mut().for_each(|e| *e /= sum);
             }
-            let start = out.len();
-            out.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(i, v)| v * self.scale + bias[at + i * last]),
-            );
-            let max = out[start..]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            out[start..].iter_mut().for_each(|e| *e = (*e - max).exp());
-            let sum: f32 = out[start..].iter().sum();
-            out[start..].iter_mut().for_each(|e| *e /= sum);
-        }
+            out
+        }));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     /// dx = scale·y·(dy − Σ dy·y) per row; the mask is a constant.
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let h = x.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = Vec::with_capacity(x.elem_count());
-        read(res, |y| {
+        let dx = joined(read(res, |y| {
             read(grad, |dy| {
-                for (yr, dyr) in y.chunks_exact(h).zip(dy.chunks_exact(h)) {
-                    let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
-                    dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
-                }
+                by_rows(y.len() / h, h, |rows| {
+                    let span = rows.start * h..rows.end * h;
+                    let mut dx = Vec::with_capacity(span.len());
+                    for (yr, dyr) in y[span.clone()]
+                        .chunks_exact(h)
+                        .zip(dy[span].chunks_exact(h))
+                    {
+                        let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
+                        dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
+                    }
+                    dx
+                })
             })
-        })??;
+        })??);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -900,35 +965,44 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let parts: Vec<f32> = x.iter().map(|&v| self.part(v)).collect();
-        let out = x
-            .iter()
-            .zip(&parts)
-            .map(|(&v, &p)| self.value(v, p))
-            .collect();
+        let blocks = by_rows(x.len(), 1, |span| {
+            let parts: Vec<f32> = x[span.clone()].iter().map(|&v| self.part(v)).collect();
+            let out: Vec<f32> = x[span]
+                .iter()
+                .zip(&parts)
+                .map(|(&v, &p)| self.value(v, p))
+                .collect();
+            (parts, out)
+        });
+        let (parts, out): (Vec<_>, Vec<_>) = blocks.into_iter().unzip();
+        let (parts, out) = (joined(parts), joined(out));
         // Run once per op; a second run (there is none) would recompute in `bwd`.
         let _ = self.saved.set(parts);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = read(x, |xs| {
+        let dx = joined(read(x, |xs| {
             read(grad, |dy| {
-                match self.saved.get().filter(|p| p.len() == xs.len()) {
-                    Some(parts) => xs
-                        .iter()
-                        .zip(parts)
-                        .zip(dy)
-                        .map(|((&v, &p), d)| d * self.slope(v, p))
-                        .collect::<Vec<f32>>(),
-                    None => xs
-                        .iter()
-                        .zip(dy)
-                        .map(|(&v, d)| d * self.slope(v, self.part(v)))
-                        .collect(),
-                }
+                let saved = self.saved.get().filter(|p| p.len() == xs.len());
+                by_rows(xs.len(), 1, |span| {
+                    let (xs, dy) = (&xs[span.clone()], &dy[span.clone()]);
+                    match saved {
+                        Some(parts) => xs
+                            .iter()
+                            .zip(&parts[span])
+                            .zip(dy)
+                            .map(|((&v, &p), d)| d * self.slope(v, p))
+                            .collect::<Vec<f32>>(),
+                        None => xs
+                            .iter()
+                            .zip(dy)
+                            .map(|(&v, d)| d * self.slope(v, self.part(v)))
+                            .collect(),
+                    }
+                })
             })
-        })??;
+        })??);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -962,14 +1036,26 @@ impl CustomOp1 for MulConstant {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let out = x.iter().zip(self.0.iter()).map(|(x, m)| x * m).collect();
+        let out = joined(by_rows(x.len(), 1, |span| {
+            x[span.clone()]
+                .iter()
+                .zip(&self.0[span])
+                .map(|(x, m)| x * m)
+                .collect()
+        }));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = read(grad, |dy| {
-            dy.iter().zip(self.0.iter()).map(|(d, m)| d * m).collect()
-        })?;
+        let dx = joined(read(grad, |dy| {
+            by_rows(dy.len(), 1, |span| {
+                dy[span.clone()]
+                    .iter()
+                    .zip(&self.0[span])
+                    .map(|(d, m)| d * m)
+                    .collect()
+            })
+        })?);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -1203,6 +1289,57 @@ mod tests {
         assert!(max_diff(&g1[0], &g2[0]) <= 1e-5);
         // Heads that do not divide the width take candle's path and its error.
         assert!(attention_scores(&inputs[0], &inputs[1], 5).is_err());
+    }
+
+    #[test]
+    fn large_tensors_split_over_threads_give_the_same_results() {
+        // Over PARALLEL_ELEMENTS: the kernels run in blocks on rayon's threads.
+        let (rows, h) = (1100, 1000);
+        assert!(rows * h >= PARALLEL_ELEMENTS);
+        let x = values(&[rows, h], 0.0);
+        let w = values(&[h], 1.0);
+        let b = values(&[h], 2.0);
+        // dw and db are sums over 1100 rows (values in the thousands), added in another
+        // order than candle's: compared relative to their size.
+        let inputs = [x.clone(), w, b];
+        let (y1, g1) = value_and_grads(&inputs, |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
+        let (y2, g2) = value_and_grads(&inputs, |t| {
+            written_out::layer_norm(&t[0], &t[1], &t[2], 1e-5)
+        });
+        assert!(max_diff(&y1, &y2) <= 1e-5);
+        for (a, b) in g1.iter().zip(&g2) {
+            let scale = 1.0 + host(b).unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                max_diff(a, b) <= 1e-5 * scale,
+                "{} at scale {scale}",
+                max_diff(a, b)
+            );
+        }
+        let zero = Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap();
+        assert_same(
+            std::slice::from_ref(&x),
+            |t| softmax_scaled_biased(&t[0], 0.5, &zero),
+            |t| written_out::softmax_last(&(&t[0] * 0.5)?),
+            1e-6,
+        );
+        assert_same(
+            std::slice::from_ref(&x),
+            |t| gelu(&t[0], true),
+            |t| t[0].gelu(),
+            2e-6,
+        );
+        let mask = values(&[rows, h], 5.0)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let m = host(&mask).unwrap();
+        assert_same(
+            std::slice::from_ref(&x),
+            |t| mul_mask(&t[0], m.clone()),
+            |t| &t[0] * &mask,
+            0.0,
+        );
     }
 
     #[test]
