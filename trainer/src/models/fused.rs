@@ -8,13 +8,15 @@
 //! computes with a division per element. Profiling `kiln train` on the bundled data put
 //! a quarter of the time in that sum alone (`benches/README.md`, "Training speed").
 //!
-//! Each function here computes the same values as its written-out form in
-//! [`super::layers`] (up to float rounding: tested against it, values and gradients),
-//! as one candle custom op whose backward is one more pass. They apply to contiguous
-//! f32 tensors on the CPU; anything else (CUDA, Metal, 16-bit) takes the written-out
-//! form, whose kernels those backends have. Every kernel is sequential and computes
-//! each output in a fixed order, so results are deterministic, as bit-for-bit resume
-//! needs.
+//! Each function here computes the same values as its written-out form (candle's
+//! elementary ops, [`written_out`] or the function's fallback; up to float rounding:
+//! tested against it, values and gradients, and against torch's autograd in
+//! `tests/hf_models.rs`), as one candle custom op whose backward is one more pass. They
+//! apply to f32 tensors on the CPU; anything else (CUDA, Metal, 16-bit) takes the
+//! written-out form, whose kernels those backends have. Every output is computed in an
+//! order fixed by the sizes alone (large tensors in fixed blocks over rayon's threads,
+//! [`by_rows`]), so results are the same on every run and machine, as bit-for-bit
+//! resume needs.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
