@@ -44,32 +44,35 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Calls `f` with a CPU f32 tensor's elements in row-major order: in place when the
-/// tensor is contiguous, else from a copy.
-fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// tensor is contiguous, else from a copy. `f`'s errors pass through, so reads nest.
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(f(&cpu.as_slice::<f32>()?[a..b]));
+            return f(&cpu.as_slice::<f32>()?[a..b]);
         }
     }
-    Ok(f(&host(t)?))
+    f(&host(t)?)
 }
 
 /// Calls `f(elements, start, (s0, s1))` with a CPU f32 `[b, t, e]` tensor whose last
 /// dimension is contiguous, in place; other layouts from a contiguous copy.
-fn read_strided<R>(t: &Tensor, f: impl FnOnce(&[f32], usize, (usize, usize)) -> R) -> Result<R> {
+fn read_strided<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], usize, (usize, usize)) -> Result<R>,
+) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(cpu), Some((_, strides, start))) =
             (&*storage, bte_layout(layout))
         {
-            return Ok(f(cpu.as_slice::<f32>()?, start, strides));
+            return f(cpu.as_slice::<f32>()?, start, strides);
         }
     }
     let (_, t1, e) = t.dims3()?;
-    Ok(f(&host(t)?, 0, (t1 * e, e)))
+    f(&host(t)?, 0, (t1 * e, e))
 }
 
 /// Sums the rows of `x` seen as `[n / width, width]`: the gradient of a tensor
@@ -161,7 +164,7 @@ impl CustomOp2 for AddTrailing {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = read(grad, |g| sum_rows(g, b.elem_count()))?;
+        let db = read(grad, |g| Ok(sum_rows(g, b.elem_count())))?;
         let db = Tensor::from_vec(db, b.shape(), b.device())?;
         Ok((Some(grad.clone()), Some(db)))
     }
@@ -302,7 +305,7 @@ impl CustomOp3 for LinearOp {
         };
         let db = read(x, |xs| {
             read(w, |ws| {
-                read(grad, |gs| -> Result<Vec<f32>> {
+                read(grad, |gs| {
                     gemm_with(
                         (rows, input, output),
                         (&mut dx, xm),
@@ -319,11 +322,8 @@ impl CustomOp3 for LinearOp {
                     )?;
                     Ok(sum_rows(gs, output))
                 })
-                .and_then(|r| r)
             })
-            .and_then(|r| r)
-        })
-        .and_then(|r| r)?;
+        })?;
         let dev = x.device();
         let (dx, dw) = (
             Tensor::from_vec(dx, x.shape(), dev)?,
@@ -565,7 +565,7 @@ impl CustomOp2 for AttentionScores {
         let mut dk = vec![0f32; b * tk * e];
         read_strided(q, |qs, oq, sq| {
             read_strided(k, |ks, ok, sk| {
-                read(grad, |ds| -> Result<()> {
+                read(grad, |ds| {
                     for bi in 0..b {
                         for hd in 0..h {
                             let g = Mat {
@@ -582,11 +582,8 @@ impl CustomOp2 for AttentionScores {
                     }
                     Ok(())
                 })
-                .and_then(|r| r)
             })
-            .and_then(|r| r)
-        })
-        .and_then(|r| r)?;
+        })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b, tq, e), dev)?),
@@ -655,7 +652,7 @@ impl CustomOp2 for AttentionContext {
         let mut dv = vec![0f32; b * tk * e];
         read(probs, |ps| {
             read_strided(v, |vs, ov, sv| {
-                read(grad, |dc| -> Result<()> {
+                read(grad, |dc| {
                     for bi in 0..b {
                         for hd in 0..h {
                             let pm = Mat {
@@ -672,11 +669,8 @@ impl CustomOp2 for AttentionContext {
                     }
                     Ok(())
                 })
-                .and_then(|r| r)
             })
-            .and_then(|r| r)
-        })
-        .and_then(|r| r)?;
+        })?;
         let dev = v.device();
         Ok((
             Some(Tensor::from_vec(dp, (b, h, tq, tk), dev)?),
@@ -760,7 +754,7 @@ impl CustomOp3 for LayerNormOp {
         // Per block of rows: dx of its rows and its part of dw and db, summed in order.
         let parts = read(x, |xs| {
             read(grad, |dy| {
-                by_rows(xs.len() / h.max(1), h, |rows| {
+                Ok(by_rows(xs.len() / h.max(1), h, |rows| {
                     let mut dx = Vec::with_capacity(rows.len() * h);
                     let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
                     let (mut xhat, mut g) = (vec![0f32; h], vec![0f32; h]);
@@ -783,9 +777,9 @@ impl CustomOp3 for LayerNormOp {
                         dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
                     }
                     (dx, dw, db)
-                })
+                }))
             })
-        })??;
+        })?;
         let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
         let mut dxs = Vec::with_capacity(parts.len());
         for (dx, pw, pb) in parts {
@@ -877,7 +871,7 @@ impl CustomOp1 for ScaledBiasedSoftmax {
         let h = x.dims().last().copied().unwrap_or(1).max(1);
         let dx = joined(read(res, |y| {
             read(grad, |dy| {
-                by_rows(y.len() / h, h, |rows| {
+                Ok(by_rows(y.len() / h, h, |rows| {
                     let span = rows.start * h..rows.end * h;
                     let mut dx = Vec::with_capacity(span.len());
                     for (yr, dyr) in y[span.clone()]
@@ -888,9 +882,9 @@ impl CustomOp1 for ScaledBiasedSoftmax {
                         dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
                     }
                     dx
-                })
+                }))
             })
-        })??);
+        })?);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -987,7 +981,7 @@ impl CustomOp1 for Gelu {
         let dx = joined(read(x, |xs| {
             read(grad, |dy| {
                 let saved = self.saved.get().filter(|p| p.len() == xs.len());
-                by_rows(xs.len(), 1, |span| {
+                Ok(by_rows(xs.len(), 1, |span| {
                     let (xs, dy) = (&xs[span.clone()], &dy[span.clone()]);
                     match saved {
                         Some(parts) => xs
@@ -1002,9 +996,9 @@ impl CustomOp1 for Gelu {
                             .map(|(&v, d)| d * self.slope(v, self.part(v)))
                             .collect(),
                     }
-                })
+                }))
             })
-        })??);
+        })?);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -1050,13 +1044,13 @@ impl CustomOp1 for MulConstant {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = joined(read(grad, |dy| {
-            by_rows(dy.len(), 1, |span| {
+            Ok(by_rows(dy.len(), 1, |span| {
                 dy[span.clone()]
                     .iter()
                     .zip(&self.0[span])
                     .map(|(d, m)| d * m)
                     .collect()
-            })
+            }))
         })?);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
