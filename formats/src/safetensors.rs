@@ -313,8 +313,14 @@ fn header_for(
             .collect()
     });
     let header = Metadata::new(meta, entries).map_err(describe)?;
-    let mut bytes = serde_json::to_vec(&header)
-        .map_err(|e| Error::Safetensors(format!("cannot encode header: {e}")))?;
+    let encode = |e: serde_json::Error| Error::Safetensors(format!("cannot encode header: {e}"));
+    // The safetensors crate keeps `__metadata__` in a HashMap, whose order changes from
+    // run to run; sorted, the same tensors and metadata always give the same bytes.
+    let mut value = serde_json::to_value(&header).map_err(encode)?;
+    if let Some(serde_json::Value::Object(m)) = value.get_mut("__metadata__") {
+        m.sort_keys();
+    }
+    let mut bytes = serde_json::to_vec(&value).map_err(encode)?;
     bytes.resize(bytes.len().next_multiple_of(8), b' ');
     if bytes.len() as u64 > MAX_HEADER_SIZE {
         return Err(Error::Safetensors(format!(
