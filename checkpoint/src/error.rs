@@ -58,6 +58,16 @@ pub enum Error {
     /// A multi-process coordination failure (a barrier timed out, a rank failed).
     #[error("coordination: {0}")]
     Coordination(String),
+    /// A candle tensor that could not be copied to or from the host, converted or set
+    /// (feature `candle`).
+    #[cfg(feature = "candle")]
+    #[error("tensor {name:?}: {source}")]
+    Candle {
+        /// The tensor (the `VarMap` variable's name).
+        name: String,
+        /// What failed (candle's errors come wrapped in [`kiln_formats::Error::Candle`]).
+        source: kiln_formats::Error,
+    },
 }
 
 /// The crate's result type.

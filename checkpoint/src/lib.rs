@@ -12,9 +12,13 @@
 //! - [`scan`]: finding checkpoints, telling complete from incomplete, cleaning leftovers.
 //! - [`rotate`]: `save_total_limit` rotation that never deletes the best nor the newest.
 //! - [`async_save`]: saving in the background with bounded in-flight saves.
+//! - `candle` (cargo feature `candle`): a candle-nn `VarMap` as a model folder or a
+//!   checkpoint's weights, and back.
 #![deny(missing_docs)]
 
 pub mod async_save;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod commit;
 mod error;
 pub mod model;

@@ -52,8 +52,10 @@ pub fn rng_state_name(rank: usize, world_size: usize) -> String {
 }
 
 /// Everything that goes into one checkpoint, owned, so that it can be written on
-/// another thread while training continues.
+/// another thread while training continues. Built with [`CheckpointSnapshot::new`] and
+/// the `with_*` setters.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct CheckpointSnapshot {
     /// The optimizer step the checkpoint is for (its folder is `checkpoint-<step>`).
     pub step: u64,
@@ -107,6 +109,105 @@ impl std::fmt::Debug for CheckpointSnapshot {
 }
 
 impl CheckpointSnapshot {
+    /// A checkpoint of the model at `step`: its `config.json` keys and its weights
+    /// (host copies, in the model's parameter order). Nothing else is written unless set
+    /// with the `with_*` setters; the trainer state is transformers' default with
+    /// `global_step = step`.
+    pub fn new(step: u64, config: Value, weights: Arc<dyn TensorCollection>) -> Self {
+        CheckpointSnapshot {
+            step,
+            config,
+            generation_config: None,
+            weights,
+            tied: Vec::new(),
+            tokenizer_files: Vec::new(),
+            training_args: None,
+            optimizer: None,
+            scheduler: None,
+            optimizer_sharded: false,
+            scaler: None,
+            rng: None,
+            data: None,
+            state: TrainerState {
+                global_step: step,
+                ..TrainerState::default()
+            },
+            save_options: SaveOptions::default(),
+        }
+    }
+
+    /// `generation_config.json`, for generative models.
+    pub fn with_generation_config(mut self, config: Value) -> Self {
+        self.generation_config = Some(config);
+        self
+    }
+
+    /// Tied weights as (tied name, source name).
+    pub fn with_tied(mut self, tied: Vec<(String, String)>) -> Self {
+        self.tied = tied;
+        self
+    }
+
+    /// Tokenizer files (name, bytes).
+    pub fn with_tokenizer_files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
+        self.tokenizer_files = files;
+        self
+    }
+
+    /// `training_args.json`.
+    pub fn with_training_args(mut self, args: Value) -> Self {
+        self.training_args = Some(args);
+        self
+    }
+
+    /// The optimizer state.
+    pub fn with_optimizer(mut self, state: OptimizerState) -> Self {
+        self.optimizer = Some(state);
+        self
+    }
+
+    /// Whether the optimizer state is only this rank's shard (ZeRO-1).
+    pub fn with_optimizer_sharded(mut self, sharded: bool) -> Self {
+        self.optimizer_sharded = sharded;
+        self
+    }
+
+    /// The scheduler state (`scheduler.json`).
+    pub fn with_scheduler(mut self, state: Value) -> Self {
+        self.scheduler = Some(state);
+        self
+    }
+
+    /// The loss scaler state (`scaler.json`).
+    pub fn with_scaler(mut self, state: Value) -> Self {
+        self.scaler = Some(state);
+        self
+    }
+
+    /// This rank's RNG state.
+    pub fn with_rng(mut self, state: Value) -> Self {
+        self.rng = Some(state);
+        self
+    }
+
+    /// The data loader position (`data_state.json`).
+    pub fn with_data(mut self, state: Value) -> Self {
+        self.data = Some(state);
+        self
+    }
+
+    /// The trainer state (`trainer_state.json`, written last).
+    pub fn with_state(mut self, state: TrainerState) -> Self {
+        self.state = state;
+        self
+    }
+
+    /// Weight format and shard size.
+    pub fn with_save_options(mut self, options: SaveOptions) -> Self {
+        self.save_options = options;
+        self
+    }
+
     /// Bytes of tensor data the snapshot holds (weights and optimizer state).
     pub fn nbytes(&self) -> u64 {
         self.weights.total_bytes() + self.optimizer.as_ref().map_or(0, OptimizerState::nbytes)
@@ -287,4 +388,36 @@ pub fn consolidate_checkpoint(src: &Path, output_dir: &Path) -> Result<PathBuf> 
     }
     merged.save(&staging.dir().join(OPTIMIZER_NAME))?;
     staging.commit(&SingleProcess)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::commit::SingleProcess;
+
+    #[test]
+    fn new_writes_the_model_and_trainer_state_and_setters_add_files() {
+        let weights = Arc::new(kiln_formats::TensorMap::new());
+        let config = serde_json::json!({"model_type": "m", "architectures": ["M"]});
+        let bare = CheckpointSnapshot::new(7, config.clone(), weights.clone());
+        assert_eq!(bare.state.global_step, 7);
+        assert!(bare.optimizer.is_none() && bare.data.is_none() && !bare.optimizer_sharded);
+
+        let out = tempfile::tempdir().unwrap();
+        let dir = CheckpointSnapshot::new(7, config, weights)
+            .with_scheduler(serde_json::json!({"step": 7}))
+            .with_rng(serde_json::json!({"seed": 1}))
+            .with_data(serde_json::json!({"batches": 7}))
+            .write(out.path(), &SingleProcess)
+            .unwrap();
+        assert_eq!(dir, out.path().join("checkpoint-7"));
+        let resume = load_checkpoint(&dir, 0, 1).unwrap();
+        assert_eq!(resume.state.global_step, 7);
+        assert_eq!(resume.scheduler, Some(serde_json::json!({"step": 7})));
+        assert_eq!(resume.rng, Some(serde_json::json!({"seed": 1})));
+        assert_eq!(resume.data, Some(serde_json::json!({"batches": 7})));
+        assert!(resume.optimizer.is_none() && resume.scaler.is_none());
+    }
 }

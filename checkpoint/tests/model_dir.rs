@@ -781,11 +781,10 @@ fn expected_of(name: &str) -> (String, Vec<TensorInfo>, Vec<(String, String)>) {
     (v["architecture"].as_str().unwrap().into(), params, tied)
 }
 
-/// Runs `tests/check_models.py` on `jobs` with real transformers (see
-/// [`kiln_test_support::run_checker`]); `None` after a printed skip.
+/// Runs this crate's `tests/check_models.py` on `jobs` with real transformers; `None`
+/// after a printed skip.
 fn transformers_check(jobs: &[Value], work: &Path) -> Option<Vec<Value>> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check_models.py");
-    kiln_test_support::run_checker(&script, jobs, work)
+    kiln_test_support::transformers_check(Path::new(env!("CARGO_MANIFEST_DIR")), jobs, work)
 }
 
 #[test]

@@ -544,7 +544,27 @@ pub fn load_pretrained(
     expected: &[TensorInfo],
     tied: &[(String, String)],
 ) -> Result<LoadedModel> {
-    let dir = dir.as_ref();
+    load(dir.as_ref(), expected, tied, true)
+}
+
+/// [`load_pretrained`] that takes each found tensor's dtype from the files, for a
+/// caller that converts dtypes itself ([`crate::candle::load_varmap`]).
+#[cfg(feature = "candle")]
+pub(crate) fn load_pretrained_any_dtype(
+    dir: &Path,
+    expected: &[TensorInfo],
+    tied: &[(String, String)],
+) -> Result<LoadedModel> {
+    load(dir, expected, tied, false)
+}
+
+/// [`load_pretrained`], checking dtypes only with `exact_dtype`.
+fn load(
+    dir: &Path,
+    expected: &[TensorInfo],
+    tied: &[(String, String)],
+    exact_dtype: bool,
+) -> Result<LoadedModel> {
     let ties = Ties::new(tied)?;
     let config = read_config(dir)?;
     let gen_path = dir.join(GENERATION_CONFIG_NAME);
@@ -581,11 +601,15 @@ pub fn load_pretrained(
                 }
             },
         };
-        check_matches(want, from)?;
+        check_matches(want, from, exact_dtype)?;
         if retied {
             report.retied.push(want.name.clone());
         }
-        entries.push((want.clone(), from.name.clone()));
+        let info = TensorInfo {
+            dtype: from.dtype,
+            ..want.clone()
+        };
+        entries.push((info, from.name.clone()));
     }
     for info in file.tensors() {
         if !seen.contains(info.name.as_str()) {
@@ -607,8 +631,8 @@ pub fn load_pretrained(
     })
 }
 
-/// A tensor found for `want` must have its shape and dtype.
-fn check_matches(want: &TensorInfo, found: &TensorInfo) -> Result<()> {
+/// A tensor found for `want` must have its shape (and its dtype with `exact_dtype`).
+fn check_matches(want: &TensorInfo, found: &TensorInfo, exact_dtype: bool) -> Result<()> {
     if want.shape != found.shape {
         return Err(Error::Shape {
             name: want.name.clone(),
@@ -616,7 +640,7 @@ fn check_matches(want: &TensorInfo, found: &TensorInfo) -> Result<()> {
             found: found.shape.clone(),
         });
     }
-    if want.dtype != found.dtype {
+    if exact_dtype && want.dtype != found.dtype {
         return Err(Error::Invalid(format!(
             "tensor {:?}: expected dtype {}, found {}",
             want.name, want.dtype, found.dtype

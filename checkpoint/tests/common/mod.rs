@@ -108,26 +108,5 @@ pub fn assert_content(dir: &Path, step: u64, generation: u64, sizes: Sizes) {
     assert_eq!(state["generation"], generation);
 }
 
-/// Names of the entries of a folder, sorted.
-pub fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
-/// Copies a folder tree (no fsync: for setting up test fixtures quickly).
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
+#[allow(unused_imports)] // not every test binary lists or copies folders
+pub use kiln_test_support::fs::{copy_dir, names};
