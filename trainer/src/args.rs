@@ -12,8 +12,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::schedule::Schedule;
 use crate::{Error, Result};
+use kiln_optim::{OptimKind, Schedule};
 
 /// When to log, evaluate or save.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,15 +217,6 @@ pub enum SaveErrorPolicy {
     Continue,
 }
 
-/// The optimizer an `optim` value selects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OptimKind {
-    /// AdamW with decoupled weight decay.
-    AdamW,
-    /// Plain SGD.
-    Sgd,
-}
-
 fn interval_error(name: &str, v: f64) -> Option<String> {
     if !(v > 0.0 && v.is_finite()) {
         Some(format!(
@@ -289,13 +280,12 @@ impl TrainingArguments {
 
     /// The optimizer selected by `optim`.
     pub fn optim_kind(&self) -> Result<OptimKind> {
-        match self.optim.as_str() {
-            "adamw" | "adamw_torch" | "adamw_torch_fused" => Ok(OptimKind::AdamW),
-            "sgd" => Ok(OptimKind::Sgd),
-            other => Err(Error::Config(format!(
-                "optim {other:?} is not supported; use adamw or sgd"
-            ))),
-        }
+        OptimKind::from_name(&self.optim).ok_or_else(|| {
+            Error::Config(format!(
+                "optim {:?} is not supported; use adamw or sgd",
+                self.optim
+            ))
+        })
     }
 
     /// The metric that decides the best model: `metric_for_best_model`, or `loss` when

@@ -15,6 +15,28 @@ pub enum Error {
     /// Saving or loading a checkpoint or model folder failed.
     #[error(transparent)]
     Checkpoint(#[from] kiln_checkpoint::Error),
+    /// The processes of a data-parallel run failed to agree or to connect (a
+    /// collective, the rendezvous, MPI or NCCL).
+    #[error(transparent)]
+    Dist(#[from] kiln_dist::Error),
+    /// An optimizer or schedule refused its state or settings.
+    #[error(transparent)]
+    Optim(#[from] kiln_optim::Error),
+    /// The device's backend is not available or cannot do what training asks.
+    #[error(transparent)]
+    Backend(#[from] kiln_backend::Error),
+    /// A checkpoint cannot be resumed: a state file of it is malformed or does not fit
+    /// this run (never a silent restart from the beginning).
+    #[error("{}: {reason}", path.display())]
+    Resume {
+        /// The checkpoint folder or the file of it at fault.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model failed in a way of its own (a model crate's error, kept as the source).
+    #[error(transparent)]
+    Model(Box<dyn std::error::Error + Send + Sync>),
     /// A configuration that cannot work, with what to change.
     #[error("{0}")]
     Config(String),
@@ -43,15 +65,11 @@ pub enum Error {
         /// What went wrong.
         source: std::io::Error,
     },
-    /// The `tokenizers` library failed (building, training, encoding or (de)serializing a
-    /// tokenizer).
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
 }
 
 impl Error {
     /// An [`Error::Io`] for `path`.
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,

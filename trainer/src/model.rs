@@ -3,7 +3,8 @@
 //! kiln's own models (BERT for sequence classification, GPT-2 LM head) implement it, and
 //! so can yours: name the parameters as transformers names them, describe `config.json`,
 //! declare tied weights, and compute a loss in [`Model::forward`] when labels are given.
-//! `trainer/examples/custom_model.rs` shows a complete one.
+//! `trainer/examples/custom_model.rs` shows a complete one, trained by kiln's
+//! [`Trainer`](crate::Trainer).
 //!
 //! Saving and loading model folders works for every implementation:
 //! [`crate::weights::save_pretrained`] writes what transformers' `from_pretrained`
@@ -16,7 +17,7 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 
 use crate::rng::Rng;
-use crate::weights::{LoadInfo, LoadRules};
+use crate::weights::load::{LoadInfo, LoadRules, load_into};
 
 /// One batch, as a collator makes it; every tensor on the model's device.
 #[derive(Debug, Clone)]
@@ -42,6 +43,30 @@ impl Batch {
     /// Whether the batch holds no example.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// What a model is trained for; it decides how data is read and batched and what
+/// `kiln predict` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Texts with a class or a regression target (`...ForSequenceClassification`).
+    SequenceClassification,
+    /// A corpus cut into blocks for next-token prediction (`...LMHeadModel`,
+    /// `...ForCausalLM`).
+    CausalLm,
+}
+
+impl Task {
+    /// The task of a transformers architecture name, by its suffix.
+    pub fn for_architecture(architecture: &str) -> Option<Task> {
+        if architecture.ends_with("ForSequenceClassification") {
+            Some(Task::SequenceClassification)
+        } else if architecture.ends_with("LMHeadModel") || architecture.ends_with("ForCausalLM") {
+            Some(Task::CausalLm)
+        } else {
+            None
+        }
     }
 }
 
@@ -92,7 +117,7 @@ pub trait Model: Send {
     /// trainer resumes and `kiln train --model DIR` loads any model, and transformers'
     /// architectures need per-model rules to read the folders transformers wrote.
     fn init_from(&self, dir: &Path) -> crate::Result<LoadInfo> {
-        crate::weights::load_into(
+        load_into(
             &self.parameters(),
             &self.tied_weights(),
             dir,

@@ -11,7 +11,7 @@
 //!   reads its own `Var`s, so replacing them is the one way that needs no change to each
 //!   forward pass and no cast per step of an f32 parameter (autocast's approach). After
 //!   every optimizer step the working copy is refreshed from the masters
-//!   ([`crate::optim::Optimizer::with_working_copies`]); loading weights (resume, best
+//!   ([`kiln_optim::Optimizer::with_working_copies`]); loading weights (resume, best
 //!   model) loads the masters and refreshes it too. kiln's models compute LayerNorm,
 //!   the attention softmax and the losses in f32, as autocast does.
 //! - **Gradients** of the working copy are cast to f32 as they come out of the backward
@@ -36,8 +36,8 @@ use kiln_backend::Backend;
 use serde_json::{Value, json};
 
 use crate::model::Model;
-use crate::optim::{Grads, Optimizer};
 use crate::{Error, Result, TrainingArguments};
+use kiln_optim::{Grads, Optimizer};
 
 /// `t` in f32 when it is a 16-bit float (bf16, f16); `t` itself otherwise (no copy,
 /// no operation: f32 computations are unchanged).
@@ -91,7 +91,7 @@ pub fn check_device(backend: &dyn Backend, args: &TrainingArguments) -> Result<(
 
 /// The backend of `device`: the registered backend named like its kind (`cpu`, `cuda`,
 /// `metal`), if the program links one.
-pub(crate) fn backend_for(device: &Device) -> Option<&'static dyn Backend> {
+pub fn backend_for(device: &Device) -> Option<&'static dyn Backend> {
     let name = match device {
         Device::Cpu => "cpu",
         Device::Cuda(_) => "cuda",

@@ -19,7 +19,6 @@
 //!   torch's NCCL watchdog does.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
@@ -31,7 +30,7 @@ use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::rendezvous::{AbortLine, TcpGroup, TorchrunEnv};
 use super::watchdog::Watchdog;
-use super::{Collective, Coordinator};
+use super::{Collective, Coordinator, Options};
 use crate::{Error, Result};
 
 /// cudarc's communicator, movable between threads.
@@ -69,23 +68,25 @@ impl std::fmt::Debug for NcclCollective {
 }
 
 fn nccl_error(what: &str, e: NcclError) -> Error {
-    Error::Config(format!("nccl: {what}: {:?}", e.0))
+    Error::Nccl(format!("nccl: {what}: {:?}", e.0))
 }
 
 fn cuda_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Config(format!("nccl: {what}: {e}"))
+    Error::Nccl(format!("nccl: {what}: {e}"))
 }
 
 impl NcclCollective {
     /// Reads the launcher's variables, meets the other ranks at
     /// `MASTER_ADDR:MASTER_PORT` and creates the NCCL communicator on `cuda:<LOCAL_RANK>`.
     /// `timeout` bounds the rendezvous, every host-side operation and every barrier.
-    pub fn init(timeout: Duration) -> Result<Self> {
+    /// With `options.abort_on_panic`, a panic on this rank ends every rank.
+    pub fn init(options: &Options) -> Result<Self> {
+        let timeout = options.timeout;
         let env = TorchrunEnv::from_env()?;
         let mut groups = TcpGroup::connect(&env, timeout, 3)?;
         let (Some(line), Some(save), Some(train)) = (groups.pop(), groups.pop(), groups.pop())
         else {
-            return Err(Error::Config(
+            return Err(Error::Nccl(
                 "nccl: the rendezvous opened too few channels".into(),
             ));
         };
@@ -98,13 +99,15 @@ impl NcclCollective {
             eprintln!("kiln: rank {me}: rank {from} ended the run (exit status {code})");
             std::process::exit(code);
         })?;
-        let hook_line = abort_line.clone();
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            previous(info);
-            hook_line.abort(101);
-            std::process::exit(101);
-        }));
+        if options.abort_on_panic {
+            let hook_line = abort_line.clone();
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                previous(info);
+                hook_line.abort(101);
+                std::process::exit(101);
+            }));
+        }
         let dog_line = abort_line.clone();
         let (rank, world) = (env.rank, env.world_size);
         let watchdog = Watchdog::start(timeout, move |what, waited| {
@@ -117,7 +120,7 @@ impl NcclCollective {
             dog_line.abort(1);
             std::process::exit(1);
         })
-        .map_err(|e| Error::Config(format!("nccl: cannot start the watchdog thread: {e}")))?;
+        .map_err(|e| Error::Nccl(format!("nccl: cannot start the watchdog thread: {e}")))?;
         match Self::communicator(&env, &train) {
             Ok((device, comm)) => Ok(NcclCollective {
                 env,
@@ -141,13 +144,13 @@ impl NcclCollective {
         let device = match kiln_backend::resolve(&format!("cuda:{}", env.local_rank)) {
             Ok(Device::Cuda(d)) => d,
             Ok(other) => {
-                return Err(Error::Config(format!(
+                return Err(Error::Nccl(format!(
                     "nccl: cuda:{} is a {other:?} device",
                     env.local_rank
                 )));
             }
             Err(e) => {
-                return Err(Error::Config(format!(
+                return Err(Error::Nccl(format!(
                     "nccl: rank {} needs cuda:{} (LOCAL_RANK): {e}",
                     env.rank, env.local_rank
                 )));
@@ -166,7 +169,7 @@ impl NcclCollective {
                 .collect::<Vec<_>>()
                 .try_into()
                 .map_err(|_| {
-                    Error::Config(format!(
+                    Error::Nccl(format!(
                         "nccl: rank 0 sent a unique id of {} bytes, not 128",
                         bytes.len()
                     ))
@@ -192,7 +195,7 @@ impl NcclCollective {
     /// `t` as a contiguous 1-D f32 tensor on a CUDA device, and that device.
     fn prepare(&self, t: &Tensor, what: &str) -> Result<(Tensor, CudaDevice)> {
         let Device::Cuda(dev) = t.device() else {
-            return Err(Error::Config(format!(
+            return Err(Error::Nccl(format!(
                 "nccl: {what} of a tensor on {:?}: NCCL needs tensors on the GPU (device = \
                  \"cuda\")",
                 t.device()
@@ -201,7 +204,7 @@ impl NcclCollective {
         let dev = dev.clone();
         let ordinal = dev.cuda_stream().context().ordinal();
         if ordinal != self.env.local_rank {
-            return Err(Error::Config(format!(
+            return Err(Error::Nccl(format!(
                 "nccl: {what} of a tensor on cuda:{ordinal}, but this rank's GPU is cuda:{} \
                  (LOCAL_RANK)",
                 self.env.local_rank
@@ -239,7 +242,7 @@ impl NcclCollective {
         {
             let (storage, layout) = t.storage_and_layout();
             let Storage::Cuda(cuda) = &*storage else {
-                return Err(Error::Config(format!("nccl: {what}: not CUDA storage")));
+                return Err(Error::Nccl(format!("nccl: {what}: not CUDA storage")));
             };
             let slice = cuda.as_cuda_slice::<f32>()?;
             let start = layout.start_offset();
@@ -302,7 +305,7 @@ impl Collective for NcclCollective {
         let root = i32::try_from(root)
             .ok()
             .filter(|&r| (r as usize) < self.env.world_size)
-            .ok_or_else(|| Error::Config(format!("broadcast root {root} is not a rank")))?;
+            .ok_or_else(|| Error::Nccl(format!("broadcast root {root} is not a rank")))?;
         self.on_device(t, "an NCCL broadcast", |comm, input, out| {
             comm.broadcast(Some(input), out, root).map(|_| ())
         })

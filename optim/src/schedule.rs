@@ -74,7 +74,7 @@ fn kw_f64(kw: &Map<String, Value>, key: &str, default: Option<f64>) -> Result<Op
     match kw.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-            Error::Config(format!(
+            Error::Schedule(format!(
                 "lr_scheduler_kwargs.{key} must be a number, got {v}"
             ))
         }),
@@ -86,13 +86,13 @@ fn kw_str(kw: &Map<String, Value>, key: &str, default: &str, allowed: &[&str]) -
         None | Some(Value::Null) => default.to_string(),
         Some(Value::String(s)) => s.clone(),
         Some(v) => {
-            return Err(Error::Config(format!(
+            return Err(Error::Schedule(format!(
                 "lr_scheduler_kwargs.{key} must be a string, got {v}"
             )));
         }
     };
     if !allowed.contains(&s.as_str()) {
-        return Err(Error::Config(format!(
+        return Err(Error::Schedule(format!(
             "lr_scheduler_kwargs.{key} = {s:?}; use one of {}",
             allowed.join(", ")
         )));
@@ -133,14 +133,14 @@ impl Schedule {
                 "num_cycles",
             ],
             other => {
-                return Err(Error::Config(format!(
+                return Err(Error::Schedule(format!(
                     "lr_scheduler_type {other:?} is not supported; use one of {}",
                     Self::NAMES.join(", ")
                 )));
             }
         };
         if let Some(k) = kwargs.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(Error::Config(format!(
+            return Err(Error::Schedule(format!(
                 "lr_scheduler_kwargs.{k} is not a parameter of the {name} schedule"
             )));
         }
@@ -156,7 +156,7 @@ impl Schedule {
             "polynomial" => {
                 let lr_end = kw_f64(kwargs, "lr_end", Some(1e-7))?.unwrap_or(1e-7);
                 if lr_end >= lr {
-                    return Err(Error::Config(format!(
+                    return Err(Error::Schedule(format!(
                         "lr_scheduler_kwargs.lr_end ({lr_end}) must be smaller than learning_rate ({lr})"
                     )));
                 }
@@ -173,14 +173,14 @@ impl Schedule {
                 let rate = kw_f64(kwargs, "min_lr_rate", None)?;
                 let min_lr_rate = match (min_lr, rate) {
                     (Some(_), Some(_)) => {
-                        return Err(Error::Config(
+                        return Err(Error::Schedule(
                             "lr_scheduler_kwargs: set only one of min_lr and min_lr_rate".into(),
                         ));
                     }
                     (Some(m), None) => m / lr,
                     (None, Some(r)) => r,
                     (None, None) => {
-                        return Err(Error::Config(
+                        return Err(Error::Schedule(
                             "cosine_with_min_lr needs lr_scheduler_kwargs min_lr or min_lr_rate"
                                 .into(),
                         ));
@@ -195,7 +195,7 @@ impl Schedule {
                 let steps = |k: &str| -> Result<Option<u64>> {
                     match kw_f64(kwargs, k, None)? {
                         Some(x) if x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as u64)),
-                        Some(x) => Err(Error::Config(format!(
+                        Some(x) => Err(Error::Schedule(format!(
                             "lr_scheduler_kwargs.{k} must be a whole number of steps, got {x}"
                         ))),
                         None => Ok(None),
@@ -205,7 +205,7 @@ impl Schedule {
                 Schedule::WarmupStableDecay {
                     num_stable_steps: steps("num_stable_steps")?,
                     num_decay_steps: steps("num_decay_steps")?.ok_or_else(|| {
-                        Error::Config(
+                        Error::Schedule(
                             "warmup_stable_decay needs lr_scheduler_kwargs num_decay_steps".into(),
                         )
                     })?,

@@ -56,7 +56,7 @@ impl TorchrunEnv {
         let get = |k: &str| -> Result<String> {
             match var(k) {
                 Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
-                _ => Err(Error::Config(format!(
+                _ => Err(Error::Launch(format!(
                     "torchrun launch: {k} is not set (a launcher must set RANK, WORLD_SIZE, \
                      LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT)"
                 ))),
@@ -65,7 +65,7 @@ impl TorchrunEnv {
         let number = |k: &str| -> Result<usize> {
             let v = get(k)?;
             v.parse::<usize>().map_err(|_| {
-                Error::Config(format!(
+                Error::Launch(format!(
                     "torchrun launch: {k}={v:?} is not a non-negative integer"
                 ))
             })
@@ -81,28 +81,28 @@ impl TorchrunEnv {
             .ok()
             .filter(|&p| p != 0)
             .ok_or_else(|| {
-                Error::Config(format!(
+                Error::Launch(format!(
                     "torchrun launch: MASTER_PORT={port:?} is not a port number (1 to 65535)"
                 ))
             })?;
         if world_size == 0 || world_size > i32::MAX as usize {
-            return Err(Error::Config(format!(
+            return Err(Error::Launch(format!(
                 "torchrun launch: WORLD_SIZE={world_size} is not a number of processes"
             )));
         }
         if rank >= world_size {
-            return Err(Error::Config(format!(
+            return Err(Error::Launch(format!(
                 "torchrun launch: RANK={rank} is not below WORLD_SIZE={world_size}"
             )));
         }
         if local_world_size == 0 || local_world_size > world_size {
-            return Err(Error::Config(format!(
+            return Err(Error::Launch(format!(
                 "torchrun launch: LOCAL_WORLD_SIZE={local_world_size} is not between 1 and \
                  WORLD_SIZE={world_size}"
             )));
         }
         if local_rank >= local_world_size {
-            return Err(Error::Config(format!(
+            return Err(Error::Launch(format!(
                 "torchrun launch: LOCAL_RANK={local_rank} is not below \
                  LOCAL_WORLD_SIZE={local_world_size}"
             )));
@@ -122,14 +122,14 @@ impl TorchrunEnv {
         let addrs: Vec<SocketAddr> = (self.master_addr.as_str(), self.master_port)
             .to_socket_addrs()
             .map_err(|e| {
-                Error::Config(format!(
+                Error::Launch(format!(
                     "torchrun launch: MASTER_ADDR={:?} does not resolve: {e}",
                     self.master_addr
                 ))
             })?
             .collect();
         if addrs.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(Error::Launch(format!(
                 "torchrun launch: MASTER_ADDR={:?} resolves to no address",
                 self.master_addr
             )));
@@ -235,14 +235,14 @@ impl TcpGroup {
         };
         let bind = SocketAddr::new(any, env.master_port);
         let listener = TcpListener::bind(bind).map_err(|e| {
-            Error::Config(format!(
+            Error::Rendezvous(format!(
                 "rank 0: cannot listen on port {} (MASTER_PORT): {e}",
                 env.master_port
             ))
         })?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| Error::Config(format!("rank 0: rendezvous socket: {e}")))?;
+            .map_err(|e| Error::Rendezvous(format!("rank 0: rendezvous socket: {e}")))?;
         let others = env.world_size - 1;
         let mut slots: Vec<Vec<Option<TcpStream>>> = (0..channels)
             .map(|_| (0..others).map(|_| None).collect())
@@ -256,7 +256,7 @@ impl TcpGroup {
                         continue;
                     };
                     if world != env.world_size {
-                        return Err(Error::Config(format!(
+                        return Err(Error::Rendezvous(format!(
                             "rank 0: rank {rank} (from {peer}) says WORLD_SIZE={world}, here \
                              WORLD_SIZE={}",
                             env.world_size
@@ -272,13 +272,13 @@ impl TcpGroup {
                             missing -= 1;
                         }
                         Some(Some(_)) => {
-                            return Err(Error::Config(format!(
+                            return Err(Error::Rendezvous(format!(
                                 "rank 0: two processes (one from {peer}) say they are rank \
                                  {rank}: RANK must differ on every process"
                             )));
                         }
                         None => {
-                            return Err(Error::Config(format!(
+                            return Err(Error::Rendezvous(format!(
                                 "rank 0: a process from {peer} says it is rank {rank} \
                                  (channel {channel}) of {world}"
                             )));
@@ -291,7 +291,7 @@ impl TcpGroup {
                             .filter(|&r| slots.iter().any(|c| c[r - 1].is_none()))
                             .map(|r| r.to_string())
                             .collect();
-                        return Err(Error::Config(format!(
+                        return Err(Error::Rendezvous(format!(
                             "rank 0: ranks {} did not connect to port {} within {} s \
                              (ddp_timeout): did they start, with this MASTER_ADDR/MASTER_PORT?",
                             absent.join(", "),
@@ -303,7 +303,7 @@ impl TcpGroup {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(Error::Config(format!(
+                    return Err(Error::Rendezvous(format!(
                         "rank 0: accepting connections on port {}: {e}",
                         env.master_port
                     )));
@@ -316,10 +316,10 @@ impl TcpGroup {
                 c.into_iter()
                     .map(|s| {
                         let s = s.ok_or_else(|| {
-                            Error::Config("rank 0: rendezvous lost a connection".into())
+                            Error::Rendezvous("rank 0: rendezvous lost a connection".into())
                         })?;
                         prepare(&s).map_err(|e| {
-                            Error::Config(format!("rank 0: rendezvous socket: {e}"))
+                            Error::Rendezvous(format!("rank 0: rendezvous socket: {e}"))
                         })?;
                         Ok(s)
                     })
@@ -364,7 +364,7 @@ impl TcpGroup {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(Error::Config(format!(
+                return Err(Error::Rendezvous(format!(
                     "rank {}: could not connect to rank 0 at {}:{} within {} s (ddp_timeout): \
                      {last}",
                     env.rank,
@@ -393,7 +393,7 @@ impl TcpGroup {
     }
 
     fn error(&self, what: &str, peer: usize, e: &std::io::Error) -> Error {
-        Error::Config(format!(
+        Error::Rendezvous(format!(
             "rank {} of {}: {what}: rank {peer}: {} (ddp_timeout {} s)",
             self.rank,
             self.world,
@@ -421,7 +421,7 @@ impl TcpGroup {
                     let (got, bytes) =
                         read_frame(s, deadline).map_err(|e| self.error(what, i + 1, &e))?;
                     if got != op {
-                        return Err(Error::Config(format!(
+                        return Err(Error::Rendezvous(format!(
                             "rank 0 of {}: rank {} is in {} while rank 0 is in {what}: the \
                              ranks diverged",
                             self.world,
@@ -442,7 +442,7 @@ impl TcpGroup {
                 write_frame(s, op, mine, deadline).map_err(|e| self.error(what, 0, &e))?;
                 let (got, bytes) = read_frame(s, deadline).map_err(|e| self.error(what, 0, &e))?;
                 if got != OP_REPLY {
-                    return Err(Error::Config(format!(
+                    return Err(Error::Rendezvous(format!(
                         "rank {} of {}: unexpected {} from rank 0 in {what}",
                         self.rank,
                         self.world,
@@ -474,7 +474,7 @@ impl TcpGroup {
         let mut parts = Vec::with_capacity(self.world);
         let mut rest = all.as_slice();
         while !rest.is_empty() {
-            let bad = || Error::Config(format!("rank {}: a malformed gather reply", self.rank));
+            let bad = || Error::Rendezvous(format!("rank {}: a malformed gather reply", self.rank));
             let (len, tail) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
             let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| bad())?;
             if len > tail.len() {
@@ -484,7 +484,7 @@ impl TcpGroup {
             rest = &tail[len..];
         }
         if parts.len() != self.world {
-            return Err(Error::Config(format!(
+            return Err(Error::Rendezvous(format!(
                 "rank {}: a gather reply with {} parts for {} ranks",
                 self.rank,
                 parts.len(),
@@ -502,7 +502,7 @@ impl TcpGroup {
         let mut sum = vec![0f64; values.len()];
         for (r, part) in all.iter().enumerate() {
             if part.len() != mine.len() {
-                return Err(Error::Config(format!(
+                return Err(Error::Rendezvous(format!(
                     "rank {}: rank {r} all-reduced {} values, this rank {}",
                     self.rank,
                     part.len() / 8,
@@ -572,7 +572,7 @@ impl AbortLine {
     /// Starts the watcher thread: `on_abort(from, code)` runs on it when a rank aborts
     /// (after rank 0 relayed the message to the others).
     pub fn watch(&self, on_abort: impl FnOnce(usize, i32) + Send + 'static) -> Result<()> {
-        let clone_err = |e: std::io::Error| Error::Config(format!("abort watcher: {e}"));
+        let clone_err = |e: std::io::Error| Error::Rendezvous(format!("abort watcher: {e}"));
         let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         match &*links {
             Links::Leaf(s) => {

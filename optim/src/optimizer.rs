@@ -4,15 +4,35 @@
 //! [`Optimizer::step`] follows `torch.optim.AdamW` (decoupled weight decay, bias
 //! correction, `eps` added after the square root) and `torch.optim.SGD` (weight decay
 //! as L2 added to the gradient, no momentum). Parameters for which the model says
-//! [`no_weight_decay`](crate::model::Model::no_weight_decay) get none, as transformers'
+//! `no_weight_decay` (kiln-trainer's `Model` trait) get none, as transformers'
 //! `get_decay_parameter_names` arranges.
 
 use candle_core::{DType, Tensor, Var};
 use kiln_checkpoint::optimizer::OptimizerState;
 use serde_json::json;
 
-use crate::args::OptimKind;
 use crate::{Error, Result};
+
+/// The optimizer an `optim` value selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimKind {
+    /// AdamW with decoupled weight decay.
+    AdamW,
+    /// Plain SGD.
+    Sgd,
+}
+
+impl OptimKind {
+    /// The optimizer transformers' `optim` name selects, among those kiln has
+    /// (`adamw`, `adamw_torch`, `adamw_torch_fused`: AdamW; `sgd`: SGD).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "adamw" | "adamw_torch" | "adamw_torch_fused" => Some(OptimKind::AdamW),
+            "sgd" => Some(OptimKind::Sgd),
+            _ => None,
+        }
+    }
+}
 
 /// Hyper-parameters of the optimizer (the learning rate comes per step).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -88,7 +108,7 @@ impl Optimizer {
     /// parameters into them.
     pub fn with_working_copies(mut self, working: Vec<Var>) -> Result<Self> {
         if working.len() != self.slots.len() {
-            return Err(Error::Config(format!(
+            return Err(Error::Params(format!(
                 "{} working copies for {} parameters",
                 working.len(),
                 self.slots.len()
@@ -96,7 +116,7 @@ impl Optimizer {
         }
         for (slot, w) in self.slots.iter_mut().zip(working) {
             if w.dims() != slot.var.dims() {
-                return Err(Error::Config(format!(
+                return Err(Error::Params(format!(
                     "the working copy of {:?} has shape {:?}, the parameter {:?}",
                     slot.name,
                     w.dims(),
@@ -179,7 +199,7 @@ impl Optimizer {
     /// One update with learning rate `lr`.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         if grads.len() != self.slots.len() {
-            return Err(Error::Config(
+            return Err(Error::Params(
                 "gradient count differs from parameter count".into(),
             ));
         }
@@ -268,17 +288,17 @@ impl Optimizer {
             OptimKind::Sgd => "sgd",
         };
         if state.kind != expected {
-            return Err(Error::Config(format!(
+            return Err(Error::State(format!(
                 "the checkpoint's optimizer is {:?} but this run uses {expected:?}",
                 state.kind
             )));
         }
         self.step = state.meta["step"]
             .as_u64()
-            .ok_or_else(|| Error::Config("optimizer state has no step count".into()))?;
+            .ok_or_else(|| Error::State("optimizer state has no step count".into()))?;
         for param in state.params() {
             if !self.slots.iter().any(|s| s.name == param) {
-                return Err(Error::Config(format!(
+                return Err(Error::State(format!(
                     "the checkpoint's optimizer state has parameter {param:?}, which the model lacks"
                 )));
             }
@@ -291,7 +311,7 @@ impl Optimizer {
                     .map(|v| -> Result<Tensor> {
                         let t = kiln_formats::candle::to_candle(v, &device)?;
                         if t.dims() != slot.var.dims() {
-                            return Err(Error::Config(format!(
+                            return Err(Error::State(format!(
                                 "optimizer state {name} of {:?} has shape {:?}, the parameter {:?}",
                                 slot.name,
                                 t.dims(),

@@ -1,5 +1,6 @@
 //! Data-parallel training over an existing distributed engine: the collective
-//! operations the [`Trainer`](crate::Trainer) needs, behind one trait.
+//! operations kiln's `Trainer` needs, behind one trait, [`Collective`]; it implements
+//! kiln-checkpoint's [`Coordinator`] so that checkpoint commits meet at its barriers.
 //!
 //! | implementation | when | started by |
 //! |---|---|---|
@@ -62,9 +63,18 @@
 //!
 //! The background checkpoint writer calls [`Coordinator::barrier`] while the training
 //! thread all-reduces gradients. Implementations keep the two apart (MPI: two
-//! communicators, and MPI initialised with `MPI_THREAD_MULTIPLE`); one that cannot says
-//! so with [`Collective::background_barriers`], and the trainer then saves in the
-//! foreground.
+//! communicators, concurrent when MPI granted `MPI_THREAD_MULTIPLE`); one that cannot
+//! says so with [`Collective::background_barriers`], and the trainer then saves in the
+//! foreground. Every collective is `Sync` in safe code: below `MPI_THREAD_MULTIPLE`
+//! (MPI granted `MPI_THREAD_SERIALIZED`) a lock serialises every MPI call, and a
+//! library that grants less is refused.
+//!
+//! # Side effects
+//!
+//! None by default: no panic hook, no exit. [`Options::with_abort_on_panic`] installs the
+//! hook that ends every rank when one panics (the `kiln` command turns it on); a fatal
+//! error reaches the caller, which ends the run with [`Collective::abort`].
+#![deny(missing_docs)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +82,9 @@ use std::time::Duration;
 use candle_core::Tensor;
 pub use kiln_checkpoint::commit::{Coordinator, SingleProcess};
 
-use crate::{Error, Result};
+mod error;
+
+pub use error::{Error, Result};
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -203,26 +215,60 @@ pub fn launch_from_env() -> Launch {
     Launch::Single
 }
 
+/// How a collective of several processes behaves.
+///
+/// Process-wide effects are the program's choice: a library that calls [`from_env`]
+/// with [`Options::new`] installs no panic hook. What every multi-process collective
+/// does regardless, because a hung or dead rank leaves nothing else to do, is end the
+/// run (`MPI_Abort`, or exit after telling the other ranks) when an operation that
+/// cannot be cancelled waits longer than `timeout`, or when another rank aborts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// Bounds every collective and barrier (transformers' `ddp_timeout`).
+    pub timeout: Duration,
+    /// Whether a panic on this rank ends every rank at once (a panic hook that calls
+    /// `MPI_Abort`, or tells the other ranks and exits with status 101). Off by default;
+    /// the `kiln` command turns it on, since unwinding into `MPI_Finalize` would wait
+    /// for the other ranks, and they for this one, forever.
+    pub abort_on_panic: bool,
+}
+
+impl Options {
+    /// Operations bounded by `timeout`; no panic hook.
+    pub fn new(timeout: Duration) -> Self {
+        Options {
+            timeout,
+            abort_on_panic: false,
+        }
+    }
+
+    /// Sets [`Options::abort_on_panic`].
+    pub fn with_abort_on_panic(mut self, on: bool) -> Self {
+        self.abort_on_panic = on;
+        self
+    }
+}
+
 /// The collective of this process, from the launcher's environment ([`launch_from_env`]):
 /// MPI under an MPI launcher (feature `mpi`), NCCL under torchrun (feature `nccl`), else
-/// a single process. `timeout` bounds
-/// every barrier. A launcher this build cannot serve is a one-line error.
-pub fn from_env(timeout: Duration) -> Result<Arc<dyn Collective>> {
+/// a single process. A launcher this build cannot serve is a one-line error.
+pub fn from_env(options: &Options) -> Result<Arc<dyn Collective>> {
     match launch_from_env() {
         Launch::Single => Ok(Arc::new(SingleProcess)),
-        Launch::Mpi(var) => mpi_collective(&var, timeout),
-        Launch::Torchrun => nccl_collective(timeout),
+        Launch::Mpi(var) => mpi_collective(&var, options),
+        Launch::Torchrun => nccl_collective(options),
     }
 }
 
 #[cfg(feature = "nccl")]
-fn nccl_collective(timeout: Duration) -> Result<Arc<dyn Collective>> {
-    Ok(Arc::new(NcclCollective::init(timeout)?))
+fn nccl_collective(options: &Options) -> Result<Arc<dyn Collective>> {
+    Ok(Arc::new(NcclCollective::init(options)?))
 }
 
 #[cfg(not(feature = "nccl"))]
-fn nccl_collective(_timeout: Duration) -> Result<Arc<dyn Collective>> {
-    Err(Error::Config(
+fn nccl_collective(_options: &Options) -> Result<Arc<dyn Collective>> {
+    Err(Error::Launch(
         "launched by torchrun (RANK/WORLD_SIZE are set), but this kiln was built without \
          NCCL; rebuild with `cargo build --release -p kiln-cli --features cuda`, or start it \
          with `mpirun -np N kiln train …` (--features mpi)"
@@ -231,14 +277,14 @@ fn nccl_collective(_timeout: Duration) -> Result<Arc<dyn Collective>> {
 }
 
 #[cfg(feature = "mpi")]
-fn mpi_collective(_var: &str, timeout: Duration) -> Result<Arc<dyn Collective>> {
-    Ok(Arc::new(MpiCollective::init(timeout)?))
+fn mpi_collective(_var: &str, options: &Options) -> Result<Arc<dyn Collective>> {
+    Ok(Arc::new(MpiCollective::init(options)?))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn mpi_collective(var: &str, _timeout: Duration) -> Result<Arc<dyn Collective>> {
+fn mpi_collective(var: &str, _options: &Options) -> Result<Arc<dyn Collective>> {
     let size = std::env::var(var).unwrap_or_default();
-    Err(Error::Config(format!(
+    Err(Error::Launch(format!(
         "launched by an MPI launcher ({var}={size}) but this kiln was built without MPI; \
          rebuild with `cargo build --release -p kiln-cli --features mpi`"
     )))
@@ -372,7 +418,7 @@ mod tests {
     #[cfg(not(feature = "nccl"))]
     #[test]
     fn torchrun_without_nccl_says_how_to_build() {
-        let e = nccl_collective(Duration::from_secs(1))
+        let e = nccl_collective(&Options::new(Duration::from_secs(1)))
             .err()
             .unwrap()
             .to_string();

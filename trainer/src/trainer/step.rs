@@ -1,0 +1,365 @@
+//! The loop: epochs of micro-batches, one optimizer update per accumulated group, and
+//! the log/evaluate/save decisions after each; the summary at the end.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Var;
+use kiln_optim::{Grads, Optimizer};
+
+use super::Trainer;
+use super::checkpointing::Position;
+use super::logging::{py, round_to};
+use super::plan::Plan;
+use crate::args::Strategy;
+use crate::callback::{TrainerControl, default_flow_on_epoch_end, default_flow_on_step_end};
+use crate::data::{BatchSource, epoch_order};
+use crate::model::{Batch, Model};
+use crate::{Error, Result};
+
+/// What [`Trainer::train`] returns.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    /// Optimizer steps taken in total.
+    pub global_step: u64,
+    /// Mean training loss over the steps of this call.
+    pub training_loss: f64,
+    /// `train_runtime`, `train_samples_per_second`, `train_steps_per_second`,
+    /// `total_flos`, `train_loss`, `epoch`.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The variables of a run: those the optimizer updates (f32 masters in mixed
+/// precision), those the model computes with (their 16-bit copies, or the same), and
+/// the rank that keeps each one's optimizer state (ZeRO-1; this rank otherwise).
+struct Params {
+    vars: Vec<Var>,
+    sources: Vec<Var>,
+    owners: Vec<usize>,
+}
+
+impl<M: Model> Trainer<M> {
+    /// Trains; `resume` is `"last"` or a checkpoint folder (overriding
+    /// `resume_from_checkpoint`).
+    pub fn train(&mut self, resume: Option<&str>) -> Result<TrainOutput> {
+        let (train, resume_dir) = self.prepare_run(resume)?;
+        let plan = self.plan(train.len())?;
+        let vars: Vec<Var> = self.parameters().into_iter().map(|(_, v)| v).collect();
+        let sources: Vec<Var> = self
+            .model
+            .parameters()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        let owners = if self.sharded_optimizer() {
+            let counts: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+            kiln_dist::partition(&counts, plan.world)
+        } else {
+            vec![plan.rank; vars.len()]
+        };
+        let mut optimizer = self.make_optimizer(&owners)?;
+        let mut position = Position::START;
+        self.state = self.fresh_state(&plan);
+        self.tr_loss = 0.0;
+        self.total_loss = 0.0;
+        self.last_logged = 0;
+        self.saved_steps.clear();
+        self.scaler = self.args.fp16.then(crate::precision::GradScaler::new);
+        self.skipped_steps = 0;
+        if let Some(dir) = &resume_dir {
+            position = self.restore(dir, &mut optimizer, &owners, &plan)?;
+            self.say(&format!(
+                "resuming from {} at step {}",
+                dir.display(),
+                self.state.global_step
+            ));
+        }
+        // The same initial weights everywhere (as DDP): rank 0's.
+        self.broadcast_parameters(&vars)?;
+        let params = Params {
+            vars,
+            sources,
+            owners,
+        };
+        let start_step = self.state.global_step;
+        let start = Instant::now();
+        self.control = TrainerControl::default();
+        self.each_callback(|cb, a, s, c| cb.on_train_begin(a, s, c));
+        let bar = self.progress_bar(plan.max_steps, start_step);
+
+        let mut epoch = position.epoch;
+        while epoch < plan.num_epochs && !self.control.should_training_stop {
+            if epoch == position.epoch && position.epoch_end_done {
+                epoch += 1;
+                continue;
+            }
+            let skip = if epoch == position.epoch && !self.args.ignore_data_skip {
+                position.micro_batches_done as usize
+            } else {
+                0
+            };
+            self.train_epoch(
+                train.as_ref(),
+                &plan,
+                &params,
+                &mut optimizer,
+                epoch,
+                skip,
+                bar.as_ref(),
+            )?;
+            epoch += 1;
+        }
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        self.finish_training(&plan, start_step, start)
+    }
+
+    /// One epoch from micro-batch `skip` on, then the epoch's end.
+    #[allow(clippy::too_many_arguments)]
+    fn train_epoch(
+        &mut self,
+        train: &dyn BatchSource,
+        plan: &Plan,
+        params: &Params,
+        optimizer: &mut Optimizer,
+        epoch: u64,
+        skip: usize,
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> Result<()> {
+        let order = epoch_order(plan.n, self.args.shuffle_seed(), epoch);
+        let order = kiln_dist::shard_indices(&order, plan.rank, plan.world);
+        let batches: Vec<&[usize]> = order
+            .chunks(plan.batch_size)
+            .take(plan.batches_per_epoch)
+            .collect();
+        self.control.should_epoch_stop = false;
+        self.each_callback(|cb, a, s, c| cb.on_epoch_begin(a, s, c));
+        let device = self.device();
+        let mut grads: Grads = Vec::new();
+        for (i, idx) in batches.iter().enumerate().skip(skip) {
+            let batch = train.batch(idx, &device)?;
+            let local = self.micro_step(&batch, plan.ga, params)?;
+            Optimizer::accumulate(&mut grads, local)?;
+            let sync = (i + 1) % plan.ga == 0 || i + 1 == batches.len();
+            if !sync {
+                continue;
+            }
+            let (grad_norm, lr) = self.update(&mut grads, plan, params, optimizer)?;
+            self.state.global_step += 1;
+            self.state.epoch = Some(epoch as f64 + (i + 1) as f64 / batches.len() as f64);
+            let pos = Position {
+                epoch,
+                micro_batches_done: (i + 1) as u64,
+                epoch_end_done: false,
+            };
+            self.control.should_log = false;
+            self.control.should_evaluate = false;
+            self.control.should_save = false;
+            default_flow_on_step_end(&self.args, &self.state, &mut self.control);
+            self.each_callback(|cb, a, s, c| cb.on_step_end(a, s, c));
+            if let Some(b) = bar {
+                b.set_position(self.state.global_step);
+            }
+            self.maybe_log_save_evaluate(Some(grad_norm), Some(lr), optimizer, pos, bar)?;
+            if self.control.should_epoch_stop || self.control.should_training_stop {
+                break;
+            }
+        }
+        self.control.should_log = false;
+        self.control.should_evaluate = false;
+        self.control.should_save = false;
+        default_flow_on_epoch_end(&self.args, &self.state, &mut self.control);
+        self.each_callback(|cb, a, s, c| cb.on_epoch_end(a, s, c));
+        let pos = Position {
+            epoch,
+            micro_batches_done: batches.len() as u64,
+            epoch_end_done: true,
+        };
+        self.maybe_log_save_evaluate(None, None, optimizer, pos, bar)
+    }
+
+    /// Forward and backward of one micro-batch: its loss (divided by the accumulation
+    /// steps) joins the logged loss, and its gradients come back in the dtype of the
+    /// parameters the optimizer updates.
+    fn micro_step(&mut self, batch: &Batch, ga: usize, params: &Params) -> Result<Grads> {
+        let out = self.model.forward(batch, Some(&mut self.rng))?;
+        let loss = out.loss.ok_or_else(|| {
+            Error::Config("the model returned no loss: do the training data have labels?".into())
+        })?;
+        let loss = if ga > 1 {
+            loss.affine(1.0 / ga as f64, 0.0)?
+        } else {
+            loss
+        };
+        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if value.is_finite() {
+            self.tr_loss += value;
+        } else {
+            // transformers' logging_nan_inf_filter
+            self.tr_loss += self.tr_loss / (1 + self.state.global_step - self.last_logged) as f64;
+        }
+        let loss = match &self.scaler {
+            Some(s) => s.scale_loss(&loss)?,
+            None => loss,
+        };
+        // Gradients of what the model computed with (the 16-bit working copy in mixed
+        // precision), in the dtype of the parameters the optimizer updates.
+        let store = loss.backward()?;
+        params
+            .sources
+            .iter()
+            .zip(&params.vars)
+            .map(|(src, master)| {
+                store
+                    .get(src.as_tensor())
+                    .map(|g| g.to_dtype(master.dtype()))
+                    .transpose()
+                    .map_err(Error::from)
+            })
+            .collect()
+    }
+
+    /// One optimizer update from the accumulated gradients: reduced over ranks,
+    /// unscaled (fp16), clipped, stepped at the schedule's rate. Returns the gradient
+    /// norm and the learning rate.
+    fn update(
+        &mut self,
+        grads: &mut Grads,
+        plan: &Plan,
+        params: &Params,
+        optimizer: &mut Optimizer,
+    ) -> Result<(f64, f64)> {
+        self.reduce_gradients(grads, &params.vars)?;
+        let found_inf = match &self.scaler {
+            Some(s) => s.unscale(grads)?,
+            None => false,
+        };
+        let grad_norm = if self.args.max_grad_norm > 0.0 {
+            Optimizer::clip(grads, self.args.max_grad_norm)?
+        } else {
+            Optimizer::grad_norm(grads)?
+        };
+        // The schedule counts the steps taken (fp16 skips those that overflow).
+        let lr = self.args.learning_rate
+            * plan.schedule.factor(
+                self.state.global_step - self.skipped_steps,
+                plan.warmup,
+                plan.max_steps,
+                self.args.learning_rate,
+            );
+        if found_inf {
+            self.skipped_steps += 1;
+        } else if plan.world > 1 && self.sharded_optimizer() {
+            let mine: Grads = grads
+                .iter()
+                .zip(&params.owners)
+                .filter(|(_, o)| **o == plan.rank)
+                .map(|(g, _)| g.clone())
+                .collect();
+            optimizer.step(&mine, lr)?;
+            self.share_updated_parameters(&params.vars, &params.owners)?;
+        } else {
+            optimizer.step(grads, lr)?;
+        }
+        if let Some(s) = &mut self.scaler {
+            s.update(found_inf);
+        }
+        grads.clear();
+        Ok((grad_norm, lr))
+    }
+
+    /// After the last step: the saves finished, the summary metrics logged, the best
+    /// model loaded back (`load_best_model_at_end`).
+    fn finish_training(
+        &mut self,
+        plan: &Plan,
+        start_step: u64,
+        start: Instant,
+    ) -> Result<TrainOutput> {
+        self.finish_saves()?;
+        self.tr_loss = self.mean_over_ranks(self.tr_loss)?;
+        let runtime = start.elapsed().as_secs_f64();
+        let steps = self.state.global_step - start_step;
+        // As transformers: the loss not yet logged joins the total, divided by every
+        // step of the run (kiln restores the total on resume, so this is the whole run's).
+        self.total_loss += self.tr_loss;
+        self.tr_loss = 0.0;
+        let train_loss = self.total_loss / (self.state.global_step.max(1)) as f64;
+        let samples = steps as f64 * (plan.batch_size * plan.ga * plan.world) as f64;
+        let mut metrics = BTreeMap::from([
+            ("train_runtime".to_string(), round_to(runtime, 4)),
+            (
+                "train_samples_per_second".to_string(),
+                round_to(samples / runtime.max(1e-9), 3),
+            ),
+            (
+                "train_steps_per_second".to_string(),
+                round_to(steps as f64 / runtime.max(1e-9), 3),
+            ),
+            ("total_flos".to_string(), self.state.total_flos),
+            ("train_loss".to_string(), train_loss),
+        ]);
+        self.log(
+            metrics.iter().map(|(k, v)| (k.clone(), py(*v))).collect(),
+            None,
+        );
+        metrics.insert("epoch".into(), self.state.epoch.unwrap_or(0.0));
+        if self.args.load_best_model_at_end
+            && let Some(best) = self.state.best_model_checkpoint.clone()
+        {
+            self.say(&format!(
+                "loading best model from {best} (score: {:?})",
+                self.state.best_metric
+            ));
+            self.load_weights(Path::new(&best))?;
+        }
+        self.each_callback(|cb, a, s, c| cb.on_train_end(a, s, c));
+        Ok(TrainOutput {
+            global_step: self.state.global_step,
+            training_loss: train_loss,
+            metrics,
+        })
+    }
+
+    /// What the default flow and the callbacks asked for after a step or an epoch:
+    /// log, evaluate (and track the best), save.
+    fn maybe_log_save_evaluate(
+        &mut self,
+        grad_norm: Option<f64>,
+        lr: Option<f64>,
+        optimizer: &Optimizer,
+        pos: Position,
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> Result<()> {
+        if self.control.should_log && self.state.global_step > self.last_logged {
+            self.tr_loss = self.mean_over_ranks(self.tr_loss)?;
+            let steps = (self.state.global_step - self.last_logged) as f64;
+            let mut logs =
+                BTreeMap::from([("loss".to_string(), py(round_to(self.tr_loss / steps, 4)))]);
+            if let Some(g) = grad_norm {
+                logs.insert("grad_norm".into(), py(g));
+            }
+            if let Some(lr) = lr {
+                logs.insert("learning_rate".into(), py(lr));
+            }
+            self.total_loss += self.tr_loss;
+            self.tr_loss = 0.0;
+            self.last_logged = self.state.global_step;
+            self.log(logs, bar);
+        }
+        if self.control.should_evaluate {
+            let metrics = self.evaluate_inner(bar)?;
+            let improved = self.update_best(&metrics)?;
+            if self.args.save_strategy == Strategy::Best {
+                self.control.should_save = improved;
+            }
+        }
+        if self.control.should_save {
+            self.save_checkpoint(optimizer, pos, bar)?;
+            self.each_callback(|cb, a, s, c| cb.on_save(a, s, c));
+        }
+        Ok(())
+    }
+}
