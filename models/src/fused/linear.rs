@@ -1,0 +1,219 @@
+//! Dense layers (`Linear`, GPT-2's `Conv1D`) and trailing-dimension bias adds: one
+//! gemm onto the bias rows forward, two gemms and a row sum backward.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::gemm::{Mat, gemm_with};
+use super::{fusable, read, slice, sum_rows};
+
+/// `x + b` where `b`'s shape is the trailing part of `x`'s (a bias `[out]` over
+/// `[…, out]`, position embeddings `[t, h]` over `[b, t, h]`): `broadcast_add`, whose
+/// backward sums the gradient over the leading dimensions in one sequential pass.
+pub(crate) fn add_trailing(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (xd, bd) = (x.dims(), b.dims());
+    let trailing = bd.len() <= xd.len() && xd[xd.len() - bd.len()..] == *bd;
+    if !trailing || !fusable(&[x, b]) || b.elem_count() == 0 {
+        return x.broadcast_add(b);
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddTrailing)
+}
+
+struct AddTrailing;
+
+impl CustomOp2 for AddTrailing {
+    fn name(&self) -> &'static str {
+        "kiln-add-trailing"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(b.len()) {
+            out.extend(row.iter().zip(b).map(|(x, b)| x + b));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = read(grad, |g| Ok(sum_rows(g, b.elem_count())))?;
+        let db = Tensor::from_vec(db, b.shape(), b.device())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// A dense layer over the last dimension of `x`: `x · Wᵀ + b` for torch's `Linear`
+/// (`w` is `[out, in]`), `x · W + b` for GPT-2's `Conv1D` (`transposed`, `w` is
+/// `[in, out]`). One gemm writes onto the bias rows; the backward is two gemms and a
+/// row sum. Written out, the same layer is two reshapes, a transpose, a matmul and a
+/// broadcast add, and candle's backward allocates, zeroes and adds a gradient for each.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    let written = || {
+        let wt = if transposed { w.clone() } else { w.t()? };
+        let y = super::written_out::matmul_last(x, &wt)?;
+        match b {
+            Some(b) => add_trailing(&y, b),
+            None => Ok(y),
+        }
+    };
+    let (rows_w, cols_w) = match w.dims() {
+        [r, c] => (*r, *c),
+        _ => return written(),
+    };
+    let (input, output) = if transposed {
+        (rows_w, cols_w)
+    } else {
+        (cols_w, rows_w)
+    };
+    let fits = x.dims().last() == Some(&input)
+        && b.is_none_or(|b| b.dims() == [output])
+        && input > 0
+        && output > 0;
+    if !fits || !fusable(&[x, w]) || !b.is_none_or(|b| fusable(&[b])) {
+        return written();
+    }
+    let op = LinearOp { transposed };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        // Without a bias the third input is a zero bias that needs no gradient.
+        None => {
+            let zero = Tensor::zeros(output, DType::F32, x.device())?;
+            x.apply_op3(&w, &zero, op)
+        }
+    }
+}
+
+struct LinearOp {
+    transposed: bool,
+}
+
+impl LinearOp {
+    /// The weight as the `[input, output]` right factor of `x · W(ᵀ)`: the transpose of
+    /// a row-major `[output, input]` Linear weight, or Conv1D's row-major weight itself.
+    fn w_as_rhs(&self, input: usize, output: usize) -> Mat {
+        if self.transposed {
+            row_major(output)
+        } else {
+            row_major(input).t()
+        }
+    }
+}
+
+/// A row-major matrix of `cols` columns at the start of its buffer.
+fn row_major(cols: usize) -> Mat {
+    Mat {
+        off: 0,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "kiln-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let output = b.len();
+        let input = w.len() / output;
+        let rows = x.len() / input;
+        // dst starts as the bias in every row; gemm adds x · W(ᵀ) onto it.
+        let mut dst = Vec::with_capacity(rows * output);
+        for _ in 0..rows {
+            dst.extend_from_slice(b);
+        }
+        gemm_with(
+            (rows, output, input),
+            (&mut dst, row_major(output)),
+            (x, row_major(input)),
+            (w, self.w_as_rhs(input, output)),
+            true,
+        )?;
+        let mut shape = l1.shape().dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = output;
+        }
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+    }
+
+    /// With g = dy as [rows, out] and x as [rows, in]: dx = g·W (Conv1D: g·Wᵀ),
+    /// dW = gᵀ·x (Conv1D: xᵀ·g), db = Σ rows of g.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let output = b.elem_count();
+        let input = w.elem_count() / output;
+        let rows = x.elem_count() / input;
+        let mut dx = vec![0f32; rows * input];
+        let mut dw = vec![0f32; input * output];
+        let wm = self.w_as_rhs(input, output); // W(ᵀ) as the [input, output] right factor
+        let (gm, xm) = (row_major(output), row_major(input));
+        let dwm = if self.transposed {
+            row_major(output) // dW [input, output] = xᵀ·g
+        } else {
+            row_major(input).t() // dW [output, input], written as its transpose xᵀ·g
+        };
+        let db = read(x, |xs| {
+            read(w, |ws| {
+                read(grad, |gs| {
+                    gemm_with(
+                        (rows, input, output),
+                        (&mut dx, xm),
+                        (gs, gm),
+                        (ws, wm.t()),
+                        false,
+                    )?;
+                    gemm_with(
+                        (input, output, rows),
+                        (&mut dw, dwm),
+                        (xs, xm.t()),
+                        (gs, gm),
+                        false,
+                    )?;
+                    Ok(sum_rows(gs, output))
+                })
+            })
+        })?;
+        let dev = x.device();
+        let (dx, dw) = (
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+        );
+        let db = Tensor::from_vec(db, output, b.device())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
