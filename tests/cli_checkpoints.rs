@@ -1,25 +1,14 @@
 //! `kiln checkpoints` and `kiln verify` on training output folders.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use kiln::checkpoint::commit::SingleProcess;
-use kiln::checkpoint::model::SaveOptions;
 use kiln::checkpoint::state::TrainerState;
 use kiln::checkpoint::training::CheckpointSnapshot;
 use kiln::formats::{DType, TensorMap, TensorView};
-
-fn kiln_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("kiln");
-    assert!(
-        bin.exists(),
-        "{} missing: build it with `cargo build -p kiln-cli`",
-        bin.display()
-    );
-    bin
-}
+use kiln_test_support::bin::kiln_bin;
 
 fn snapshot(step: u64, best: Option<&Path>) -> CheckpointSnapshot {
     let mut weights = TensorMap::new();
@@ -29,27 +18,14 @@ fn snapshot(step: u64, best: Option<&Path>) -> CheckpointSnapshot {
             TensorView::new(DType::F32, vec![4], vec![step as u8; 16]).unwrap(),
         )
         .unwrap();
-    CheckpointSnapshot {
-        step,
-        config: serde_json::json!({"architectures": ["Tiny"], "model_type": "tiny"}),
-        generation_config: None,
-        weights: std::sync::Arc::new(weights),
-        tied: vec![],
-        tokenizer_files: vec![],
-        training_args: None,
-        optimizer: None,
-        optimizer_sharded: false,
-        scheduler: Some(serde_json::json!({"step": step})),
-        scaler: None,
-        rng: None,
-        data: None,
-        state: TrainerState {
+    let config = serde_json::json!({"architectures": ["Tiny"], "model_type": "tiny"});
+    CheckpointSnapshot::new(step, config, std::sync::Arc::new(weights))
+        .with_scheduler(serde_json::json!({"step": step}))
+        .with_state(TrainerState {
             global_step: step,
             best_model_checkpoint: best.map(|b| b.display().to_string()),
             ..Default::default()
-        },
-        save_options: SaveOptions::default(),
-    }
+        })
 }
 
 #[test]

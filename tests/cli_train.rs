@@ -18,16 +18,19 @@ fn tiny_bert_args(out: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "train",
         repo()
-            .join("data/configs/bert-sentiment.toml")
+            .join("cli/bundled/bert-sentiment.toml")
             .to_str()
             .unwrap(),
         "--output_dir",
         out.to_str().unwrap(),
         "--train_file",
-        repo().join("data/sentiment/train.jsonl").to_str().unwrap(),
+        repo()
+            .join("cli/bundled/sentiment/train.jsonl")
+            .to_str()
+            .unwrap(),
         "--validation_file",
         repo()
-            .join("data/sentiment/validation.jsonl")
+            .join("cli/bundled/sentiment/validation.jsonl")
             .to_str()
             .unwrap(),
         "--hidden_size",
@@ -102,7 +105,7 @@ fn train_eval_predict_and_load_in_transformers() {
     ))
     .expect_success();
 
-    let val = repo().join("data/sentiment/validation.jsonl");
+    let val = repo().join("cli/bundled/sentiment/validation.jsonl");
     let e = kiln([
         "eval",
         "--model",

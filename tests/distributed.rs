@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use common::{Run, kiln, repo};
 use kiln::formats::TensorCollection;
+use kiln_test_support::fs::names;
+use kiln_test_support::max_abs_diff;
 use serde_json::Value;
 
 const TOL: f32 = 1e-5;
@@ -97,7 +99,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// The small, dropout-free BERT run every test trains (8 steps, saves at 4 and 8).
 fn base_args(out: &Path, batch: usize) -> Vec<String> {
-    let mut a: Vec<String> = vec!["train".into(), "data/configs/bert-sentiment.toml".into()];
+    let mut a: Vec<String> = vec!["train".into(), "cli/bundled/bert-sentiment.toml".into()];
     for (k, v) in [
         ("output_dir", out.to_str().unwrap().to_string()),
         ("per_device_train_batch_size", batch.to_string()),
@@ -148,12 +150,7 @@ fn mpirun(bin: &Path, np: usize, args: &[String], env_rank1: Option<&str>) -> Ru
         }
     }
     let out = cmd.output().expect("mpirun");
-    Run {
-        args: args.to_vec(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from_output(args.to_vec(), out)
 }
 
 /// One process, without mpirun (the same binary: no launcher variables, one rank).
@@ -163,12 +160,7 @@ fn single(bin: &Path, args: &[String]) -> Run {
         .args(args)
         .output()
         .expect("kiln");
-    Run {
-        args: args.to_vec(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from_output(args.to_vec(), out)
 }
 
 fn weights(path: &Path) -> BTreeMap<String, Vec<f32>> {
@@ -199,9 +191,7 @@ fn max_diff(a: &Path, b: &Path) -> f32 {
     for (name, x) in &a {
         let y = &b[name];
         assert_eq!(x.len(), y.len(), "{name}");
-        for (p, q) in x.iter().zip(y) {
-            max = max.max((p - q).abs());
-        }
+        max = max.max(max_abs_diff(x, y));
     }
     max
 }
@@ -233,15 +223,6 @@ fn eval_losses(dir: &Path) -> Vec<f64> {
         .iter()
         .filter_map(|e| e.get("eval_loss")?.as_f64())
         .collect()
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

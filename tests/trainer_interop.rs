@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::{last_json_line, run_python};
+use kiln::models::{BertConfig, BertForSequenceClassification};
+use kiln::optim::schedule::Schedule;
 use kiln::trainer::model::Batch;
-use kiln::trainer::models::{BertConfig, BertForSequenceClassification};
 use kiln::trainer::rng::Rng;
-use kiln::trainer::schedule::Schedule;
 use kiln::trainer::{BatchSource, Trainer, TrainingArguments};
 use serde_json::{Value, json};
 

@@ -1,21 +1,21 @@
 //! `kiln backends`: the listing, its JSON, and device selection that fails in one line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .unwrap()
+use kiln_test_support::bin::text;
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    kiln_test_support::bin::run(Path::new(env!("CARGO_BIN_EXE_kiln")), args)
 }
 
 fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    text(&out.stdout)
 }
 
 fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    text(&out.stderr)
 }
 
 #[test]

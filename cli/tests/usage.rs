@@ -2,13 +2,10 @@
 //! `cargo test --workspace` build the `kiln` binary that the top-level tests run.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::process::Command;
+use std::path::Path;
 
 fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .unwrap()
+    kiln_test_support::bin::run(Path::new(env!("CARGO_BIN_EXE_kiln")), args)
 }
 
 #[test]

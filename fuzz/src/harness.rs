@@ -176,11 +176,11 @@ pub fn config(data: &[u8]) -> bool {
         return false;
     };
     assert!(value.is_object());
-    if let Ok(c) = kiln_trainer::models::BertConfig::from_json(&value) {
+    if let Ok(c) = kiln_models::BertConfig::from_json(&value) {
         let _ = c.num_labels();
         let _ = format!("{c:?}");
     }
-    if let Ok(c) = kiln_trainer::models::Gpt2Config::from_json(&value) {
+    if let Ok(c) = kiln_models::Gpt2Config::from_json(&value) {
         let _ = c.inner_size();
         let json = c.to_json();
         let _ = format!("{c:?}");
@@ -188,7 +188,7 @@ pub fn config(data: &[u8]) -> bool {
         if json.is_object() {
             let mut full = json;
             full["model_type"] = "gpt2".into();
-            let back = kiln_trainer::models::Gpt2Config::from_json(&full);
+            let back = kiln_models::Gpt2Config::from_json(&full);
             assert!(back.is_ok(), "Gpt2Config::to_json is unreadable: {back:?}");
         }
     }

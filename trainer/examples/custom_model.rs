@@ -1,6 +1,7 @@
 //! A model of your own in kiln: a tiny MLP classifier implementing
-//! [`kiln_trainer::model::Model`], trained for a few steps, saved as a Hugging Face
-//! style model folder and loaded back.
+//! [`kiln_trainer::model::Model`], trained by kiln's [`Trainer`] on a [`BatchSource`]
+//! of its own (with evaluation and checkpoints), saved as a Hugging Face style model
+//! folder and loaded back.
 //!
 //! ```text
 //! cargo run -p kiln-trainer --example custom_model
@@ -17,14 +18,18 @@
 //! - optionally `tied_weights()`, `generation_config()`, `no_weight_decay(name)` and
 //!   `load_rules()` (how `init_from` finds parameters stored under other names).
 //!
-//! Saving is then `kiln_trainer::weights::save_pretrained(&model, dir, &options)`, and
-//! loading `model.init_from(dir)` on a model built from the folder's `config.json`.
+//! Saving is then `trainer.save_model(..)` (or `kiln_trainer::weights::save_pretrained`
+//! without a trainer), and loading `model.init_from(dir)` on a model built from the
+//! folder's `config.json`. To train it with `kiln train` too, register it as an
+//! architecture (`tests/plugin-example`).
+
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::Optimizer;
-use kiln_checkpoint::model::SaveOptions;
+use kiln_trainer::args::Strategy;
 use kiln_trainer::model::{Batch, Model, Output};
 use kiln_trainer::rng::Rng;
+use kiln_trainer::{BatchSource, Trainer, TrainingArguments, accuracy};
 use serde_json::{Value, json};
 
 /// Mean of the token embeddings (padding left out) → dense + ReLU → dropout → classes.
@@ -126,22 +131,39 @@ impl Model for MlpClassifier {
     }
 }
 
-/// A toy task: does the sequence contain token 1?
-fn toy_batch(rng: &mut Rng, device: &Device) -> candle_core::Result<Batch> {
-    let (b, t) = (16, 6);
-    let mut ids = Vec::with_capacity(b * t);
-    let mut labels = Vec::with_capacity(b);
-    for _ in 0..b {
-        let row: Vec<u32> = (0..t).map(|_| rng.below(8) as u32).collect();
-        labels.push(i64::from(row.contains(&1)));
-        ids.extend(row);
+/// A toy task: does the sequence contain token 1? `n` examples drawn from a seeded
+/// stream, as a [`BatchSource`] the trainer batches (and shuffles per epoch).
+struct ToyData {
+    rows: Vec<Vec<u32>>,
+    labels: Vec<i64>,
+}
+
+impl ToyData {
+    fn new(n: usize, stream: u64) -> Self {
+        let mut rng = Rng::with_stream(0, stream);
+        let rows: Vec<Vec<u32>> = (0..n)
+            .map(|_| (0..6).map(|_| rng.below(8) as u32).collect())
+            .collect();
+        let labels = rows.iter().map(|r| i64::from(r.contains(&1))).collect();
+        ToyData { rows, labels }
     }
-    Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (b, t), device)?,
-        attention_mask: None,
-        token_type_ids: None,
-        labels: Some(Tensor::new(labels.as_slice(), device)?),
-    })
+}
+
+impl BatchSource for ToyData {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn batch(&self, indices: &[usize], device: &Device) -> kiln_trainer::Result<Batch> {
+        let ids: Vec<u32> = indices.iter().flat_map(|&i| self.rows[i].clone()).collect();
+        let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i]).collect();
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (indices.len(), 6), device)?,
+            attention_mask: None,
+            token_type_ids: None,
+            labels: Some(Tensor::new(labels.as_slice(), device)?),
+        })
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -150,28 +172,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = json!({"vocab_size": 8, "hidden_size": 16, "num_labels": 2, "dropout": 0.1});
     let model = MlpClassifier::new(&config, &mut rng, &device)?;
 
-    // A few steps of plain SGD (kiln's Trainer does this with AdamW, schedules, …).
-    let vars: Vec<Var> = model.parameters().into_iter().map(|(_, v)| v).collect();
-    let mut sgd = candle_nn::SGD::new(vars, 2.0)?;
-    let mut data = Rng::with_stream(0, 1);
-    for step in 0..100 {
-        let batch = toy_batch(&mut data, &device)?;
-        let loss = model
-            .forward(&batch, Some(&mut rng))?
-            .loss
-            .ok_or("no loss")?;
-        sgd.backward_step(&loss)?;
-        if step % 25 == 0 || step == 99 {
-            println!("step {step:2}: loss {:.4}", loss.to_scalar::<f32>()?);
-        }
-    }
-
-    // Save as a model folder: config.json + model.safetensors.
-    let dir = std::env::temp_dir().join(format!("kiln-custom-model-{}", std::process::id()));
-    let saved = kiln_trainer::weights::save_pretrained(&model, &dir, &SaveOptions::default())?;
-    for file in saved.files() {
-        println!("wrote {}", file.display());
-    }
+    // kiln's Trainer: AdamW with a linear schedule, evaluation and a checkpoint every
+    // epoch (the newest two kept), then the model folder in output_dir.
+    let out = std::env::temp_dir().join(format!("kiln-custom-model-{}", std::process::id()));
+    let mut args = TrainingArguments::new(out.display().to_string());
+    args.num_train_epochs = 5.0;
+    args.per_device_train_batch_size = 16;
+    args.learning_rate = 2e-2;
+    args.eval_strategy = Strategy::Epoch;
+    args.save_strategy = Strategy::Epoch;
+    args.save_total_limit = Some(2);
+    args.logging_steps = 20.0;
+    args.disable_tqdm = true;
+    let mut trainer = Trainer::new(model, args)
+        .with_train_dataset(Arc::new(ToyData::new(256, 1)))
+        .with_eval_dataset(Arc::new(ToyData::new(64, 2)))
+        .with_compute_metrics(accuracy);
+    let result = trainer.train(None)?;
+    println!(
+        "trained {} steps, loss {:.4}",
+        result.global_step, result.training_loss
+    );
+    let dir = trainer.save_model(None)?;
+    println!("model folder: {}", dir.display());
 
     // Load it back: build from config.json (a different seed: every weight is replaced),
     // then read the weights.
@@ -180,8 +203,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let info = reloaded.init_from(&dir)?;
     assert!(info.fresh.is_empty() && info.unexpected.is_empty());
 
-    let batch = toy_batch(&mut data, &device)?;
-    let before = model.forward(&batch, None)?.logits;
+    let eval = ToyData::new(64, 2);
+    let batch = eval.batch(&(0..64).collect::<Vec<_>>(), &device)?;
+    let before = trainer.model().forward(&batch, None)?.logits;
     let after = reloaded.forward(&batch, None)?.logits;
     let diff = (before - &after)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let predicted = after.argmax(D::Minus1)?.to_dtype(DType::I64)?;
@@ -191,8 +215,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .to_dtype(DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()?;
-    println!("reloaded: max |logit difference| {diff}, accuracy {correct}/16");
+    println!("reloaded: max |logit difference| {diff}, accuracy {correct}/64");
     assert_eq!(diff, 0.0);
-    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&out)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use common::{Synthetic, Tiny, args, history_without_timings, weights};
 use kiln_checkpoint::scan::list_checkpoints;
+use kiln_test_support::fs::copy_dir;
 use kiln_trainer::Trainer;
 use kiln_trainer::args::Strategy;
 use kiln_trainer::callback::EarlyStoppingCallback;
@@ -105,14 +106,6 @@ fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
                 assert_eq!(Some(t), oy.get(p, slot), "optimizer {p}.{slot} from {step}");
             }
         }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
 
@@ -303,5 +296,47 @@ fn a_failed_save_stops_or_continues_as_asked() {
             .count();
         assert_eq!(errors, 1, "async={async_save}");
         assert_eq!(steps_saved(dir.path()), [20, 24], "async={async_save}");
+    }
+}
+
+/// Rewrites `needle` in a checkpoint file by a replacement of the same length (the
+/// manifest records sizes, so the checkpoint stays complete and only the content is bad).
+fn corrupt(file: &Path, needle: &str, with: &str) {
+    assert_eq!(needle.len(), with.len());
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(needle), "{text}");
+    std::fs::write(file, text.replacen(needle, with, 1)).unwrap();
+}
+
+#[test]
+fn a_malformed_state_file_is_an_error_naming_it_not_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    trainer(dir.path(), |_| {}).train(None).unwrap();
+    for (name, needle, with) in [
+        (
+            "data_state.json",
+            "\"epoch_end_done\": false",
+            "\"epoch_end_done\": 12345",
+        ),
+        ("scheduler.json", "\"step\": 10", "\"step\": -1"),
+    ] {
+        let ckpt = dir.path().join(format!("bad-{name}"));
+        copy_dir(&dir.path().join("checkpoint-10"), &ckpt);
+        corrupt(&ckpt.join(name), needle, with);
+        let out = tempfile::tempdir().unwrap();
+        let mut t = trainer(out.path(), |_| {});
+        let e = t.train(Some(ckpt.to_str().unwrap())).unwrap_err();
+        match &e {
+            kiln_trainer::Error::Resume { path, .. } => assert_eq!(path, &ckpt.join(name)),
+            other => panic!("{name}: {other}"),
+        }
+        let msg = e.to_string();
+        assert!(msg.contains(name) && !msg.contains('\n'), "{msg}");
+        assert_eq!(
+            t.state().global_step,
+            10,
+            "{name}: nothing trained past the checkpoint"
+        );
+        assert!(steps_saved(out.path()).is_empty(), "{name}: nothing saved");
     }
 }

@@ -3,8 +3,18 @@
 //! The interop tests run real Python (torch, transformers, safetensors): [`python`]
 //! finds it, [`python_or_skip`] turns its absence into a printed skip — or a failure
 //! under `KILN_REQUIRE_PYTHON=1`, as CI sets — and [`run_checker`] runs one of the
-//! tests' checker scripts over a JSON list of jobs.
+//! tests' checker scripts over a JSON list of jobs ([`transformers_check`]: a crate's
+//! `tests/check_models.py`).
+//!
+//! Beside it: [`fs`] (copying and listing test folders), [`bin`] (finding and running
+//! the `kiln` binary, checking its exit and messages), [`tensors`] (tensor values as
+//! numbers), [`backend`] (an f32-only backend), [`max_abs_diff`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod backend;
+pub mod bin;
+pub mod fs;
+pub mod tensors;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -94,4 +104,19 @@ pub fn run_checker(script: &Path, jobs: &[Value], work: &Path) -> Option<Vec<Val
         return None;
     }
     Some(report["results"].as_array().unwrap().clone())
+}
+
+/// Runs `<crate_dir>/tests/check_models.py` (the checker of that crate's tests, with
+/// real transformers) on `jobs`; see [`run_checker`].
+pub fn transformers_check(crate_dir: &Path, jobs: &[Value], work: &Path) -> Option<Vec<Value>> {
+    run_checker(&crate_dir.join("tests/check_models.py"), jobs, work)
+}
+
+/// The largest absolute difference between two equally long lists of values.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

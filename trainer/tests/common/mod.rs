@@ -144,13 +144,7 @@ pub fn weights(model: &Tiny) -> Vec<Vec<f32>> {
     model
         .parameters()
         .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
+        .map(|(_, v)| kiln_test_support::tensors::f32_values(v))
         .collect()
 }
 

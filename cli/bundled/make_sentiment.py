@@ -1,4 +1,4 @@
-"""Makes data/sentiment/{train,validation}.jsonl: a small synthetic sentiment set.
+"""Makes cli/bundled/sentiment/{train,validation}.jsonl: a small synthetic sentiment set.
 
 Every example is a short review of a film, a restaurant, a book, a hotel, a game or a
 gadget, written from templates with a varied vocabulary, labelled "positive" or
@@ -10,8 +10,8 @@ opinion at all. Classes are balanced in each split.
 Deterministic: a fixed seed and only `random.Random.random()` (stable across Python
 versions), so running it again rewrites byte-identical files. No third-party package.
 
-    python3 data/make_sentiment.py          # writes the files
-    python3 data/make_sentiment.py --check  # exits 1 if the committed files differ
+    python3 cli/bundled/make_sentiment.py          # writes the files
+    python3 cli/bundled/make_sentiment.py --check  # exits 1 if the committed files differ
 """
 import json
 import pathlib
@@ -194,7 +194,7 @@ def main():
     if "--check" in sys.argv:
         stale = [n for n, t in files.items() if (folder / f"{n}.jsonl").read_text("utf-8") != t]
         if stale:
-            sys.exit(f"stale: {stale}; run python3 data/make_sentiment.py")
+            sys.exit(f"stale: {stale}; run python3 cli/bundled/make_sentiment.py")
         print("sentiment files are up to date")
         return
     folder.mkdir(exist_ok=True)

@@ -1,0 +1,115 @@
+//! `kiln train`, `kiln eval` and `kiln predict`: a config and flags in, the run's
+//! report out.
+
+use std::path::PathBuf;
+
+use crate::config::RunConfig;
+use crate::error::Error;
+use crate::{CmdResult, ok};
+
+/// A config path (optional, first) and the `--field value` / `--field=value` pairs
+/// after it.
+type ConfigAndFlags = (Option<PathBuf>, Vec<(String, String)>);
+
+fn config_and_flags(args: &[String]) -> Result<ConfigAndFlags, Error> {
+    let mut it = args.iter().peekable();
+    let config = match it.peek() {
+        Some(a) if !a.starts_with("--") => it.next().map(PathBuf::from),
+        _ => None,
+    };
+    let mut flags = Vec::new();
+    while let Some(a) = it.next() {
+        let Some(name) = a.strip_prefix("--") else {
+            return Err(Error::Usage(format!(
+                "unexpected argument {a:?}: flags are --field value"
+            )));
+        };
+        let (name, value) = match name.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| Error::Usage(format!("--{name} needs a value")))?;
+                (name.to_string(), v.clone())
+            }
+        };
+        flags.push((name.replace('-', "_"), value));
+    }
+    Ok((config, flags))
+}
+
+fn run_config(args: &[String], default: bool) -> Result<RunConfig, Error> {
+    let (config, flags) = config_and_flags(args)?;
+    let mut cfg = match config {
+        Some(path) => RunConfig::from_file(&path)?,
+        None if default => RunConfig::bundled_default()?,
+        None => RunConfig::default(),
+    };
+    for (name, value) in flags {
+        let name = if name == "model" {
+            "init_from".to_string()
+        } else {
+            name
+        };
+        cfg.set(&name, &value)
+            .map_err(|e| Error::Usage(e.to_string()))?;
+    }
+    Ok(cfg)
+}
+
+pub(crate) fn train(args: &[String]) -> CmdResult {
+    let cfg = run_config(args, true)?;
+    let summary = crate::run::train(&cfg, false)?;
+    if summary.rank != 0 {
+        // One report for a multi-process run: rank 0's.
+        return ok(String::new());
+    }
+    let dir = summary.output_dir.display().to_string();
+    let mut s = format!(
+        "trained {} for {} steps (training loss {:.4})\n",
+        summary.architecture, summary.train.global_step, summary.train.training_loss
+    );
+    if let Some(eval) = &summary.eval {
+        s += &format!(
+            "eval: {}\n",
+            serde_json::to_string(eval).unwrap_or_default()
+        );
+    }
+    let auto = if summary.architecture.ends_with("LMHeadModel") {
+        "AutoModelForCausalLM"
+    } else {
+        "AutoModelForSequenceClassification"
+    };
+    s += &format!("model saved to {dir} (checkpoints: kiln checkpoints {dir})\n");
+    s += "load it in Python:\n";
+    s += &format!("  from transformers import {auto}, AutoTokenizer\n");
+    s += &format!(
+        "  model = {auto}.from_pretrained({dir:?}); tokenizer = AutoTokenizer.from_pretrained({dir:?})\n"
+    );
+    ok(s)
+}
+
+pub(crate) fn eval(args: &[String]) -> CmdResult {
+    let cfg = run_config(args, false)?;
+    let metrics = crate::run::evaluate(&cfg)?;
+    ok(format!(
+        "{}\n",
+        serde_json::to_string(&metrics).unwrap_or_default()
+    ))
+}
+
+pub(crate) fn predict(
+    model: &std::path::Path,
+    texts: &[String],
+    max_new_tokens: Option<usize>,
+    device: &str,
+    as_json: bool,
+) -> CmdResult {
+    let v = crate::run::predict(model, texts, max_new_tokens, device)?;
+    let text = if as_json {
+        v.to_string()
+    } else {
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    };
+    ok(format!("{text}\n"))
+}

@@ -1,0 +1,398 @@
+//! Whole runs as the `kiln` command drives them: `kiln train`, `kiln eval` and
+//! `kiln predict` are thin wrappers around [`train`], [`evaluate`] and [`predict`].
+//!
+//! The architecture is `[model] architecture`, or the first of `architectures` in the
+//! `config.json` of `init_from`, resolved through [`kiln_models::registry`]: its task
+//! decides how the data is read and what `predict` prints, its tokenizer family which
+//! tokenizer is trained when the model folder brings none.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use kiln_data::tokenize::{Tokenizer, TokenizerKind, TokenizerTrainer};
+use kiln_data::{CollatedDataset, Collator, Dataset, Labels, RawData};
+use kiln_dist::Collective;
+use kiln_models::registry::{self, Architecture, TaskModel};
+use kiln_trainer::model::{Batch, Model};
+use kiln_trainer::rng::Rng;
+use kiln_trainer::{Task, TrainOutput, Trainer, TrainingArguments, accuracy};
+use serde_json::{Value, json};
+
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+
+/// The device `spec` names (`auto`, `cpu`, `cuda`, `cuda:1`, `metal`), chosen through
+/// the backend registry: only backends linked into the program are found, and an
+/// unavailable one is an error that says why.
+pub fn device(spec: &str) -> Result<Device> {
+    Ok(kiln_backend::resolve(spec)?)
+}
+
+/// The device `args.device` names, with its backend, once the backend is known to
+/// compute in the dtype of `bf16`/`fp16` (checked before any work).
+fn select_device(spec: &str, args: &TrainingArguments) -> Result<kiln_backend::Selected> {
+    let selected = kiln_backend::select(spec)?;
+    kiln_trainer::precision::check_device(selected.backend, args)?;
+    Ok(selected)
+}
+
+/// What [`train`] did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Where the model was saved.
+    pub output_dir: PathBuf,
+    /// The training result.
+    pub train: TrainOutput,
+    /// The final evaluation, when there is validation data.
+    pub eval: Option<BTreeMap<String, f64>>,
+    /// The architecture trained.
+    pub architecture: String,
+    /// This process's rank (0 alone).
+    pub rank: usize,
+}
+
+/// Everything a run needs before training: data, tokenizer and the model's config.
+struct Prepared {
+    architecture: &'static Architecture,
+    tokenizer: Tokenizer,
+    train: Option<Arc<CollatedDataset>>,
+    eval: Option<Arc<CollatedDataset>>,
+    labels: Option<Labels>,
+}
+
+fn prepare(cfg: &RunConfig) -> Result<Prepared> {
+    let init_config = match &cfg.model.init_from {
+        Some(dir) => Some(kiln_checkpoint::model::read_config(Path::new(dir))?),
+        None => None,
+    };
+    let name = match (&cfg.model.architecture, &init_config, &cfg.model.init_from) {
+        (Some(name), _, _) => name.clone(),
+        (None, Some(c), Some(dir)) => registry::folder_architecture(c, Path::new(dir))?,
+        _ => {
+            return Err(Error::Config(
+                "[model] needs architecture (or init_from)".into(),
+            ));
+        }
+    };
+    let architecture = registry::find(&name)?;
+    let task = architecture.task;
+    let raw = RawData::read(&cfg.data, task)?;
+    let tokenizer_dir = cfg
+        .model
+        .init_from
+        .clone()
+        .or_else(|| cfg.data.tokenizer_name.clone());
+    let tokenizer = match tokenizer_dir {
+        Some(dir) if Path::new(&dir).join("tokenizer.json").exists() => Tokenizer::from_dir(&dir)?,
+        _ => {
+            let kind = TokenizerKind::for_architecture(architecture.tokenizer).ok_or_else(|| {
+                Error::Config(format!(
+                    "{name} asks for a {:?} tokenizer, which kiln cannot train; give one with tokenizer_name",
+                    architecture.tokenizer
+                ))
+            })?;
+            TokenizerTrainer::new(kind, cfg.data.vocab_size).train(raw.train_texts())?
+        }
+    };
+    let labels = match &init_config {
+        Some(c) if task == Task::SequenceClassification && c.get("id2label").is_some() => {
+            Some(Labels::from_config(c)?)
+        }
+        _ => None,
+    };
+    let data = raw.tokenize(&tokenizer, &cfg.data, labels)?;
+    let collator = Collator::for_tokenizer(&tokenizer);
+    let wrap = |d: Option<Dataset>| d.map(|d| Arc::new(CollatedDataset::new(d, collator.clone())));
+    Ok(Prepared {
+        architecture,
+        train: wrap(data.train),
+        eval: wrap(data.validation),
+        labels: data.labels,
+        tokenizer,
+    })
+}
+
+/// The `config.json` of a new model: the `[model]` keys, the tokenizer's vocabulary and
+/// special ids, and the labels.
+fn new_model_config(cfg: &RunConfig, p: &Prepared) -> Value {
+    let mut keys = cfg.model.keys.clone();
+    keys.insert("vocab_size".into(), json!(p.tokenizer.vocab_size()));
+    match p.architecture.task {
+        Task::SequenceClassification => {
+            keys.entry("pad_token_id")
+                .or_insert(json!(p.tokenizer.padding_id()));
+            if let Some(l) = &p.labels {
+                keys.extend(l.config_entries());
+            }
+        }
+        Task::CausalLm => {
+            if let Some(eos) = p.tokenizer.eos_id() {
+                keys.entry("bos_token_id").or_insert(json!(eos));
+                keys.entry("eos_token_id").or_insert(json!(eos));
+            }
+        }
+    }
+    Value::Object(keys)
+}
+
+/// Trains as `kiln train` does: reads the data, trains or loads the tokenizer, builds
+/// (or loads) the model, trains, evaluates, and ends like transformers' example
+/// scripts: `save_model()` into `output_dir` and `save_state()`.
+///
+/// Under a launcher (`mpirun -np N kiln train …` with feature `mpi`, torchrun with
+/// `cuda`) every process runs this as one rank of a data-parallel run (kiln-dist);
+/// `cuda` then means `cuda:<local rank>`. A rank that fails prints its error and ends
+/// every rank, so that none waits for it forever; a panicking rank does too.
+pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
+    cfg.training.validate()?;
+    let options = kiln_dist::Options::new(std::time::Duration::from_secs(cfg.training.ddp_timeout))
+        .with_abort_on_panic(true);
+    let dist = kiln_dist::from_env(&options)?;
+    let result = train_with(cfg, quiet, dist.clone());
+    if let Err(e) = &result
+        && dist.world_size() > 1
+    {
+        eprintln!("kiln: rank {} of {}: {e}", dist.rank(), dist.world_size());
+        dist.abort(1);
+    }
+    result
+}
+
+fn train_with(cfg: &RunConfig, quiet: bool, dist: Arc<dyn Collective>) -> Result<RunSummary> {
+    let spec = match cfg.training.device.as_str() {
+        "cuda" if dist.world_size() > 1 => format!("cuda:{}", dist.local_rank()),
+        // NCCL runs on GPUs only: `auto` would put every rank on cuda:0.
+        "auto" if dist.name() == "nccl" => format!("cuda:{}", dist.local_rank()),
+        other => other.to_string(),
+    };
+    let selected = select_device(&spec, &cfg.training)?;
+    let device = selected.device.clone();
+    let p = prepare(cfg)?;
+    let mut rng = Rng::seed_from_u64(cfg.training.seed);
+    let model = match &cfg.model.init_from {
+        Some(dir) => (p.architecture.load)(Path::new(dir), &mut rng, &device)?.0,
+        None => (p.architecture.build)(&new_model_config(cfg, &p), &mut rng, &device)?,
+    };
+    let rank = dist.rank();
+    let train = p
+        .train
+        .clone()
+        .ok_or_else(|| Error::Config("[data] needs train_file".into()))?;
+    let mut trainer = Trainer::new(model, cfg.training.clone())
+        .with_backend(selected.backend)
+        .with_train_dataset(train)
+        .with_tokenizer(p.tokenizer.files()?)
+        .with_quiet(quiet)
+        .with_collective(dist);
+    if p.architecture.task == Task::SequenceClassification {
+        trainer = trainer.with_compute_metrics(accuracy);
+    }
+    if let Some(eval) = p.eval.clone() {
+        trainer = trainer.with_eval_dataset(eval);
+    }
+    let out = match trainer.train(None) {
+        Ok(out) => out,
+        // Only rank 0 holds the files; the others' copies are the same weights.
+        Err(e) if rank != 0 => return Err(e.into()),
+        Err(e) => return Err(emergency_save(&trainer, e)),
+    };
+    let eval = match p.eval {
+        Some(_) => Some(trainer.evaluate()?),
+        None => None,
+    };
+    let output_dir = trainer.save_model(None)?;
+    trainer.save_state()?;
+    Ok(RunSummary {
+        output_dir,
+        train: out,
+        eval,
+        architecture: p.architecture.name.to_string(),
+        rank,
+    })
+}
+
+/// After a failed training run, saves the model that is still in memory to a fresh
+/// folder under the system's temporary directory (the output folder may be the problem:
+/// full, read-only, …) and adds where it went — or that this failed too — to the error.
+fn emergency_save<M: Model>(trainer: &Trainer<M>, e: kiln_trainer::Error) -> Error {
+    let step = trainer.state().global_step;
+    if step == 0 {
+        return e.into();
+    }
+    let dir =
+        std::env::temp_dir().join(format!("kiln-emergency-{}-step{step}", std::process::id()));
+    let note = match trainer.save_model(Some(&dir)) {
+        Ok(_) => format!(
+            "the model in memory at step {step} was saved to {}",
+            dir.display()
+        ),
+        Err(e2) => format!(
+            "saving the model in memory to {} failed too: {e2}",
+            dir.display()
+        ),
+    };
+    Error::Interrupted {
+        source: Box::new(e.into()),
+        note,
+    }
+}
+
+/// Evaluates the saved model `cfg.model.init_from` on `cfg.data.validation_file`, as
+/// `kiln eval` does; returns the `eval_` metrics.
+pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
+    let Some(dir) = cfg.model.init_from.clone() else {
+        return Err(Error::Config(
+            "kiln eval needs a saved model: --model DIR".into(),
+        ));
+    };
+    if cfg.data.validation_file.is_none() {
+        return Err(Error::Config("kiln eval needs --validation_file".into()));
+    }
+    // Evaluation reads no training file; the tokenizer and labels come from the model.
+    let mut cfg = cfg.clone();
+    cfg.data.train_file = None;
+    let selected = select_device(&cfg.training.device, &cfg.training)?;
+    let device = selected.device.clone();
+    let p = prepare(&cfg)?;
+    let mut rng = Rng::seed_from_u64(cfg.training.seed);
+    let eval = p
+        .eval
+        .clone()
+        .ok_or_else(|| Error::Config("no validation data".into()))?;
+    let mut args = cfg.training.clone();
+    args.output_dir = std::env::temp_dir().join("kiln-eval").display().to_string();
+    let model = (p.architecture.load)(Path::new(&dir), &mut rng, &device)?.0;
+    let mut t = Trainer::new(model, args)
+        .with_backend(selected.backend)
+        .with_eval_dataset(eval)
+        .with_quiet(true);
+    if p.architecture.task == Task::SequenceClassification {
+        t = t.with_compute_metrics(accuracy);
+    }
+    Ok(t.evaluate()?)
+}
+
+/// Runs a saved model on texts, as `kiln predict` does: for a classifier
+/// `{"input_ids", "logits", "predictions"}`; for a causal LM `{"input_ids", "logits"}`
+/// (of the last position) and, with `max_new_tokens`, greedily generated text under
+/// `"generated"`.
+pub fn predict(
+    dir: &Path,
+    texts: &[String],
+    max_new_tokens: Option<usize>,
+    device_spec: &str,
+) -> Result<Value> {
+    if texts.is_empty() {
+        return Err(Error::Config("give at least one --text".into()));
+    }
+    let config = kiln_checkpoint::model::read_config(dir)?;
+    let architecture = registry::find(&registry::folder_architecture(&config, dir)?)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let device = device(device_spec)?;
+    let mut rng = Rng::seed_from_u64(0);
+    let encoded: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            tokenizer
+                .encode(t, tokenizer.model_max_length())
+                .map(|e| e.input_ids)
+        })
+        .collect::<kiln_data::Result<_>>()?;
+    let (model, _) = (architecture.load)(dir, &mut rng, &device)?;
+    match architecture.task {
+        Task::SequenceClassification => classify(model.as_ref(), &config, &encoded, &device),
+        Task::CausalLm => continue_texts(
+            model.as_ref(),
+            &tokenizer,
+            &encoded,
+            max_new_tokens,
+            &device,
+        ),
+    }
+}
+
+/// One text as a batch of one.
+fn as_batch(ids: &[u32], device: &Device) -> Result<Batch> {
+    Ok(Batch {
+        input_ids: Tensor::new(ids, device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(kiln_models::Error::from)?,
+        attention_mask: None,
+        token_type_ids: None,
+        labels: None,
+    })
+}
+
+fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.to_vec1())
+        .map_err(kiln_models::Error::from)?)
+}
+
+/// A classifier's logits and predicted label for every text.
+fn classify(
+    model: &dyn TaskModel,
+    config: &Value,
+    encoded: &[Vec<u32>],
+    device: &Device,
+) -> Result<Value> {
+    let labels = Labels::from_config(config).ok();
+    let mut logits = Vec::new();
+    let mut predictions = Vec::new();
+    for ids in encoded {
+        let out = model
+            .forward(&as_batch(ids, device)?, None)
+            .map_err(kiln_models::Error::from)?;
+        let l = to_f32(&out.logits)?;
+        let best = l
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let name = labels
+            .as_ref()
+            .and_then(|l| l.id2label().get(best).cloned());
+        predictions.push(name.map(Value::String).unwrap_or(json!(best)));
+        logits.push(l);
+    }
+    Ok(json!({"input_ids": encoded, "logits": logits, "predictions": predictions}))
+}
+
+/// A language model's last-position logits for every text, and its greedy
+/// continuation when `max_new_tokens` is given.
+fn continue_texts(
+    model: &dyn TaskModel,
+    tokenizer: &Tokenizer,
+    encoded: &[Vec<u32>],
+    max_new_tokens: Option<usize>,
+    device: &Device,
+) -> Result<Value> {
+    let candle = |e: candle_core::Error| Error::from(kiln_models::Error::from(e));
+    let mut logits = Vec::new();
+    let mut generated = Vec::new();
+    for ids in encoded {
+        let out = model
+            .forward(&as_batch(ids, device)?, None)
+            .map_err(candle)?
+            .logits;
+        let t = out.dim(1).map_err(candle)?;
+        logits.push(to_f32(&out.narrow(1, t - 1, 1).map_err(candle)?)?);
+        if let Some(n) = max_new_tokens {
+            let prompt = as_batch(ids, device)?.input_ids;
+            let all: Vec<u32> = model
+                .generate_greedy(&prompt, n)
+                .and_then(|t| t.flatten_all()?.to_vec1())
+                .map_err(candle)?;
+            generated.push(tokenizer.decode(&all, true)?);
+        }
+    }
+    let mut v = json!({"input_ids": encoded, "logits": logits});
+    if max_new_tokens.is_some() {
+        v["generated"] = json!(generated);
+    }
+    Ok(v)
+}
