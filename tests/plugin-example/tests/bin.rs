@@ -1,10 +1,13 @@
-//! The template's `kiln-null` binary lists and resolves the plugin as `kiln backends` does.
+//! The template's binary (`kiln_cli::main` with the plugins linked) lists and resolves
+//! the backend plugin with `kiln backends`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Output};
 
+/// `kiln-example backends ARGS`.
 fn kiln_null(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln-null"))
+    Command::new(env!("CARGO_BIN_EXE_kiln-example"))
+        .arg("backends")
         .args(args)
         .output()
         .unwrap()
@@ -56,20 +59,25 @@ fn devices_resolve_or_fail_in_one_line() {
         "null:0: candle's CPU device, under another name\n"
     );
     for (spec, code, want) in [
-        ("null:4", 1, "kiln-null: null:4: only 1 device\n"),
+        ("null:4", 1, "kiln: null:4: only 1 device\n"),
         (
             "cuda",
             1,
-            "kiln-null: cuda: not compiled into this build; rebuild with --features cuda\n",
-        ),
-        (
-            "null:x",
-            2,
-            "kiln-null: \"null:x\": not a device string; expected auto, a backend name (cpu, cuda, metal, …) or name:N such as cuda:1\n",
+            "kiln: cuda: not compiled into this build; rebuild with --features cuda\n",
         ),
     ] {
         let out = kiln_null(&["--device", spec]);
         assert_eq!(out.status.code(), Some(code), "{spec}");
         assert_eq!(stderr(&out), want, "{spec}");
     }
+    // A malformed device string is a usage error, reported by the command line parser.
+    let out = kiln_null(&["--device", "null:x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(
+            "\"null:x\": not a device string; expected auto, a backend name (cpu, cuda, metal, …) or name:N such as cuda:1"
+        ),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kiln_backend_cpu as _;
-use kiln_backend_null as _;
+use kiln_plugin_example as _;
 
 #[test]
 fn the_plugin_is_listed_after_cpu() {
