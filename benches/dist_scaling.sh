@@ -23,7 +23,7 @@ run() { # NP BATCH -> "steps_per_second samples_per_second"
     rm -rf "$out"
     RAYON_NUM_THREADS=$((cores / np > 0 ? cores / np : 1)) \
         mpirun --oversubscribe --bind-to none -x RAYON_NUM_THREADS -np "$np" "$bin" train \
-        data/configs/bert-sentiment.toml --output_dir "$out" --max_steps "$steps" \
+        cli/bundled/bert-sentiment.toml --output_dir "$out" --max_steps "$steps" \
         --per_device_train_batch_size "$batch" --eval_strategy no --save_strategy no \
         --load_best_model_at_end false --metric_for_best_model none --disable_tqdm true \
         >/dev/null 2>&1

@@ -1,5 +1,5 @@
 """transformers' Trainer on the same run as `kiln train CONFIG` for the bundled configs:
-data/configs/bert-sentiment.toml (BertForSequenceClassification, DataCollatorWithPadding)
+cli/bundled/bert-sentiment.toml (BertForSequenceClassification, DataCollatorWithPadding)
 and data/configs/gpt2-corpus.toml (GPT2LMHeadModel, run_clm's blocks of 64 tokens).
 
 Usage: python benches/train_compare.py KILN_OUTPUT_DIR STEPS
@@ -33,7 +33,7 @@ if cfg["architectures"][0] == "GPT2LMHeadModel":
 else:
     config = BertConfig(**keys)
     model = BertForSequenceClassification(config)
-    rows = [json.loads(l) for l in open("data/sentiment/train.jsonl") if l.strip()]
+    rows = [json.loads(l) for l in open("cli/bundled/sentiment/train.jsonl") if l.strip()]
     data = [dict(tok(r["text"], truncation=True, max_length=64), labels=config.label2id[r["label"]])
             for r in rows]
     batch, collator = 32, DataCollatorWithPadding(tok)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Side by side: steps per second of a bundled run in kiln and in transformers' Trainer on
-# the same CPU cores, and their ratio: data/configs/bert-sentiment.toml (the default;
+# the same CPU cores, and their ratio: cli/bundled/bert-sentiment.toml (the default;
 # batch 32, max_length 64) or data/configs/gpt2-corpus.toml (batch 16, blocks of 64).
 # Usage: benches/train_compare.sh [STEPS] [CONFIG]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 steps="${1:-60}"
-config="${2:-data/configs/bert-sentiment.toml}"
+config="${2:-cli/bundled/bert-sentiment.toml}"
 py="${KILN_PYTHON:-$HOME/.cache/kiln/venv/bin/python}"
 out="target/train-compare/kiln"
 rm -rf "$out"
