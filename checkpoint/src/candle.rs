@@ -76,7 +76,7 @@ pub fn varmap_tensors(vars: &VarMap, order: Option<&[&str]>) -> Result<TensorMap
     for (name, var) in ordered {
         let view = from_candle(var.as_tensor()).map_err(|source| Error::Candle {
             name: name.clone(),
-            source,
+            source: Box::new(source),
         })?;
         map.insert(name, view)?;
     }
@@ -143,7 +143,10 @@ pub fn load_varmap(dir: impl AsRef<Path>, vars: &VarMap) -> Result<LoadReport> {
     let vars = sorted_vars(vars)?;
     let candle_err = |name: &str| {
         let name = name.to_string();
-        move |source| Error::Candle { name, source }
+        move |source| Error::Candle {
+            name,
+            source: Box::new(source),
+        }
     };
     let mut expected = Vec::with_capacity(vars.len());
     for (name, var) in &vars {

@@ -65,8 +65,9 @@ pub enum Error {
     Candle {
         /// The tensor (the `VarMap` variable's name).
         name: String,
-        /// What failed (candle's errors come wrapped in [`kiln_formats::Error::Candle`]).
-        source: kiln_formats::Error,
+        /// What failed (candle's errors come wrapped in [`kiln_formats::Error::Candle`]);
+        /// boxed, so that the feature does not make every error of the crate larger.
+        source: Box<kiln_formats::Error>,
     },
 }
 

@@ -11,9 +11,9 @@ pub enum Error {
     /// A model folder or checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] kiln_checkpoint::Error),
-    /// Training, evaluation or resuming failed.
+    /// Training, evaluation or resuming failed (boxed: the trainer's error is large).
     #[error(transparent)]
-    Trainer(#[from] kiln_trainer::Error),
+    Trainer(Box<kiln_trainer::Error>),
     /// Building or loading a model failed, or its architecture is not registered.
     #[error(transparent)]
     Models(#[from] kiln_models::Error),
@@ -42,6 +42,12 @@ pub enum Error {
     },
 }
 
+impl From<kiln_trainer::Error> for Error {
+    fn from(e: kiln_trainer::Error) -> Self {
+        Error::Trainer(Box::new(e))
+    }
+}
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -59,14 +65,20 @@ impl Error {
             Error::Usage(_) | Error::Formats(kiln_formats::Error::Argument(_)) => 2,
             Error::Backend(b) if b.is_usage() => 2,
             Error::Dist(e) => dist_exit(e),
-            Error::Trainer(e) | Error::Models(kiln_models::Error::Trainer(e)) => match e {
-                kiln_trainer::Error::Dist(e) => dist_exit(e),
-                kiln_trainer::Error::Resume { .. } => 4,
-                _ => 1,
-            },
+            Error::Trainer(e) => trainer_exit(e),
+            Error::Models(kiln_models::Error::Trainer(e)) => trainer_exit(e),
             Error::Interrupted { source, .. } => source.exit_code(),
             _ => 1,
         }
+    }
+}
+
+/// The exit status of a trainer error: its distributed and resume causes apart.
+fn trainer_exit(e: &kiln_trainer::Error) -> u8 {
+    match e {
+        kiln_trainer::Error::Dist(e) => dist_exit(e),
+        kiln_trainer::Error::Resume { .. } => 4,
+        _ => 1,
     }
 }
 

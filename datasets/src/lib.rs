@@ -2,7 +2,7 @@
 //! [`CollatedDataset`] is a [`BatchSource`](kiln_trainer::BatchSource)) or any loop.
 //!
 //! - [`read`]: rows of JSON Lines, CSV/TSV and plain-text files, the columns named as
-//!   `datasets` names them; every malformed row is an [`Error::Data`](crate::Error::Data)
+//!   `datasets` names them; every malformed row is an [`Error::Data`]
 //!   with `file:line`.
 //! - [`labels`]: integer class ids, string labels mapped through a sorted `label2id`, or
 //!   float regression targets; [`Labels::config_entries`] gives `id2label`/`label2id`

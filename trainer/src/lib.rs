@@ -1,11 +1,11 @@
 //! The kiln training loop: what it needs from a model and from data, and the loop.
 //!
-//! - [`model`]: the [`Model`](model::Model) trait that the trainer drives and that model
-//!   crates (kiln-models, yours) implement, the [`Batch`](model::Batch) it consumes and
-//!   the [`Task`](model::Task) it trains for.
+//! - [`model`]: the [`Model`] trait that the trainer drives and that model
+//!   crates (kiln-models, yours) implement, the [`Batch`] it consumes and
+//!   the [`Task`] it trains for.
 //! - [`data`]: [`BatchSource`], what data crates (kiln-data, yours) implement, and the
 //!   seeded per-epoch order batches are drawn in.
-//! - [`weights`]: saving any [`Model`](model::Model) as a Hugging Face model folder and
+//! - [`weights`]: saving any [`Model`] as a Hugging Face model folder and
 //!   loading one into it.
 //! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
 //! - [`precision`]: bf16/fp16 mixed-precision training (f32 master weights, a 16-bit
@@ -13,7 +13,7 @@
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`rng`]: kiln's seeded, checkpointable random generator (candle's CPU generator
 //!   cannot be seeded).
-//! - [`trainer`]: the [`Trainer`](trainer::Trainer), one module per concern.
+//! - [`trainer`]: the [`Trainer`], one module per concern.
 //!
 //! Optimizers and schedules are kiln-optim's, collectives kiln-dist's; this crate knows
 //! no architecture, no dataset format and no config file.

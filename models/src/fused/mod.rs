@@ -18,9 +18,9 @@
 //! [`by_rows`]), so results are the same on every run and machine, as bit-for-bit
 //! resume needs.
 //!
-//! One op a file: [`linear`] (with bias adds), [`attention`], [`layer_norm`],
-//! [`softmax`], [`gelu`], [`mask`]; [`gemm`] holds the one `unsafe` matrix product they
-//! share, [`written_out`] the elementary-op forms.
+//! One op a file: `linear` (with bias adds), `attention`, `layer_norm`, `softmax`,
+//! `gelu`, `mask`; `gemm` holds the one `unsafe` matrix product they share,
+//! `written_out` the elementary-op forms.
 
 mod attention;
 mod gelu;

@@ -29,10 +29,10 @@
 //!   buckets, losses and evaluation reduced over ranks, rank 0 writing the model files,
 //!   every rank its RNG state, and with `zero_stage = 1` every rank its optimizer shard.
 //!
-//! The loop is cut by concern: [`plan`] (what a run will do, from the arguments and
-//! the data), [`step`] (the loop and one optimizer update), [`evaluation`], [`reduce`]
-//! (data-parallel reduction and broadcast), [`checkpointing`] (save, resume) and
-//! [`logging`] (log entries, callbacks, the progress bar).
+//! The loop is cut by concern, one file each: `plan` (what a run will do, from the
+//! arguments and the data), `step` (the loop and one optimizer update), `evaluation`,
+//! `reduce` (data-parallel reduction and broadcast), `checkpointing` (save, resume)
+//! and `logging` (log entries, callbacks, the progress bar).
 
 mod checkpointing;
 mod evaluation;

@@ -1,5 +1,5 @@
-//! Model folders for any [`Model`](crate::model::Model): [`export`] turns its
-//! parameters into what `save_pretrained` writes, [`load`] reads a folder that
+//! Model folders for any [`Model`](crate::model::Model): [`export`](mod@export) turns its
+//! parameters into what `save_pretrained` writes, [`load`](mod@load) reads a folder that
 //! transformers (or kiln) wrote back into them, following transformers' rules.
 
 pub mod export;
