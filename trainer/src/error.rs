@@ -67,16 +67,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// An [`Error::Io`] for `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-}
-
 /// A weight whose shape in a model folder differs from the model's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapeMismatch {

@@ -29,15 +29,13 @@ use crate::rng::{Rng, RngState};
 use crate::weights::HostWeights;
 use crate::{Error, Result};
 
-/// Where the data loader is and the loss not yet logged: `data_state.json`.
+/// Where the data loader is and the loss not yet logged: `data_state.json` (the
+/// position's keys first, then these).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub(super) struct DataState {
-    /// The epoch the checkpoint was taken in.
-    pub epoch: u64,
-    /// Micro-batches of that epoch already trained on.
-    pub micro_batches_done: u64,
-    /// Whether that epoch's end (its evaluation, save, callbacks) was processed.
-    pub epoch_end_done: bool,
+    /// Where the loop was.
+    #[serde(flatten)]
+    pub position: Position,
     /// The shuffle seed (`data_seed`, else `seed`), for the record.
     pub data_seed: u64,
     /// The loss accumulated since the last log, averaged over ranks.
@@ -60,7 +58,7 @@ pub(super) struct SchedulerState {
 
 /// Where the loop is: the epoch, the micro-batches of it done, whether its end was
 /// processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Position {
     pub epoch: u64,
     pub micro_batches_done: u64,
@@ -214,9 +212,7 @@ impl<M: Model> Trainer<M> {
                 lr_scheduler_type: self.args.lr_scheduler_type.clone(),
             };
             let data = DataState {
-                epoch: pos.epoch,
-                micro_batches_done: pos.micro_batches_done,
-                epoch_end_done: pos.epoch_end_done,
+                position: pos,
                 data_seed: self.args.shuffle_seed(),
                 tr_loss,
                 total_loss: self.total_loss,
@@ -429,11 +425,7 @@ impl<M: Model> Trainer<M> {
                 self.tr_loss = d.tr_loss;
                 self.total_loss = d.total_loss;
                 self.last_logged = d.last_logged_step;
-                Position {
-                    epoch: d.epoch,
-                    micro_batches_done: d.micro_batches_done,
-                    epoch_end_done: d.epoch_end_done,
-                }
+                d.position
             }
             // A checkpoint without kiln's data state (transformers', or save_only_model):
             // transformers' rule from the step count.
