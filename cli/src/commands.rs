@@ -75,7 +75,9 @@ pub(crate) fn train(args: &[String]) -> CmdResult {
             serde_json::to_string(eval).unwrap_or_default()
         );
     }
-    let auto = if summary.architecture.ends_with("LMHeadModel") {
+    let causal = kiln_trainer::Task::for_architecture(&summary.architecture)
+        == Some(kiln_trainer::Task::CausalLm);
+    let auto = if causal {
         "AutoModelForCausalLM"
     } else {
         "AutoModelForSequenceClassification"

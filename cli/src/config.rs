@@ -53,9 +53,11 @@ const BUNDLED_DATA: [(&str, &str); 2] = [
 pub struct ModelSection {
     /// The transformers class name (`BertForSequenceClassification`, `GPT2LMHeadModel`).
     pub architecture: Option<String>,
-    /// A saved model folder to start from (its config and weights; its tokenizer too).
+    /// A saved model folder to start from (its config and weights; its tokenizer too);
+    /// also spelled `model_name_or_path`, as in transformers' scripts.
     pub init_from: Option<String>,
-    /// The other keys: that architecture's `config.json` keys.
+    /// The other keys: that architecture's `config.json` keys (with `init_from`, they
+    /// override the folder's, as `from_pretrained(dir, **kwargs)` does).
     pub keys: Map<String, Value>,
 }
 
@@ -113,6 +115,10 @@ impl RunConfig {
                     };
                     cfg.model.architecture = take(&mut keys, "architecture")?;
                     cfg.model.init_from = take(&mut keys, "init_from")?;
+                    // transformers' example scripts call it model_name_or_path.
+                    if let Some(dir) = take(&mut keys, "model_name_or_path")? {
+                        cfg.model.init_from = Some(dir);
+                    }
                     cfg.model.keys = keys;
                 }
                 "data" => {
@@ -173,7 +179,7 @@ impl RunConfig {
         }
         match name {
             "architecture" => self.model.architecture = Some(value.to_string()),
-            "init_from" => self.model.init_from = Some(value.to_string()),
+            "init_from" | "model_name_or_path" => self.model.init_from = Some(value.to_string()),
             _ if self.model.keys.contains_key(name) || is_model_config_key(name) => {
                 let current = self.model.keys.get(name).cloned().unwrap_or(Value::Null);
                 self.model

@@ -137,6 +137,20 @@ fn new_model_config(cfg: &RunConfig, p: &Prepared) -> Value {
     Value::Object(keys)
 }
 
+/// The `[model]` keys that override a loaded folder's config: the user's keys, and for
+/// a classifier the labels of the data when the folder has none of its own.
+fn init_overrides(cfg: &RunConfig, p: &Prepared) -> serde_json::Map<String, Value> {
+    let mut keys = cfg.model.keys.clone();
+    if p.architecture.task == Task::SequenceClassification
+        && !keys.contains_key("num_labels")
+        && !keys.contains_key("id2label")
+        && let Some(l) = &p.labels
+    {
+        keys.extend(l.config_entries());
+    }
+    keys
+}
+
 /// Trains as `kiln train` does: reads the data, trains or loads the tokenizer, builds
 /// (or loads) the model, trains, evaluates, and ends like transformers' example
 /// scripts: `save_model()` into `output_dir` and `save_state()`.
@@ -172,7 +186,21 @@ fn train_with(cfg: &RunConfig, quiet: bool, dist: Arc<dyn Collective>) -> Result
     let p = prepare(cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     let model = match &cfg.model.init_from {
-        Some(dir) => (p.architecture.load)(Path::new(dir), &mut rng, &device)?.0,
+        Some(dir) => {
+            let loaded = registry::load_with(
+                p.architecture,
+                Path::new(dir),
+                &init_overrides(cfg, &p),
+                &mut rng,
+                &device,
+            )?;
+            if !quiet && dist.rank() == 0 {
+                for note in &loaded.notes {
+                    eprintln!("note: {note}");
+                }
+            }
+            loaded.model
+        }
         None => (p.architecture.build)(&new_model_config(cfg, &p), &mut rng, &device)?,
     };
     let rank = dist.rank();
@@ -375,6 +403,19 @@ fn continue_texts(
     let mut logits = Vec::new();
     let mut generated = Vec::new();
     for ids in encoded {
+        // An empty text starts from BOS, as `generate` does without input ids.
+        let bos;
+        let ids = if ids.is_empty() {
+            bos = [tokenizer.special_token_id("bos_token").ok_or_else(|| {
+                Error::Config(
+                    "--text is empty and the tokenizer has no BOS token to start from; give some text"
+                        .into(),
+                )
+            })?];
+            &bos[..]
+        } else {
+            ids
+        };
         let out = model
             .forward(&as_batch(ids, device)?, None)
             .map_err(candle)?

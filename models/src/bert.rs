@@ -364,6 +364,7 @@ impl BertLayer {
             &self.key.forward(x)?,
             &self.value.forward(x)?,
             heads,
+            heads,
             bias,
             scale,
             config.attention_probs_dropout_prob,

@@ -2,12 +2,13 @@
 
 use std::path::Path;
 
-use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::config::{self, TokenIds, check};
 use crate::fused;
+use crate::generation::Greedy;
 use crate::layers::{
     Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, map_var,
     mask_to_bias, matmul_last, normal,
@@ -308,16 +309,7 @@ impl Gpt2LMHeadModel {
         let dir = dir.as_ref();
         let mut model = Self::new(Gpt2Config::from_pretrained(dir)?, rng, device)?;
         let info = model.init_from(dir)?;
-        let path = dir.join(kiln_checkpoint::model::GENERATION_CONFIG_NAME);
-        if path.is_file() {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            let g: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            if g.is_object() {
-                model.generation_config = Some(g);
-            }
-        }
+        model.generation_config = crate::generation::read_generation_config(dir)?;
         Ok((model, info))
     }
 
@@ -377,6 +369,7 @@ impl Gpt2LMHeadModel {
                 &k,
                 &v,
                 heads,
+                heads,
                 &bias,
                 scale,
                 c.attn_pdrop,
@@ -400,59 +393,34 @@ impl Gpt2LMHeadModel {
     /// end-of-sequence token, and pads the sequences that finished before the others
     /// with `pad_token_id` (or the first `eos_token_id`). Returns `[b, t + generated]`.
     ///
-    /// Each step runs the whole sequence again (there is no key/value cache), which is
-    /// fine for the short generations of `kiln predict`.
+    /// Each step runs the whole sequence again (GPT-2 has no key/value cache here; the
+    /// Llama family's generation has one).
     pub fn generate_greedy(
         &self,
         input_ids: &Tensor,
         max_new_tokens: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let generation = self.generation_config.as_ref();
-        let token_ids = |key: &str| -> Option<Vec<u32>> {
-            generation
-                .and_then(|g| g.get(key))
-                .and_then(|v| serde_json::from_value::<Option<TokenIds>>(v.clone()).ok())
-                .flatten()
-                .map(|ids| ids.ids())
-        };
-        let eos = token_ids("eos_token_id")
-            .or_else(|| self.config.eos_token_id.as_ref().map(TokenIds::ids))
-            .unwrap_or_default();
-        let pad = token_ids("pad_token_id")
-            .and_then(|p| p.first().copied())
-            .or(self.config.pad_token_id)
-            .or_else(|| eos.first().copied());
+        crate::generation::check_prompt(t)?;
         if t + max_new_tokens > self.config.n_positions {
             candle_core::bail!(
                 "{t} tokens and {max_new_tokens} new ones exceed the model's {} positions",
                 self.config.n_positions
             )
         }
+        let mut greedy = Greedy::new(
+            self.generation_config.as_ref(),
+            self.config.eos_token_id.as_ref(),
+            self.config.pad_token_id,
+            b,
+        );
         let mut ids = input_ids.to_dtype(DType::U32)?;
-        let mut finished = vec![false; b];
         for _ in 0..max_new_tokens {
             let len = ids.dim(1)?;
             let logits = self.logits(&ids, None, None, None)?;
-            let next = logits
-                .i((.., len - 1, ..))?
-                .argmax(D::Minus1)?
-                .to_vec1::<u32>()?;
-            let next: Vec<u32> = next
-                .into_iter()
-                .zip(finished.iter_mut())
-                .map(|(token, done)| {
-                    if *done {
-                        pad.unwrap_or(token)
-                    } else {
-                        *done = eos.contains(&token);
-                        token
-                    }
-                })
-                .collect();
-            let next = Tensor::from_vec(next, (b, 1), ids.device())?;
+            let next = greedy.next(&logits.i((.., len - 1, ..))?)?;
             ids = Tensor::cat(&[&ids, &next], 1)?;
-            if !eos.is_empty() && finished.iter().all(|d| *d) {
+            if greedy.done() {
                 break;
             }
         }
@@ -489,14 +457,7 @@ impl Model for Gpt2LMHeadModel {
             train,
         )?;
         let loss = match &batch.labels {
-            Some(labels) => {
-                // transformers' ForCausalLMLoss: position i predicts label i + 1.
-                let (b, t, vocab) = logits.dims3()?;
-                let n = t.saturating_sub(1);
-                let shifted = logits.narrow(1, 0, n)?.reshape((b * n, vocab))?;
-                let targets = labels.narrow(1, 1, n)?.flatten_all()?;
-                Some(loss::cross_entropy(&shifted, &targets)?)
-            }
+            Some(labels) => Some(loss::causal_lm(&logits, labels)?),
             None => None,
         };
         Ok(Output { loss, logits })
@@ -576,6 +537,10 @@ impl crate::registry::TaskModel for Gpt2LMHeadModel {
         max_new_tokens: usize,
     ) -> candle_core::Result<Tensor> {
         Gpt2LMHeadModel::generate_greedy(self, input_ids, max_new_tokens)
+    }
+
+    fn set_generation_config(&mut self, generation_config: Value) {
+        self.generation_config = Some(generation_config);
     }
 }
 

@@ -300,8 +300,11 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention as transformers' eager implementation computes it:
 /// softmax(q kᵀ · scale + bias), dropout on the probabilities, times v, for `heads`
-/// heads of `q`, `k`, `v` given as the projections return them (`[b, t, heads·d]`), and
-/// the heads merged back into `[b, t, heads·d]`. `bias` is additive (0 where attending
+/// query heads of `q` `[b, t, heads·d]` and `kv_heads` key/value heads of `k`, `v`
+/// `[b, t, kv_heads·d]` as the projections return them, and the heads merged back into
+/// `[b, t, heads·d]`. Query head i attends with key/value head i / (heads / kv_heads)
+/// (grouped-query attention, transformers' `repeat_kv`, without repeating them);
+/// `kv_heads == heads` is multi-head attention. `bias` is additive (0 where attending
 /// is allowed, the f32 minimum where not), f32, and broadcasts to `[b, heads, t, t]`;
 /// the mask and the softmax are computed in f32 (as autocast does) and the
 /// probabilities cast back to `v`'s dtype.
@@ -311,15 +314,16 @@ pub(crate) fn attention(
     k: &Tensor,
     v: &Tensor,
     heads: usize,
+    kv_heads: usize,
     bias: &Tensor,
     scale: f64,
     p: f64,
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
-    let scores = fused::attention_scores(q, k, heads)?;
+    let scores = fused::attention_scores(q, k, heads, kv_heads)?;
     let probs = fused::softmax_scaled_biased(&upcast(&scores)?, scale, bias)?;
     let probs = dropout(&probs, p, rng)?;
-    fused::attention_context(&probs.to_dtype(v.dtype())?, v, heads)
+    fused::attention_context(&probs.to_dtype(v.dtype())?, v, heads, kv_heads)
 }
 
 /// The additive bias for allowed (1) / masked (0) entries: 0 or the f32 minimum, as

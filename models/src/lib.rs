@@ -5,6 +5,9 @@
 //! - [`BertForSequenceClassification`] with [`BertConfig`];
 //! - [`Gpt2LMHeadModel`] (transformers' `GPT2LMHeadModel`) with [`Gpt2Config`], and
 //!   greedy generation;
+//! - [`LlamaForCausalLM`] for the Llama family (transformers' `LlamaForCausalLM`,
+//!   `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`) with [`LlamaConfig`],
+//!   and greedy generation with a key/value cache;
 //! - [`registry`]: each architecture registered under its class name, for `kiln train`
 //!   and for plugin crates that add their own.
 //!
@@ -35,8 +38,10 @@ mod bert;
 mod config;
 mod error;
 mod fused;
+mod generation;
 mod gpt2;
 mod layers;
+mod llama;
 mod loss;
 pub mod registry;
 
@@ -44,4 +49,5 @@ pub use bert::{BertConfig, BertForSequenceClassification};
 pub use config::{ProblemType, TokenIds};
 pub use error::{Error, Result};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
+pub use llama::{LlamaConfig, LlamaForCausalLM, LlamaVariant, RopeParameters};
 pub use registry::{Architecture, TaskModel};

@@ -46,6 +46,16 @@ pub(crate) fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
     total * (-1.0 / count as f64)
 }
 
+/// transformers' `ForCausalLMLoss`: position i of `logits` `[b, t, vocab]` predicts label
+/// i + 1 of `labels` `[b, t]`, -100 ignored, the mean over the rest.
+pub(crate) fn causal_lm(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, vocab) = logits.dims3()?;
+    let n = t.saturating_sub(1);
+    let shifted = logits.narrow(1, 0, n)?.reshape((b * n, vocab))?;
+    let targets = labels.narrow(1, 1, n)?.flatten_all()?;
+    cross_entropy(&shifted, &targets)
+}
+
 /// `MSELoss()`: mean of squared differences (`labels` converted to the logits' dtype;
 /// 16-bit predictions are taken in f32, as autocast computes losses).
 pub(crate) fn mse(predictions: &Tensor, labels: &Tensor) -> Result<Tensor> {

@@ -38,6 +38,12 @@ pub trait TaskModel: Model {
                 .unwrap_or("this model")
         )))
     }
+
+    /// Keeps a folder's `generation_config.json` (generative models save it again and
+    /// generate with it); others ignore it.
+    fn set_generation_config(&mut self, generation_config: Value) {
+        let _ = generation_config;
+    }
 }
 
 /// Builds a model afresh from its `config.json` keys, drawing its initialisation from
@@ -109,6 +115,105 @@ pub fn find(name: &str) -> Result<&'static Architecture> {
     })
 }
 
+/// What [`load_with`] loaded, and what it changed on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The model.
+    pub model: Box<dyn TaskModel>,
+    /// How its weights were found.
+    pub info: LoadInfo,
+    /// One line for each thing a user should know: keys applied over the folder's
+    /// config, a head initialised afresh.
+    pub notes: Vec<String>,
+}
+
+/// Keys whose change gives a classifier another head (its size follows the labels).
+const LABEL_KEYS: [&str; 3] = ["num_labels", "id2label", "label2id"];
+
+/// Loads a model folder as `from_pretrained(dir, **overrides)` does: the `overrides`
+/// (a run's `[model]` keys) replace the folder's `config.json` keys before the model is
+/// built, so dropout rates and the like take effect; a new `num_labels`/`id2label` gets a
+/// freshly initialised head (with a note); any other key that would change the shape of
+/// a weight the folder holds is a one-line error naming the key and the weight. Without
+/// overrides this is the architecture's own `load`.
+pub fn load_with(
+    arch: &Architecture,
+    dir: &Path,
+    overrides: &serde_json::Map<String, Value>,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Loaded> {
+    if overrides.is_empty() {
+        let (model, info) = (arch.load)(dir, rng, device)?;
+        return Ok(Loaded {
+            model,
+            info,
+            notes: Vec::new(),
+        });
+    }
+    let folder = kiln_checkpoint::model::read_config(dir)?;
+    let mut merged = folder.clone();
+    let Value::Object(m) = &mut merged else {
+        return Err(Error::Config(format!(
+            "{}: config.json is not an object",
+            dir.display()
+        )));
+    };
+    let changed: Vec<&str> = overrides
+        .iter()
+        .filter(|(k, v)| m.get(*k) != Some(*v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let labels_changed = changed.iter().any(|k| LABEL_KEYS.contains(k));
+    if labels_changed {
+        // The new labels replace the old ones wholesale (a num_labels alone drops id2label).
+        for k in LABEL_KEYS {
+            m.remove(k);
+        }
+    }
+    m.extend(overrides.clone());
+    let mut model = (arch.build)(&merged, rng, device)?;
+    let mut rules = model.load_rules();
+    if labels_changed {
+        rules.reinit = rules.fresh.clone();
+    }
+    let info = kiln_trainer::weights::load_into(
+        &model.parameters(),
+        &model.tied_weights(),
+        dir,
+        &rules,
+    )
+    .map_err(|e| match e {
+        kiln_trainer::Error::WeightShape(s) => Error::Config(format!(
+            "[model] {} with init_from would change the shape of {} from the folder's {:?} to {:?}; \
+             only keys that keep every loaded weight's shape can be given with init_from",
+            changed.join(", "),
+            s.name,
+            s.found,
+            s.expected
+        )),
+        other => other.into(),
+    })?;
+    if let Some(g) = crate::generation::read_generation_config(dir)? {
+        model.set_generation_config(g);
+    }
+    let mut notes = Vec::new();
+    if !changed.is_empty() {
+        notes.push(format!(
+            "[model] keys over {}/config.json: {}",
+            dir.display(),
+            changed.join(", ")
+        ));
+    }
+    if labels_changed && !info.fresh.is_empty() {
+        notes.push(format!(
+            "new labels: {} initialised afresh (the folder's head is dropped)",
+            info.fresh.join(", ")
+        ));
+    }
+    Ok(Loaded { model, info, notes })
+}
+
 /// The class name a model folder's `config.json` names first in `architectures`.
 pub fn folder_architecture(config: &Value, dir: &Path) -> Result<String> {
     config["architectures"][0]
@@ -153,5 +258,11 @@ impl Model for Box<dyn TaskModel> {
     }
     fn no_weight_decay(&self, name: &str) -> bool {
         (**self).no_weight_decay(name)
+    }
+}
+
+impl std::fmt::Debug for dyn TaskModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.config()["architectures"][0])
     }
 }

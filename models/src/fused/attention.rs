@@ -1,9 +1,10 @@
 //! Attention scores and context for every head straight from the projections' `[b, t,
-//! heads·d]` layout, without splitting into heads or copying.
+//! heads·d]` layout, without splitting into heads or copying; grouped-query attention
+//! (fewer key/value heads) without repeating the keys and values.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::gemm::{Mat, gemm_into};
+use super::gemm::{Mat, gemm_into, gemm_with};
 use super::{bte_layout, fusable, read, read_strided, slice};
 
 /// Head `hd` of batch entry `bi` of a `[b, t, heads·d]` tensor with strides `(s0, s1, 1)`
@@ -16,25 +17,103 @@ fn head(start: usize, stride: (usize, usize), bi: usize, hd: usize, d: usize) ->
     }
 }
 
-/// Attention scores `q·kᵀ` of every head, `[b, heads, tq, tk]`, from `q` `[b, tq,
-/// heads·d]` and `k` `[b, tk, heads·d]` as the projections give them (views such as
-/// GPT-2's slices of its fused projection included): no split into heads, no copies.
-pub(crate) fn attention_scores(q: &Tensor, k: &Tensor, heads: usize) -> Result<Tensor> {
-    let fits = |t: &Tensor| t.rank() == 3 && t.stride()[2] == 1;
-    if !fusable(&[q, k]) || !fits(q) || !fits(k) || heads == 0 || q.dim(2)? % heads != 0 {
-        return split_heads(q, heads)?.matmul(&split_heads(k, heads)?.t()?);
+/// The query heads per key/value head, `heads / kv_heads`; an error unless it divides.
+fn group(heads: usize, kv_heads: usize) -> Result<usize> {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!("attention: {heads} heads do not share {kv_heads} key/value heads")
     }
-    q.apply_op2(k, AttentionScores { heads })
+    Ok(heads / kv_heads)
+}
+
+/// Attention scores `q·kᵀ` of every head, `[b, heads, tq, tk]`, from `q` `[b, tq,
+/// heads·d]` and `k` `[b, tk, kv_heads·d]` as the projections give them (views such as
+/// GPT-2's slices of its fused projection included): no split into heads, no copies.
+/// Query head `hd` meets key head `hd / (heads / kv_heads)` (transformers' `repeat_kv`).
+pub(crate) fn attention_scores(
+    q: &Tensor,
+    k: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let group = group(heads, kv_heads)?;
+    let fits = |t: &Tensor| t.rank() == 3 && t.stride()[2] == 1;
+    if !fusable(&[q, k])
+        || !fits(q)
+        || !fits(k)
+        || q.dim(2)? % heads != 0
+        || k.dim(2)? != q.dim(2)? / group
+    {
+        return written_scores(q, k, heads, kv_heads);
+    }
+    q.apply_op2(k, AttentionScores { heads, group })
 }
 
 /// The attention output `probs·v` of every head, merged back into `[b, tq, heads·d]`,
-/// from `probs` `[b, heads, tq, tk]` and `v` `[b, tk, heads·d]`.
-pub(crate) fn attention_context(probs: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+/// from `probs` `[b, heads, tq, tk]` and `v` `[b, tk, kv_heads·d]`.
+pub(crate) fn attention_context(
+    probs: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let group = group(heads, kv_heads)?;
     let fits = v.rank() == 3 && v.stride()[2] == 1 && probs.rank() == 4;
-    if !fusable(&[probs, v]) || !fits || heads == 0 || v.dim(2)? % heads != 0 {
+    if !fusable(&[probs, v]) || !fits || v.dim(2)? % kv_heads != 0 || probs.dim(1)? != heads {
+        return written_context(probs, v, heads, kv_heads);
+    }
+    probs
+        .contiguous()?
+        .apply_op2(v, AttentionContext { heads, group })
+}
+
+/// [`attention_scores`] in candle's ops: the queries of a group as the rows of one
+/// `[b, kv_heads, group·tq, d]` matrix per key head, so one matmul serves the group.
+pub(super) fn written_scores(
+    q: &Tensor,
+    k: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let group = group(heads, kv_heads)?;
+    if group == 1 {
+        return split_heads(q, heads)?.matmul(&split_heads(k, heads)?.t()?);
+    }
+    let (b, tq, e) = q.dims3()?;
+    let q = q
+        .reshape((b, tq, kv_heads, group, e / heads))?
+        .permute((0, 2, 3, 1, 4))?
+        .reshape((b, kv_heads, group * tq, e / heads))?;
+    let scores = q.matmul(&split_heads(k, kv_heads)?.t()?)?;
+    let tk = scores.dim(3)?;
+    scores.reshape((b, heads, tq, tk))
+}
+
+/// [`attention_context`] in candle's ops, a group's probabilities as one matrix.
+pub(super) fn written_context(
+    probs: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let group = group(heads, kv_heads)?;
+    if group == 1 {
         return merge_heads(&probs.matmul(&split_heads(v, heads)?)?);
     }
-    probs.contiguous()?.apply_op2(v, AttentionContext { heads })
+    let (b, h, tq, tk) = probs.dims4()?;
+    if h != heads {
+        candle_core::bail!(
+            "attention: probs {:?} are not of {heads} heads",
+            probs.dims()
+        )
+    }
+    let v = split_heads(v, kv_heads)?;
+    let d = v.dim(3)?;
+    probs
+        .reshape((b, kv_heads, group * tq, tk))?
+        .matmul(&v)?
+        .reshape((b, kv_heads, group, tq, d))?
+        .permute((0, 3, 1, 2, 4))?
+        .reshape((b, tq, heads * d))
 }
 
 /// `[b, t, heads·d]` → `[b, heads, t, d]` (contiguous).
@@ -53,6 +132,7 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 struct AttentionScores {
     heads: usize,
+    group: usize,
 }
 
 impl CustomOp2 for AttentionScores {
@@ -73,7 +153,7 @@ impl CustomOp2 for AttentionScores {
         else {
             candle_core::bail!("{}: unexpected layouts", self.name())
         };
-        if b != bk || e != ek {
+        if b != bk || e != ek * self.group {
             candle_core::bail!(
                 "{}: q {:?} and k {:?} differ",
                 self.name(),
@@ -90,14 +170,15 @@ impl CustomOp2 for AttentionScores {
                     rs: tk,
                     cs: 1,
                 };
-                let kt = head(ok, sk, bi, hd, d).t();
+                let kt = head(ok, sk, bi, hd / self.group, d).t();
                 gemm_into((tq, tk, d), &mut out, o, q, head(oq, sq, bi, hd, d), k, kt)?;
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, h, tq, tk))))
     }
 
-    /// dQ = dS·K and dK = dSᵀ·Q per head, written straight into `[b, t, heads·d]`.
+    /// dQ = dS·K and dK = dSᵀ·Q per head, written straight into `[b, t, heads·d]`; a key
+    /// head's dK sums over its group, in head order.
     fn bwd(
         &self,
         q: &Tensor,
@@ -106,10 +187,10 @@ impl CustomOp2 for AttentionScores {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, tq, e) = q.dims3()?;
-        let tk = k.dim(1)?;
-        let (h, d) = (self.heads, e / self.heads);
+        let (tk, ek) = (k.dim(1)?, k.dim(2)?);
+        let (h, d, group) = (self.heads, e / self.heads, self.group);
         let mut dq = vec![0f32; b * tq * e];
-        let mut dk = vec![0f32; b * tk * e];
+        let mut dk = vec![0f32; b * tk * ek];
         read_strided(q, |qs, oq, sq| {
             read_strided(k, |ks, ok, sk| {
                 read(grad, |ds| {
@@ -120,11 +201,14 @@ impl CustomOp2 for AttentionScores {
                                 rs: tk,
                                 cs: 1,
                             };
-                            let (qm, km) = (head(oq, sq, bi, hd, d), head(ok, sk, bi, hd, d));
+                            let qm = head(oq, sq, bi, hd, d);
+                            let km = head(ok, sk, bi, hd / group, d);
                             let dqm = head(0, (tq * e, e), bi, hd, d);
-                            let dkm = head(0, (tk * e, e), bi, hd, d);
+                            let dkm = head(0, (tk * ek, ek), bi, hd / group, d);
                             gemm_into((tq, d, tk), &mut dq, dqm, ds, g, ks, km)?;
-                            gemm_into((tk, d, tq), &mut dk, dkm, ds, g.t(), qs, qm)?;
+                            // The first head of a group writes, the others add.
+                            let (dkv, gt, qv) = ((&mut dk[..], dkm), (ds, g.t()), (qs, qm));
+                            gemm_with((tk, d, tq), dkv, gt, qv, hd % group != 0)?;
                         }
                     }
                     Ok(())
@@ -134,13 +218,14 @@ impl CustomOp2 for AttentionScores {
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b, tq, e), dev)?),
-            Some(Tensor::from_vec(dk, (b, tk, e), dev)?),
+            Some(Tensor::from_vec(dk, (b, tk, ek), dev)?),
         ))
     }
 }
 
 struct AttentionContext {
     heads: usize,
+    group: usize,
 }
 
 impl CustomOp2 for AttentionContext {
@@ -157,10 +242,10 @@ impl CustomOp2 for AttentionContext {
     ) -> Result<(CpuStorage, Shape)> {
         let p = slice(s1, l1, self.name())?;
         let v = s2.as_slice::<f32>()?;
-        let (&[b, h, tq, tk], Some(((bv, tv, e), sv, ov))) = (l1.dims(), bte_layout(l2)) else {
+        let (&[b, h, tq, tk], Some(((bv, tv, ev), sv, ov))) = (l1.dims(), bte_layout(l2)) else {
             candle_core::bail!("{}: unexpected layouts", self.name())
         };
-        if b != bv || tk != tv || h != self.heads {
+        if b != bv || tk != tv || h != self.heads || !(ev * self.group).is_multiple_of(h) {
             candle_core::bail!(
                 "{}: probs {:?} and v {:?} differ",
                 self.name(),
@@ -168,7 +253,9 @@ impl CustomOp2 for AttentionContext {
                 l2.dims()
             )
         }
-        let d = e / h;
+        // The output has `heads` heads of v's width `d`.
+        let (d, group) = (ev * self.group / h, self.group);
+        let e = h * d;
         let mut out = vec![0f32; b * tq * e];
         for bi in 0..b {
             for hd in 0..h {
@@ -178,13 +265,15 @@ impl CustomOp2 for AttentionContext {
                     cs: 1,
                 };
                 let om = head(0, (tq * e, e), bi, hd, d);
-                gemm_into((tq, d, tk), &mut out, om, p, pm, v, head(ov, sv, bi, hd, d))?;
+                let vm = head(ov, sv, bi, hd / group, d);
+                gemm_into((tq, d, tk), &mut out, om, p, pm, v, vm)?;
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, tq, e))))
     }
 
-    /// dP = dC·Vᵀ and dV = Pᵀ·dC per head.
+    /// dP = dC·Vᵀ and dV = Pᵀ·dC per head; a value head's dV sums over its group, in
+    /// head order.
     fn bwd(
         &self,
         probs: &Tensor,
@@ -193,10 +282,11 @@ impl CustomOp2 for AttentionContext {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, h, tq, tk) = probs.dims4()?;
-        let e = v.dim(2)?;
-        let d = e / h;
+        let ev = v.dim(2)?;
+        let (d, group) = (ev * self.group / h, self.group);
+        let e = h * d;
         let mut dp = vec![0f32; b * h * tq * tk];
-        let mut dv = vec![0f32; b * tk * e];
+        let mut dv = vec![0f32; b * tk * ev];
         read(probs, |ps| {
             read_strided(v, |vs, ov, sv| {
                 read(grad, |dc| {
@@ -208,10 +298,12 @@ impl CustomOp2 for AttentionContext {
                                 cs: 1,
                             };
                             let gm = head(0, (tq * e, e), bi, hd, d);
-                            let vm = head(ov, sv, bi, hd, d);
+                            let vm = head(ov, sv, bi, hd / group, d);
                             gemm_into((tq, tk, d), &mut dp, pm, dc, gm, vs, vm.t())?;
-                            let dvm = head(0, (tk * e, e), bi, hd, d);
-                            gemm_into((tk, d, tq), &mut dv, dvm, ps, pm.t(), dc, gm)?;
+                            let dvm = head(0, (tk * ev, ev), bi, hd / group, d);
+                            // The first head of a group writes, the others add.
+                            let (dvv, pt, cv) = ((&mut dv[..], dvm), (ps, pm.t()), (dc, gm));
+                            gemm_with((tk, d, tq), dvv, pt, cv, hd % group != 0)?;
                         }
                     }
                     Ok(())
@@ -221,7 +313,7 @@ impl CustomOp2 for AttentionContext {
         let dev = v.device();
         Ok((
             Some(Tensor::from_vec(dp, (b, h, tq, tk), dev)?),
-            Some(Tensor::from_vec(dv, (b, tk, e), dev)?),
+            Some(Tensor::from_vec(dv, (b, tk, ev), dev)?),
         ))
     }
 }

@@ -18,9 +18,10 @@
 //! [`by_rows`]), so results are the same on every run and machine, as bit-for-bit
 //! resume needs.
 //!
-//! One op a file: `linear` (with bias adds), `attention`, `layer_norm`, `softmax`,
-//! `gelu`, `mask`; `gemm` holds the one `unsafe` matrix product they share,
-//! `written_out` the elementary-op forms.
+//! One op a file: `linear` (with bias adds), `attention` (grouped-query too),
+//! `layer_norm`, `rms_norm`, `rope`, `softmax`, `gelu`, `swiglu` (SwiGLU's gate),
+//! `mask`; `gemm` holds the one `unsafe` matrix product they share, `written_out` the
+//! elementary-op forms.
 
 mod attention;
 mod gelu;
@@ -28,9 +29,14 @@ mod gemm;
 mod layer_norm;
 mod linear;
 mod mask;
+mod rms_norm;
+mod rope;
 mod softmax;
+mod swiglu;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_llama;
 pub(crate) mod written_out;
 
 pub(crate) use attention::{attention_context, attention_scores};
@@ -40,7 +46,10 @@ pub(crate) use gelu::gelu;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{add_trailing, linear};
 pub(crate) use mask::mul_mask;
+pub(crate) use rms_norm::rms_norm;
+pub(crate) use rope::{rope, rope_tables};
 pub(crate) use softmax::softmax_scaled_biased;
+pub(crate) use swiglu::silu_mul;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 

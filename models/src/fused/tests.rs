@@ -173,9 +173,9 @@ fn attention_matmuls_match_split_heads_and_matmul() {
         merge_heads(&p.matmul(&split_heads(&t[2], heads)?)?)
     };
     let fused = |t: &[Tensor]| {
-        let s = attention_scores(&t[0], &t[1], heads)?;
+        let s = attention_scores(&t[0], &t[1], heads, heads)?;
         let p = written_out::softmax_last(&s)?;
-        attention_context(&p, &t[2], heads)
+        attention_context(&p, &t[2], heads, heads)
     };
     // As three inputs of their own (BERT's case) ...
     let inputs = [
@@ -204,7 +204,7 @@ fn attention_matmuls_match_split_heads_and_matmul() {
     assert!(max_diff(&y1, &y2) <= 1e-5);
     assert!(max_diff(&g1[0], &g2[0]) <= 1e-5);
     // Heads that do not divide the width take candle's path and its error.
-    assert!(attention_scores(&inputs[0], &inputs[1], 5).is_err());
+    assert!(attention_scores(&inputs[0], &inputs[1], 5, 5).is_err());
 }
 
 #[test]

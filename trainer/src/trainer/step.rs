@@ -309,10 +309,11 @@ impl<M: Model> Trainer<M> {
         if self.args.load_best_model_at_end
             && let Some(best) = self.state.best_model_checkpoint.clone()
         {
-            self.say(&format!(
-                "loading best model from {best} (score: {:?})",
-                self.state.best_metric
-            ));
+            let score = match self.state.best_metric {
+                Some(m) => format!(" (score: {m})"),
+                None => String::new(),
+            };
+            self.say(&format!("loading best model from {best}{score}"));
             self.load_weights(Path::new(&best))?;
         }
         self.each_callback(|cb, a, s, c| cb.on_train_end(a, s, c));

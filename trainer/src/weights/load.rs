@@ -55,6 +55,10 @@ pub struct LoadRules {
     /// Name endings of tensors that are dropped silently when the model does not use
     /// them (buffers older transformers saved: `".attn.bias"`).
     pub ignore: Vec<String>,
+    /// Name prefixes of parameters initialised afresh even when the folder has them (a
+    /// head whose size the config changed: another `num_labels`); the folder's tensors
+    /// of those names are dropped.
+    pub reinit: Vec<String>,
 }
 
 impl LoadRules {
@@ -74,6 +78,16 @@ impl LoadRules {
     pub fn with_ignore(mut self, ending: impl Into<String>) -> Self {
         self.ignore.push(ending.into());
         self
+    }
+
+    /// Adds a prefix of parameters initialised afresh whatever the folder holds.
+    pub fn with_reinit(mut self, prefix: impl Into<String>) -> Self {
+        self.reinit.push(prefix.into());
+        self
+    }
+
+    fn reinits(&self, name: &str) -> bool {
+        self.reinit.iter().any(|p| name.starts_with(p.as_str()))
     }
 
     fn may_be_fresh(&self, name: &str) -> bool {
@@ -172,6 +186,10 @@ pub fn load_into(
 
     let mut expected = Vec::with_capacity(params.len());
     for (name, var) in params {
+        if rules.reinits(name) {
+            info.fresh.push(name.clone());
+            continue;
+        }
         let fname = &file_names[name.as_str()];
         let dtype = from_candle_dtype(var.dtype())?;
         let source = file.info(fname).or_else(|| {
@@ -245,7 +263,7 @@ pub fn load_into(
             // A tied copy the folder keeps (`.bin` keeps both names): the source is read.
             continue;
         }
-        if rules.ignores(name) {
+        if rules.ignores(name) || rules.reinits(name) {
             info.ignored.push(name.clone());
         } else {
             info.unexpected.push(name.clone());

@@ -1,0 +1,151 @@
+//! Rotary position embeddings (Llama's `rotate_half` convention) straight from a
+//! projection's `[b, t, heads·d]` layout, and the cos/sin tables they rotate by.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+
+use super::written_out;
+use super::{bte_layout, by_rows, fusable, host, joined, read};
+
+/// The rotary tables `(cos, sin)`, each `[positions.len(), inv_freq.len()]` f32: row i
+/// holds position `positions.start + i`, entry j `cos(p·inv_freq[j])·attention_scaling`
+/// (and sin), the angle a product in f32 as transformers' `inv_freq @ position_ids`.
+/// transformers' tables repeat these columns twice (`cat(freqs, freqs)`); [`rope`]
+/// takes them once.
+pub(crate) fn rope_tables(
+    inv_freq: &[f32],
+    positions: Range<usize>,
+    attention_scaling: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (t, half) = (positions.len(), inv_freq.len());
+    let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+    for p in positions {
+        let p = p as f32;
+        for &f in inv_freq {
+            let angle = f * p;
+            // libm's (musl's) cosf/sinf: the same bits on every machine.
+            cos.push(libm::cosf(angle) * attention_scaling);
+            sin.push(libm::sinf(angle) * attention_scaling);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (t, half), device)?,
+        Tensor::from_vec(sin, (t, half), device)?,
+    ))
+}
+
+/// Rotary embeddings of `x` `[b, t, heads·head_dim]` (a view whose last dimension is
+/// contiguous, such as a slice of a fused projection, is read in place) by the tables
+/// `cos`, `sin` `[t, head_dim/2]` of x's positions ([`rope_tables`]): per head, with
+/// x1, x2 its halves, `[x1·cos − x2·sin, x2·cos + x1·sin]`, as transformers'
+/// `q·cos + rotate_half(q)·sin`. Contiguous output; the tables get no gradient. Other
+/// dtypes and devices compute in x's dtype with the tables cast to it.
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let half = head_dim / 2;
+    let fits = match x.dims() {
+        [_, t, e] => {
+            head_dim > 0
+                && head_dim.is_multiple_of(2)
+                && e % head_dim == 0
+                && cos.dims() == [*t, half]
+                && sin.dims() == [*t, half]
+        }
+        _ => false,
+    };
+    if !fits || !fusable(&[x, cos, sin]) {
+        return written_out::rope(x, cos, sin, head_dim);
+    }
+    let x = if x.stride()[2] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    x.apply_op1(Rope {
+        half,
+        cos: host(cos)?,
+        sin: host(sin)?,
+    })
+}
+
+/// One rotation: the tables `[t, half]` as host vectors.
+struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    /// Rotates the rows `rows` (of `b·t`, position `r % t`) of `src`, row r starting at
+    /// `at(r)`, by the tables, or by their inverse (`inverse`: sin negated).
+    fn rotate(
+        &self,
+        src: &[f32],
+        (rows, t, e): (Range<usize>, usize, usize),
+        at: impl Fn(usize) -> usize,
+        inverse: bool,
+    ) -> Vec<f32> {
+        let half = self.half;
+        let mut out = vec![0f32; rows.len() * e];
+        for (r, o) in rows.zip(out.chunks_exact_mut(e)) {
+            let x = &src[at(r)..at(r) + e];
+            let p = (r % t) * half;
+            let (c, s) = (&self.cos[p..p + half], &self.sin[p..p + half]);
+            for (xh, oh) in x.chunks_exact(2 * half).zip(o.chunks_exact_mut(2 * half)) {
+                let (x1, x2) = xh.split_at(half);
+                let (o1, o2) = oh.split_at_mut(half);
+                for i in 0..half {
+                    if inverse {
+                        o1[i] = x1[i] * c[i] + x2[i] * s[i];
+                        o2[i] = x2[i] * c[i] - x1[i] * s[i];
+                    } else {
+                        o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                        o2[i] = x2[i] * c[i] + x1[i] * s[i];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "kiln-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = s.as_slice::<f32>()?;
+        let Some(((b, t, e), (s0, s1), start)) = bte_layout(l) else {
+            candle_core::bail!("{}: unexpected layout", self.name())
+        };
+        let (half, rows) = (self.half, b * t);
+        let last = start + b.saturating_sub(1) * s0 + t.saturating_sub(1) * s1 + e;
+        if half == 0 || e % (2 * half) != 0 || self.cos.len() != t * half || last > x.len() {
+            candle_core::bail!("{}: x {:?} does not fit the tables", self.name(), l.dims())
+        }
+        if rows == 0 || e == 0 {
+            return Ok((CpuStorage::F32(vec![]), Shape::from((b, t, e))));
+        }
+        let at = |r: usize| start + (r / t) * s0 + (r % t) * s1;
+        let out = joined(by_rows(rows, e, |span| {
+            self.rotate(x, (span, t, e), at, false)
+        }));
+        Ok((CpuStorage::F32(out), Shape::from((b, t, e))))
+    }
+
+    /// dx is dy rotated back: `[dy1·cos + dy2·sin, dy2·cos − dy1·sin]`.
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, e) = x.dims3()?;
+        let dx = read(grad, |dy| {
+            if dy.len() != b * t * e {
+                candle_core::bail!("{}: the gradient does not fit x", self.name())
+            }
+            Ok(joined(by_rows(b * t, e, |span| {
+                self.rotate(dy, (span, t, e), |r| r * e, true)
+            })))
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (b, t, e), x.device())?))
+    }
+}

@@ -1,0 +1,85 @@
+//! SwiGLU's gate, `silu(gate) · up`, in one pass each way.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::written_out;
+use super::{by_rows, fusable, joined, read, slice};
+
+/// `silu(gate) · up` (Llama's MLP: `act_fn(gate_proj(x)) * up_proj(x)`), with
+/// silu(g) = g / (1 + e^−g) as torch and candle compute it, for `gate` and `up` of one
+/// shape. Written out that is a silu and a multiply, with a backward of about ten ops;
+/// fused (f32 on the CPU) one pass each way.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !fusable(&[gate, up]) || gate.dims() != up.dims() {
+        return written_out::silu_mul(gate, up);
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "kiln-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = slice(s1, l1, self.name())?;
+        let u = slice(s2, l2, self.name())?;
+        if g.len() != u.len() {
+            candle_core::bail!("{}: gate and up differ in size", self.name())
+        }
+        let out = joined(by_rows(g.len(), 1, |span| {
+            g[span.clone()]
+                .iter()
+                .zip(&u[span])
+                .map(|(&g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect()
+        }));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With σ = σ(g) and s = g·σ: d gate = dy·up·(σ(1 − s) + s) (= dy·up·σ(1 + g(1 − σ)),
+    /// candle's form), d up = dy·s.
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let blocks = read(gate, |gs| {
+            read(up, |us| {
+                read(grad, |dy| {
+                    if us.len() != gs.len() || dy.len() != gs.len() {
+                        candle_core::bail!("{}: the gradient does not fit", self.name())
+                    }
+                    Ok(by_rows(gs.len(), 1, |span| {
+                        let (mut dg, mut du) = (vec![0f32; span.len()], vec![0f32; span.len()]);
+                        let (gs, us, dy) = (&gs[span.clone()], &us[span.clone()], &dy[span]);
+                        let outs = dg.iter_mut().zip(du.iter_mut());
+                        for ((dg, du), ((&g, &u), &d)) in outs.zip(gs.iter().zip(us).zip(dy)) {
+                            let e1 = 1.0 + (-g).exp();
+                            let (sigmoid, silu) = (1.0 / e1, g / e1);
+                            *dg = d * u * (sigmoid * (1.0 - silu) + silu);
+                            *du = d * silu;
+                        }
+                        (dg, du)
+                    }))
+                })
+            })
+        })?;
+        let (dg, du): (Vec<_>, Vec<_>) = blocks.into_iter().unzip();
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(joined(dg), gate.shape(), dev)?),
+            Some(Tensor::from_vec(joined(du), up.shape(), dev)?),
+        ))
+    }
+}
