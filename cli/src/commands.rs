@@ -38,11 +38,18 @@ fn config_and_flags(args: &[String]) -> Result<ConfigAndFlags, Error> {
     Ok((config, flags))
 }
 
+/// The run a command line describes: its config file with the flags over it; without a
+/// file, the bundled default run (when `default`) — unless the flags name a model folder
+/// to fine-tune, which the bundled sentiment run does not describe: then transformers'
+/// defaults, as `run_clm.py --model_name_or_path DIR` starts from.
 fn run_config(args: &[String], default: bool) -> Result<RunConfig, Error> {
     let (config, flags) = config_and_flags(args)?;
+    let gives_model = flags
+        .iter()
+        .any(|(n, _)| matches!(n.as_str(), "model" | "init_from" | "model_name_or_path"));
     let mut cfg = match config {
         Some(path) => RunConfig::from_file(&path)?,
-        None if default => RunConfig::bundled_default()?,
+        None if default && !gives_model => RunConfig::bundled_default()?,
         None => RunConfig::default(),
     };
     for (name, value) in flags {

@@ -44,6 +44,12 @@ pub trait TaskModel: Model {
     fn set_generation_config(&mut self, generation_config: Value) {
         let _ = generation_config;
     }
+
+    /// Remembers the dtype the folder stored its weights in, for
+    /// [`Model::saved_dtype`]; models that save as they train ignore it.
+    fn set_stored_dtype(&mut self, dtype: candle_core::DType) {
+        let _ = dtype;
+    }
 }
 
 /// Builds a model afresh from its `config.json` keys, drawing its initialisation from
@@ -197,6 +203,9 @@ pub fn load_with(
     if let Some(g) = crate::generation::read_generation_config(dir)? {
         model.set_generation_config(g);
     }
+    if let Some(dtype) = stored_dtype(&info) {
+        model.set_stored_dtype(dtype);
+    }
     let mut notes = Vec::new();
     if !changed.is_empty() {
         notes.push(format!(
@@ -212,6 +221,21 @@ pub fn load_with(
         ));
     }
     Ok(Loaded { model, info, notes })
+}
+
+/// The one float dtype every converted weight of a load had (`None`: the folder held
+/// the trainer's f32, or a mix).
+pub fn stored_dtype(info: &LoadInfo) -> Option<candle_core::DType> {
+    let first = info.converted.first()?.1.as_str();
+    if info.converted.iter().any(|(_, d)| d != first) {
+        return None;
+    }
+    match first {
+        "BF16" => Some(candle_core::DType::BF16),
+        "F16" => Some(candle_core::DType::F16),
+        "F64" => Some(candle_core::DType::F64),
+        _ => None,
+    }
 }
 
 /// The class name a model folder's `config.json` names first in `architectures`.
@@ -258,6 +282,9 @@ impl Model for Box<dyn TaskModel> {
     }
     fn no_weight_decay(&self, name: &str) -> bool {
         (**self).no_weight_decay(name)
+    }
+    fn saved_dtype(&self) -> Option<candle_core::DType> {
+        (**self).saved_dtype()
     }
 }
 

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::rng::Rng;
 use crate::weights::load::{LoadInfo, LoadRules, load_into};
@@ -147,6 +147,14 @@ pub trait Model: Send {
             "this model cannot train in bf16 or fp16: it does not implement Model::map_parameters"
                 .into(),
         ))
+    }
+
+    /// The dtype `save_model` writes the weights in, when not the trainer's own: a model
+    /// loaded from a folder of bf16 weights saves bf16 again, as transformers (which
+    /// loads and trains in the folder's dtype) would. Checkpoints keep the f32 master
+    /// weights, which exact resume needs. `None` (the default): as they are.
+    fn saved_dtype(&self) -> Option<DType> {
+        None
     }
 
     /// Whether weight decay skips this parameter. transformers skips biases and the

@@ -74,6 +74,8 @@ struct Layer {
 pub struct LlamaForCausalLM {
     config: LlamaConfig,
     generation_config: Option<Value>,
+    /// The dtype of the folder's weights, saved in again ([`Model::saved_dtype`]).
+    stored_dtype: Option<DType>,
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -133,6 +135,7 @@ impl LlamaForCausalLM {
         Ok(LlamaForCausalLM {
             config,
             generation_config: None,
+            stored_dtype: None,
             embed_tokens,
             layers,
             norm,
@@ -165,6 +168,7 @@ impl LlamaForCausalLM {
         let mut model = Self::new(config, rng, device)?;
         let info = model.init_from(dir)?;
         model.generation_config = generate::read_generation_config(dir)?;
+        model.stored_dtype = crate::registry::stored_dtype(&info);
         Ok((model, info))
     }
 
@@ -440,6 +444,10 @@ impl Model for LlamaForCausalLM {
             .with_ignore(".rotary_emb.inv_freq")
     }
 
+    fn saved_dtype(&self) -> Option<DType> {
+        self.stored_dtype
+    }
+
     /// transformers' `get_decay_parameter_names`: no decay for biases and norms
     /// (`…layernorm…`, `model.norm.…`, `…_norm.…`).
     fn no_weight_decay(&self, name: &str) -> bool {
@@ -463,6 +471,10 @@ impl crate::registry::TaskModel for LlamaForCausalLM {
 
     fn set_generation_config(&mut self, generation_config: Value) {
         self.generation_config = Some(generation_config);
+    }
+
+    fn set_stored_dtype(&mut self, dtype: DType) {
+        self.stored_dtype = Some(dtype);
     }
 }
 

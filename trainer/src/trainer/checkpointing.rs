@@ -90,7 +90,22 @@ impl<M: Model> Trainer<M> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.output_dir());
         if self.writer().is_main() {
-            let export = crate::weights::export_parameters(&self.model, &self.parameters())?;
+            let params = self.parameters();
+            let export = match self.model.saved_dtype() {
+                Some(dtype) => {
+                    let cast = params
+                        .iter()
+                        .map(|(n, v)| {
+                            Ok((
+                                n.clone(),
+                                candle_core::Var::from_tensor(&v.to_dtype(dtype)?)?,
+                            ))
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    crate::weights::export_parameters(&self.model, &cast)?
+                }
+                None => crate::weights::export_parameters(&self.model, &params)?,
+            };
             let mut save = export.model_save();
             save.tokenizer_files = self.tokenizer_files.clone();
             save.training_args = Some(self.args.to_json());
