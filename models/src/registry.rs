@@ -181,7 +181,7 @@ pub fn load_with(
     let mut model = (arch.build)(&merged, rng, device)?;
     let mut rules = model.load_rules();
     if labels_changed {
-        rules.reinit = rules.fresh.clone();
+        rules.reinit = mismatched_heads(model.as_ref(), dir, &rules)?;
     }
     let info = kiln_trainer::weights::load_into(
         &model.parameters(),
@@ -221,6 +221,26 @@ pub fn load_with(
         ));
     }
     Ok(Loaded { model, info, notes })
+}
+
+/// The parameters that may be initialised afresh (the task head) whose shape differs
+/// from the folder's tensor of that name: the head that new labels replace.
+fn mismatched_heads(model: &dyn TaskModel, dir: &Path, rules: &LoadRules) -> Result<Vec<String>> {
+    let file = kiln_formats::open(dir).map_err(kiln_checkpoint::Error::from)?;
+    let prefix = rules.base_model_prefix.as_deref().map(|p| format!("{p}."));
+    Ok(model
+        .parameters()
+        .into_iter()
+        .filter(|(name, _)| rules.fresh.iter().any(|f| name.starts_with(f.as_str())))
+        .filter(|(name, var)| {
+            let stripped = prefix.as_deref().and_then(|p| name.strip_prefix(p));
+            let found = file
+                .info(name)
+                .or_else(|| stripped.and_then(|n| file.info(n)));
+            found.is_some_and(|t| t.shape != var.dims())
+        })
+        .map(|(name, _)| name)
+        .collect())
 }
 
 /// The one float dtype every converted weight of a load had (`None`: the folder held

@@ -6,7 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use kiln_models::{BertConfig, BertForSequenceClassification, Gpt2Config, Gpt2LMHeadModel};
+use kiln_models::{
+    BertConfig, BertForSequenceClassification, Gpt2Config, Gpt2LMHeadModel, LlamaConfig,
+    LlamaForCausalLM,
+};
 use kiln_test_support::tensors::f32_values;
 use kiln_trainer::model::{Batch, Model};
 use kiln_trainer::rng::Rng;
@@ -82,6 +85,16 @@ fn gpt2() -> Gpt2LMHeadModel {
         ..Gpt2Config::default()
     };
     Gpt2LMHeadModel::new(config, &mut Rng::seed_from_u64(3), &Device::Cpu).unwrap()
+}
+
+fn llama() -> LlamaForCausalLM {
+    let config = LlamaConfig::from_json(&serde_json::json!({
+        "model_type": "llama", "vocab_size": 99, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 16, "bos_token_id": 98, "eos_token_id": 98,
+    }))
+    .unwrap();
+    LlamaForCausalLM::new(config, &mut Rng::seed_from_u64(4), &Device::Cpu).unwrap()
 }
 
 fn mp_args(out: &Path, flag: &str) -> TrainingArguments {
@@ -180,7 +193,7 @@ fn trains_in<M: Model>(
 }
 
 #[test]
-fn bf16_and_fp16_train_bert_and_gpt2_and_save_f32_masters() {
+fn bf16_and_fp16_train_bert_gpt2_and_llama_and_save_f32_masters() {
     let classify = Arc::new(Classify(
         draws(64 * 6, 11)
             .chunks(6)
@@ -206,6 +219,12 @@ fn bf16_and_fp16_train_bert_and_gpt2_and_save_f32_masters() {
         trains_in(gpt2(), count.clone(), flag, dtype, |dir| {
             let (m, _) =
                 Gpt2LMHeadModel::from_pretrained(dir, &mut Rng::seed_from_u64(0), &Device::Cpu)
+                    .unwrap();
+            m.parameters()
+        });
+        trains_in(llama(), count.clone(), flag, dtype, |dir| {
+            let (m, _) =
+                LlamaForCausalLM::from_pretrained(dir, &mut Rng::seed_from_u64(0), &Device::Cpu)
                     .unwrap();
             m.parameters()
         });
