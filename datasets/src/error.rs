@@ -13,6 +13,10 @@ pub enum Error {
     /// Bad data (file and line in the message).
     #[error("{0}")]
     Data(String),
+    /// A chat template that does not parse or fails to render (one line, with the
+    /// template's line where minijinja knows it).
+    #[error("chat template: {0}")]
+    Template(String),
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -51,7 +55,9 @@ impl From<Error> for kiln_trainer::Error {
             Error::Config(m) => kiln_trainer::Error::Config(m),
             Error::Io { path, source } => kiln_trainer::Error::Io { path, source },
             Error::Candle(e) => kiln_trainer::Error::Candle(e),
-            e @ (Error::Data(_) | Error::Tokenizer(_)) => kiln_trainer::Error::Data(e.to_string()),
+            e @ (Error::Data(_) | Error::Tokenizer(_) | Error::Template(_)) => {
+                kiln_trainer::Error::Data(e.to_string())
+            }
         }
     }
 }

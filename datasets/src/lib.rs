@@ -41,6 +41,7 @@
 #![deny(missing_docs)]
 
 pub mod args;
+pub mod chat;
 pub mod collate;
 pub mod dataset;
 mod error;
