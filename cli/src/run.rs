@@ -96,6 +96,10 @@ fn prepare(cfg: &RunConfig) -> Result<Prepared> {
             TokenizerTrainer::new(kind, cfg.data.vocab_size).train(raw.train_texts())?
         }
     };
+    let tokenizer = match &cfg.data.chat_template_path {
+        Some(path) => tokenizer.with_chat_template(read_chat_template(Path::new(path))?),
+        None => tokenizer,
+    };
     let labels = match &init_config {
         Some(c) if task == Task::SequenceClassification && c.get("id2label").is_some() => {
             Some(Labels::from_config(c)?)
@@ -103,7 +107,10 @@ fn prepare(cfg: &RunConfig) -> Result<Prepared> {
         _ => None,
     };
     let data = raw.tokenize(&tokenizer, &cfg.data, labels)?;
-    let collator = Collator::for_tokenizer(&tokenizer);
+    // Causal-LM batches are padded on the right whatever the tokenizer's padding_side
+    // (TRL's collator does the same): labels of padding are -100 either way.
+    let collator = Collator::for_tokenizer(&tokenizer)
+        .with_pad_left(task == Task::SequenceClassification && tokenizer.pads_left());
     let wrap = |d: Option<Dataset>| d.map(|d| Arc::new(CollatedDataset::new(d, collator.clone())));
     Ok(Prepared {
         architecture,
@@ -112,6 +119,39 @@ fn prepare(cfg: &RunConfig) -> Result<Prepared> {
         labels: data.labels,
         tokenizer,
     })
+}
+
+/// The chat template at `path` (`data.chat_template_path`): a template file, or a
+/// tokenizer folder with `chat_template.jinja` or a `chat_template` in its
+/// `tokenizer_config.json`.
+fn read_chat_template(path: &Path) -> Result<String> {
+    let file = if path.is_dir() {
+        let jinja = path.join(kiln_data::tokenize::CHAT_TEMPLATE_FILE);
+        if !jinja.exists() {
+            let config = path.join(kiln_data::tokenize::TOKENIZER_CONFIG_FILE);
+            let text = std::fs::read(&config).map_err(|e| {
+                Error::Config(format!("chat_template_path {}: {e}", config.display()))
+            })?;
+            let value: Value = serde_json::from_slice(&text)
+                .map_err(|e| Error::Config(format!("{}: {e}", config.display())))?;
+            return value
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "chat_template_path {}: no chat_template.jinja and no chat_template in \
+                         tokenizer_config.json",
+                        path.display()
+                    ))
+                });
+        }
+        jinja
+    } else {
+        path.to_path_buf()
+    };
+    std::fs::read_to_string(&file)
+        .map_err(|e| Error::Config(format!("chat_template_path {}: {e}", file.display())))
 }
 
 /// The `config.json` of a new model: the `[model]` keys, the tokenizer's vocabulary and

@@ -98,10 +98,12 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (JSON objects with `role` and `content`, and whatever else the
-    /// template reads), with the tokenizer's `special_tokens` (role → text) as variables.
+    /// template reads) and `tools` (function schemas, or none), with the tokenizer's
+    /// `special_tokens` (role → text) as variables.
     pub fn render(
         &self,
         messages: &[Value],
+        tools: Option<&Value>,
         add_generation_prompt: bool,
         special_tokens: &Map<String, Value>,
     ) -> Result<Rendered> {
@@ -127,7 +129,7 @@ impl ChatTemplate {
         }
         let mut context: Map<String, Value> = special_tokens.clone();
         context.insert("messages".into(), Value::Array(chat));
-        context.insert("tools".into(), Value::Null);
+        context.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
         context.insert("documents".into(), Value::Null);
         context.insert(
             "add_generation_prompt".into(),
@@ -408,7 +410,7 @@ mod tests {
         };
         ChatTemplate::new(source)
             .unwrap()
-            .render(&messages, gen_prompt, &special)
+            .render(&messages, None, gen_prompt, &special)
             .unwrap()
     }
 
@@ -454,7 +456,7 @@ mod tests {
         assert_eq!(r.text, "X>");
         let bad = ChatTemplate::new("{{ raise_exception('Conversation roles must alternate') }}")
             .unwrap()
-            .render(&[], false, &Map::new())
+            .render(&[], None, false, &Map::new())
             .unwrap_err()
             .to_string();
         assert!(bad.contains("Conversation roles must alternate"), "{bad}");
@@ -470,7 +472,7 @@ mod tests {
         let t = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
         let e = ChatTemplate::new(t)
             .unwrap()
-            .render(&[], false, &Map::new())
+            .render(&[], None, false, &Map::new())
             .unwrap_err();
         assert!(e.to_string().contains("fuel"), "{e}");
     }

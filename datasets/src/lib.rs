@@ -9,6 +9,9 @@
 //!   for `config.json`.
 //! - [`dataset`]: tokenized examples for classification, and `run_clm`'s block grouping
 //!   for causal LM.
+//! - [`sft`]: prompt/completion and chat rows for causal LMs, tokenized as TRL's
+//!   `SFTTrainer` does (completion-only and assistant-only loss, truncation, packing);
+//!   [`chat`] renders chat templates as transformers' `apply_chat_template` does.
 //! - [`loader`]: the per-epoch shuffle (a pure function of seed and epoch, the order the
 //!   trainer uses) and a loader that starts at any batch.
 //! - [`collate`]: dynamic padding into a [`Batch`](kiln_trainer::Batch) on a device, and
@@ -48,6 +51,7 @@ mod error;
 pub mod labels;
 pub mod loader;
 pub mod read;
+pub mod sft;
 pub mod tokenize;
 
 use std::path::{Path, PathBuf};
@@ -59,7 +63,9 @@ pub use kiln_trainer::epoch_order;
 pub use labels::{Label, Labels};
 pub use loader::{Batches, DataLoader};
 pub use read::{Columns, FileFormat, RawLabel, ReadOptions, Record, read_records};
+pub use sft::{SftOptions, SftRecord, SftRow};
 
+use crate::chat::ChatTemplate;
 use crate::tokenize::Tokenizer;
 
 pub use error::{Error, Result};
@@ -72,7 +78,16 @@ pub struct RawSplit {
     /// The file.
     pub path: PathBuf,
     /// Its rows.
-    pub records: Vec<Record>,
+    pub rows: Rows,
+}
+
+/// The rows of a file: texts (with labels), or supervised fine-tuning rows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rows {
+    /// Texts, with labels for classification.
+    Records(Vec<Record>),
+    /// Prompt/completion or chat rows (causal LM).
+    Sft(Vec<SftRecord>),
 }
 
 impl RawSplit {
@@ -81,8 +96,46 @@ impl RawSplit {
         let path = path.as_ref();
         Ok(RawSplit {
             path: path.to_path_buf(),
-            records: read_records(path, options)?,
+            rows: Rows::Records(read_records(path, options)?),
         })
+    }
+
+    /// Reads `path` for a causal LM: a JSON Lines file whose first row has `prompt`,
+    /// `messages` or `conversations` gives SFT rows ([`sft::read_sft`]), any other file
+    /// texts.
+    pub fn read_causal_lm(path: impl AsRef<Path>, options: &ReadOptions<'_>) -> Result<Self> {
+        let path = path.as_ref();
+        if options.columns.text.is_none()
+            && FileFormat::of(path)? == FileFormat::JsonLines
+            && let Ok(text) = std::fs::read_to_string(path)
+            && let Some(rows) = sft::read_sft(path, text.strip_prefix('\u{feff}').unwrap_or(&text))?
+        {
+            return Ok(RawSplit {
+                path: path.to_path_buf(),
+                rows: Rows::Sft(rows),
+            });
+        }
+        Self::read(path, options)
+    }
+
+    /// The text rows (empty for SFT rows).
+    pub fn records(&self) -> &[Record] {
+        match &self.rows {
+            Rows::Records(r) => r,
+            Rows::Sft(_) => &[],
+        }
+    }
+
+    /// The texts of the rows (to train a tokenizer on).
+    fn texts(&self) -> Box<dyn Iterator<Item = &str> + Send + '_> {
+        match &self.rows {
+            Rows::Records(r) => Box::new(r.iter().map(|r| r.text.as_str())),
+            Rows::Sft(rows) => Box::new(rows.iter().flat_map(|r| r.row.texts())),
+        }
+    }
+
+    fn is_conversational(&self) -> bool {
+        matches!(&self.rows, Rows::Sft(rows) if rows.iter().any(|r| r.row.is_conversational()))
     }
 }
 
@@ -133,7 +186,10 @@ impl RawData {
         };
         let read = |file: &Option<String>, options: &ReadOptions<'_>| {
             file.as_deref()
-                .map(|f| RawSplit::read(f, options))
+                .map(|f| match task {
+                    Task::CausalLm => RawSplit::read_causal_lm(f, options),
+                    Task::SequenceClassification => RawSplit::read(f, options),
+                })
                 .transpose()
         };
         Ok(RawData {
@@ -144,11 +200,18 @@ impl RawData {
         })
     }
 
-    /// The training texts (to train a tokenizer on).
+    /// The training texts (to train a tokenizer on): texts, or the prompts, completions
+    /// and message contents of SFT rows.
     pub fn train_texts(&self) -> impl Iterator<Item = &str> + Send {
-        self.train
-            .iter()
-            .flat_map(|s| s.records.iter().map(|r| r.text.as_str()))
+        self.train.iter().flat_map(RawSplit::texts)
+    }
+
+    /// Whether some split has chat rows (which need a chat template).
+    pub fn is_conversational(&self) -> bool {
+        [&self.train, &self.validation, &self.test]
+            .into_iter()
+            .flatten()
+            .any(RawSplit::is_conversational)
     }
 
     /// Tokenizes every split. For classification the label scheme is `labels` (e.g.
@@ -173,25 +236,49 @@ impl RawData {
                             .into(),
                     )
                 })?;
-                Some(Labels::infer(&train.records, &train.path)?)
+                Some(Labels::infer(train.records(), &train.path)?)
             }
         };
         let model_max = tokenizer.model_max_length();
         let max_length = args.effective_max_length(model_max);
         let block_size = args.effective_block_size(model_max);
+        let template = match (self.is_conversational(), tokenizer.chat_template()) {
+            (true, Some(source)) => Some(ChatTemplate::new(source)?),
+            (true, None) => {
+                return Err(Error::Config(
+                    "the data has chat rows but the tokenizer has no chat_template; set \
+                     data.chat_template_path"
+                        .into(),
+                ));
+            }
+            (false, _) => None,
+        };
+        let sft_options = SftOptions {
+            max_length: args.effective_sft_max_length(model_max),
+            truncation: args.truncation,
+            keep_end: args.truncation_mode == "keep_end",
+            completion_only_loss: args.completion_only_loss.unwrap_or(true),
+            assistant_only_loss: args.assistant_only_loss,
+            packing: args.packing,
+        };
         let split = |raw: &Option<RawSplit>, labelled: bool, keep: Option<usize>| {
             let Some(raw) = raw else {
                 return Ok(None);
             };
-            let mut dataset = match self.task {
-                Task::SequenceClassification => Dataset::classification(
-                    &raw.records,
+            let mut dataset = match (self.task, &raw.rows) {
+                (Task::CausalLm, Rows::Sft(rows)) => {
+                    sft::tokenize_sft(rows, &raw.path, tokenizer, template.as_ref(), &sft_options)?
+                }
+                (Task::CausalLm, Rows::Records(records)) => {
+                    Dataset::causal_lm(records, tokenizer, block_size)?
+                }
+                (Task::SequenceClassification, _) => Dataset::classification(
+                    raw.records(),
                     &raw.path,
                     tokenizer,
                     Some(max_length),
                     labels.as_ref().filter(|_| labelled),
                 )?,
-                Task::CausalLm => Dataset::causal_lm(&raw.records, tokenizer, block_size)?,
             };
             if let Some(n) = keep {
                 dataset.truncate(n);

@@ -114,7 +114,7 @@ fn bert_sentiment_config_and_data() {
             split
                 .examples()
                 .iter()
-                .all(|e| e.input_ids.len() <= c.data.max_length)
+                .all(|e| e.input_ids.len() <= c.data.max_length.unwrap())
         );
         let unknown = tok.token_to_id("[UNK]").unwrap();
         let unk = split

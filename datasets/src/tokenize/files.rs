@@ -3,8 +3,8 @@
 use serde_json::{Map, Value};
 
 use super::{
-    SPECIAL_TOKEN_ROLES, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer,
-    token_text, tokenizer_error,
+    CHAT_TEMPLATE_FILE, SPECIAL_TOKEN_ROLES, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE, Tokenizer, token_text, tokenizer_error,
 };
 use crate::{Error, Result};
 
@@ -36,6 +36,11 @@ pub(super) fn files(tokenizer: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
         .map_err(|e| Error::Tokenizer(format!("re-reading {TOKENIZER_FILE}: {e}")))?;
 
     let mut config = tokenizer.config.clone();
+    // transformers 5 writes a single template to its own file, not into the config.
+    let template = match config.get("chat_template") {
+        Some(Value::String(_)) => config.remove("chat_template"),
+        _ => None,
+    };
     let mut decoder: Vec<(u32, Value)> = tokenizer
         .inner
         .get_added_tokens_decoder()
@@ -81,6 +86,9 @@ pub(super) fn files(tokenizer: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
             python_json(Value::Object(special))?,
         ),
     ];
+    if let Some(Value::String(template)) = template {
+        out.push((CHAT_TEMPLATE_FILE.to_string(), template.into_bytes()));
+    }
     out.extend(vocab_files(&json)?);
     Ok(out)
 }

@@ -49,6 +49,9 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// The special tokens by role (`cls_token`, `pad_token`, ...).
 pub const SPECIAL_TOKENS_MAP_FILE: &str = "special_tokens_map.json";
+/// The chat template, as transformers 5 saves it (it overrides `chat_template` in
+/// `tokenizer_config.json` when both are there, as transformers reads them).
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// The roles of special tokens in `tokenizer_config.json`, as transformers names them.
 pub const SPECIAL_TOKEN_ROLES: [&str; 7] = [
@@ -153,7 +156,16 @@ impl Tokenizer {
         };
         let config = read_optional(&dir.join(TOKENIZER_CONFIG_FILE))?;
         let special = read_optional(&dir.join(SPECIAL_TOKENS_MAP_FILE))?;
-        let config = merged_config(config.as_deref(), special.as_deref()).map_err(in_dir)?;
+        let mut config = merged_config(config.as_deref(), special.as_deref()).map_err(in_dir)?;
+        if let Some(template) = read_optional(&dir.join(CHAT_TEMPLATE_FILE))? {
+            let template = String::from_utf8(template).map_err(|_| {
+                Error::Tokenizer(format!(
+                    "{}: {CHAT_TEMPLATE_FILE} is not UTF-8",
+                    dir.display()
+                ))
+            })?;
+            config.insert("chat_template".into(), Value::String(template));
+        }
         let json_path = dir.join(TOKENIZER_FILE);
         match read_optional(&json_path)? {
             Some(json) => Self::with_config(&json, config).map_err(in_dir),
@@ -225,6 +237,47 @@ impl Tokenizer {
         self.config
             .insert("model_max_length".into(), Value::from(n));
         self
+    }
+
+    /// The chat template: `chat_template` of the config (or `chat_template.jinja`), or
+    /// the one named `default` where the config lists named templates.
+    pub fn chat_template(&self) -> Option<&str> {
+        match self.config.get("chat_template")? {
+            Value::String(s) => Some(s),
+            Value::Array(named) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str),
+            _ => None,
+        }
+    }
+
+    /// Sets the chat template (saved as `chat_template.jinja`).
+    pub fn with_chat_template(mut self, template: impl Into<String>) -> Self {
+        self.config
+            .insert("chat_template".into(), Value::String(template.into()));
+        self
+    }
+
+    /// The named special tokens that are set (`bos_token` → its text, ...): the
+    /// variables a chat template sees, as transformers passes `special_tokens_map`.
+    pub fn special_tokens_map(&self) -> Map<String, Value> {
+        SPECIAL_TOKEN_ROLES
+            .iter()
+            .filter_map(|role| {
+                self.special_token(role)
+                    .map(|t| ((*role).to_string(), Value::String(t.to_string())))
+            })
+            .collect()
+    }
+
+    /// Encodes `text` as it is, without the special tokens the post-processor adds
+    /// (`add_special_tokens=False`; special tokens written in the text are still
+    /// recognised), with each token's byte range in `text`.
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self.inner.encode(text, false).map_err(tokenizer_error)?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// The text of the special token of `role` (`"pad_token"`, `"cls_token"`, ...).
@@ -342,7 +395,8 @@ impl Tokenizer {
     }
 
     /// The files of a model folder, as (file name, bytes): `tokenizer.json`,
-    /// `tokenizer_config.json`, `special_tokens_map.json`, and the vocabulary in the
+    /// `tokenizer_config.json`, `special_tokens_map.json`, `chat_template.jinja` when the
+    /// template is a single one (transformers 5's layout), and the vocabulary in the
     /// files transformers' slow tokenizers read (`vocab.txt` for WordPiece, `vocab.json`
     /// and `merges.txt` for BPE).
     pub fn files(&self) -> Result<Vec<(String, Vec<u8>)>> {
