@@ -483,6 +483,7 @@ mod tests {
             .unwrap()
             .render(
                 &[json!({"role": "user", "content": "\u{E000}"})],
+                None,
                 false,
                 &Map::new(),
             )

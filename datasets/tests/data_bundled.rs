@@ -38,7 +38,11 @@ fn config(name: &str) -> Config {
         .to_string();
     let mut data: DataArgs = table["data"].clone().try_into().unwrap();
     // The configs name files relative to the repository root.
-    for file in [&mut data.train_file, &mut data.validation_file] {
+    for file in [
+        &mut data.train_file,
+        &mut data.validation_file,
+        &mut data.chat_template_path,
+    ] {
         *file = file.as_ref().map(|f| root().join(f).display().to_string());
     }
     let training: TrainingArguments = table["training"].clone().try_into().unwrap();
@@ -87,8 +91,8 @@ fn bert_sentiment_config_and_data() {
     let max_positions = c.model["max_position_embeddings"].as_integer().unwrap() as usize;
 
     let raw = RawData::read(&c.data, Task::SequenceClassification).unwrap();
-    assert_eq!(raw.train.as_ref().unwrap().records.len(), 1600);
-    assert_eq!(raw.validation.as_ref().unwrap().records.len(), 320);
+    assert_eq!(raw.train.as_ref().unwrap().records().len(), 1600);
+    assert_eq!(raw.validation.as_ref().unwrap().records().len(), 320);
     let tok = TokenizerTrainer::new(kind, c.data.vocab_size)
         .with_model_max_length(max_positions)
         .train(raw.train_texts())
@@ -181,10 +185,89 @@ fn gpt2_corpus_config_and_data() {
     }
 }
 
+/// The bundled Llama SFT configs' data, tokenized as the configs say: a trained
+/// byte-level BPE, labels on the completion (prompt/completion) or on the assistant's
+/// turns (chat, through the bundled template) only, each ending with EOS.
+#[test]
+fn llama_sft_and_chat_configs_and_data() {
+    for (name, rows) in [
+        ("data/configs/llama-sft.toml", 1200),
+        ("data/configs/llama-chat.toml", 800),
+    ] {
+        let c = config(name);
+        assert_eq!(c.architecture, "LlamaForCausalLM");
+        let positions = c.model["max_position_embeddings"].as_integer().unwrap() as usize;
+        let raw = RawData::read(&c.data, Task::CausalLm).unwrap();
+        let mut tok = TokenizerTrainer::new(TokenizerKind::Gpt2, c.data.vocab_size)
+            .with_model_max_length(positions)
+            .train(raw.train_texts())
+            .unwrap();
+        if let Some(path) = &c.data.chat_template_path {
+            assert!(raw.is_conversational());
+            tok = tok.with_chat_template(std::fs::read_to_string(path).unwrap());
+        }
+        let data = raw.tokenize(&tok, &c.data, None).unwrap();
+        let train = data.train.unwrap();
+        assert_eq!(train.len(), rows, "{name}: every row fits max_length");
+        assert!(data.validation.unwrap().len() * 10 >= rows);
+        let eos = i64::from(tok.eos_id().unwrap());
+        for e in train.examples() {
+            assert!(e.input_ids.len() <= c.data.max_length.unwrap());
+            let Label::Tokens(labels) = &e.label else {
+                panic!("token labels")
+            };
+            let kept: Vec<u32> = labels
+                .iter()
+                .filter(|&&l| l >= 0)
+                .map(|&l| l as u32)
+                .collect();
+            assert!(
+                !kept.is_empty() && kept.len() < labels.len(),
+                "{name}: masked"
+            );
+            assert_eq!(
+                kept.last(),
+                Some(&(eos as u32)),
+                "{name}: ends with a learned EOS"
+            );
+            assert_eq!(labels[0], -100, "{name}: the prompt is not learned");
+        }
+        // What the loss sees is the completion (or the assistant's replies) and EOS.
+        let first = &train.examples()[0];
+        let Label::Tokens(labels) = &first.label else {
+            panic!()
+        };
+        let learned: Vec<u32> = labels
+            .iter()
+            .filter(|&&l| l >= 0)
+            .map(|&l| l as u32)
+            .collect();
+        let text = tok.decode(&learned, false).unwrap();
+        let first_row = std::fs::read_to_string(c.data.train_file.as_ref().unwrap()).unwrap();
+        let first_row: serde_json::Value =
+            serde_json::from_str(first_row.lines().next().unwrap()).unwrap();
+        let want = match first_row.get("completion") {
+            Some(c) => format!("{}<|endoftext|>", c.as_str().unwrap()),
+            None => first_row["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["role"] == "assistant")
+                .map(|m| format!("{}<|endoftext|>", m["content"].as_str().unwrap()))
+                .collect(),
+        };
+        assert_eq!(text, want, "{name}");
+    }
+}
+
 #[test]
 fn generator_scripts_reproduce_the_committed_files() {
     let python = std::env::var_os("KILN_PYTHON").unwrap_or_else(|| "python3".into());
-    for script in ["cli/bundled/make_sentiment.py", "data/make_corpus.py"] {
+    for script in [
+        "cli/bundled/make_sentiment.py",
+        "data/make_corpus.py",
+        "data/make_sft.py",
+    ] {
         let out = match Command::new(&python)
             .arg(root().join(script))
             .arg("--check")

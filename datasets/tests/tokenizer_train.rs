@@ -215,3 +215,50 @@ fn special_tokens_map_and_huge_max_length() {
         Some(32)
     );
 }
+
+#[test]
+fn chat_templates_are_saved_and_read_as_transformers_5_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}";
+    let tok = TokenizerTrainer::new(TokenizerKind::Gpt2, 300)
+        .train(corpus())
+        .unwrap()
+        .with_chat_template(template);
+    tok.save(dir.path()).unwrap();
+    // The template gets its own file and leaves tokenizer_config.json.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("chat_template.jinja")).unwrap(),
+        template
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(config.get("chat_template").is_none(), "{config}");
+    let loaded = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(loaded.chat_template(), Some(template));
+    let special = loaded.special_tokens_map();
+    assert_eq!(special["eos_token"], "<|endoftext|>");
+
+    // transformers 4's layout: named templates in tokenizer_config.json, "default" used;
+    // a chat_template.jinja beside them wins.
+    std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
+    let mut config = config;
+    config["chat_template"] = serde_json::json!([
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "plain"}
+    ]);
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        Tokenizer::from_dir(dir.path()).unwrap().chat_template(),
+        Some("plain")
+    );
+    std::fs::write(dir.path().join("chat_template.jinja"), "file").unwrap();
+    assert_eq!(
+        Tokenizer::from_dir(dir.path()).unwrap().chat_template(),
+        Some("file")
+    );
+}
