@@ -254,3 +254,92 @@ print(json.dumps({"missing": sorted(info["missing_keys"]), "unexpected": sorted(
         (Some("torch.bfloat16"), Some("LlamaForCausalLM"))
     );
 }
+
+/// The bundled SFT configs, shrunk: prompt/completion rows (padded, then packed), chat
+/// rows with assistant-only loss whose template is saved with the tokenizer and used
+/// again when the folder is fine-tuned, and the one-line refusals.
+#[test]
+fn prompt_completion_and_chat_configs_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = |cfg: &str, out: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "train",
+            repo().join(cfg).to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "48",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "8",
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--disable_tqdm",
+            "true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        kiln(args)
+    };
+    let chat = dir.path().join("chat");
+    short("data/configs/llama-chat.toml", &chat, &[]).expect_success();
+    assert_eq!(
+        std::fs::read_to_string(chat.join("chat_template.jinja")).unwrap(),
+        std::fs::read_to_string(repo().join("data/chat/template.jinja")).unwrap()
+    );
+    assert!(
+        read_json(&chat.join("tokenizer_config.json"))
+            .get("chat_template")
+            .is_none()
+    );
+
+    // The folder's own template renders its chat rows when it is fine-tuned.
+    let tuned = dir.path().join("tuned");
+    kiln([
+        "train",
+        "--model_name_or_path",
+        chat.to_str().unwrap(),
+        "--train_file",
+        repo().join("data/chat/train.jsonl").to_str().unwrap(),
+        "--assistant_only_loss",
+        "true",
+        "--max_train_samples",
+        "16",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        tuned.to_str().unwrap(),
+        "--disable_tqdm",
+        "true",
+    ])
+    .expect_success();
+    assert!(tuned.join("chat_template.jinja").exists());
+
+    for (name, extra) in [("sft", &[][..]), ("packed", &["--packing", "true"][..])] {
+        short("data/configs/llama-sft.toml", &dir.path().join(name), extra).expect_success();
+    }
+    short(
+        "data/configs/llama-sft.toml",
+        &dir.path().join("bfd"),
+        &["--packing", "true", "--packing_strategy", "bfd"],
+    )
+    .expect_code(1)
+    .expect_error(&["packing_strategy", "bfd", "wrapped"]);
+    short(
+        "data/configs/llama-sft.toml",
+        &dir.path().join("no-template"),
+        &[
+            "--train_file",
+            repo().join("data/chat/train.jsonl").to_str().unwrap(),
+        ],
+    )
+    .expect_code(1)
+    .expect_error(&["chat_template", "chat_template_path"]);
+}
