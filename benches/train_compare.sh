@@ -2,11 +2,16 @@
 # Side by side: steps per second of a bundled run in kiln and in transformers' Trainer on
 # the same CPU cores, and their ratio: cli/bundled/bert-sentiment.toml (the default;
 # batch 32, max_length 64) or data/configs/gpt2-corpus.toml (batch 16, blocks of 64).
+# The Llama family at the sizes people train (hidden 256 x 4 layers, seq 128) is
+# benches/llama_compare.sh, which CONFIG data/configs/llama-corpus.toml runs.
 # Usage: benches/train_compare.sh [STEPS] [CONFIG]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 steps="${1:-60}"
 config="${2:-cli/bundled/bert-sentiment.toml}"
+if [[ "$config" == *llama* ]]; then
+    exec benches/llama_compare.sh "$steps"
+fi
 py="${KILN_PYTHON:-$HOME/.cache/kiln/venv/bin/python}"
 out="target/train-compare/kiln"
 rm -rf "$out"
