@@ -359,7 +359,8 @@ impl PyJson {
                 '\t' => out.push_str("\\t"),
                 '\u{8}' => out.push_str("\\b"),
                 '\u{c}' => out.push_str("\\f"),
-                c if (c as u32) < 0x20 || (self.ensure_ascii && !c.is_ascii()) => {
+                // `ensure_ascii` escapes all but printable ASCII (DEL too), as Python does.
+                c if (c as u32) < 0x20 || (self.ensure_ascii && (c as u32) > 0x7e) => {
                     let mut units = [0u16; 2];
                     for unit in c.encode_utf16(&mut units) {
                         out.push_str(&format!("\\u{unit:04x}"));
@@ -374,24 +375,9 @@ impl PyJson {
 
 /// A number as Python prints it: integers as they are, floats by `repr` (`1.0`, `1e-05`).
 fn py_number(n: &serde_json::Number) -> String {
-    if n.is_i64() || n.is_u64() {
-        return n.to_string();
-    }
-    let x = n.as_f64().unwrap_or(f64::NAN);
-    if x.is_finite() && x == x.trunc() && x.abs() < 1e16 {
-        return format!("{x:.1}");
-    }
-    let shortest = format!("{x:?}");
-    // Rust writes 1e-5 as "1e-5"; Python as "1e-05".
-    match shortest.split_once('e') {
-        Some((mantissa, exp)) => {
-            let (sign, digits) = match exp.strip_prefix('-') {
-                Some(d) => ("-", d),
-                None => ("+", exp),
-            };
-            format!("{mantissa}e{sign}{digits:0>2}")
-        }
-        None => shortest,
+    match n.as_f64() {
+        Some(x) if !(n.is_i64() || n.is_u64()) => kiln_formats::pyjson::float_repr(x),
+        _ => n.to_string(),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::{Error, Result};
 
@@ -147,7 +147,7 @@ pub fn read_records(path: &Path, options: &ReadOptions<'_>) -> Result<Vec<Record
     }
 }
 
-fn at(path: &Path, line: usize, message: impl fmt::Display) -> Error {
+pub(crate) fn at(path: &Path, line: usize, message: impl fmt::Display) -> Error {
     Error::Data(format!("{}:{line}: {message}", path.display()))
 }
 
@@ -202,19 +202,30 @@ fn json_label(value: Option<&Value>, column: &str, path: &Path, line: usize) -> 
     }
 }
 
+/// The rows of a JSON Lines text with their 1-based lines, blank lines skipped; a line
+/// that is not a JSON object is an error naming it.
+pub(crate) fn json_rows<'t>(
+    path: &'t Path,
+    text: &'t str,
+) -> impl Iterator<Item = Result<(usize, Map<String, Value>)>> + 't {
+    text.lines()
+        .enumerate()
+        .filter(|(_, raw)| !raw.trim().is_empty())
+        .map(move |(i, raw)| {
+            let line = i + 1;
+            match serde_json::from_str(raw) {
+                Ok(Value::Object(row)) => Ok((line, row)),
+                Ok(_) => Err(at(path, line, "a row must be a JSON object")),
+                Err(e) => Err(at(path, line, format!("bad JSON: {e}"))),
+            }
+        })
+}
+
 fn read_json_lines(path: &Path, text: &str, columns: &Columns<'_>) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     let mut text_column: Option<&str> = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let row: Value =
-            serde_json::from_str(raw).map_err(|e| at(path, line, format!("bad JSON: {e}")))?;
-        let Value::Object(row) = row else {
-            return Err(at(path, line, "a row must be a JSON object"));
-        };
+    for row in json_rows(path, text) {
+        let (line, row) = row?;
         let column = match text_column {
             Some(c) => c,
             None => {

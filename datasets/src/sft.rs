@@ -33,6 +33,7 @@ use crate::chat::ChatTemplate;
 use crate::collate::IGNORE_INDEX;
 use crate::dataset::{Dataset, Example};
 use crate::labels::Label;
+use crate::read::{at, json_rows};
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
@@ -106,10 +107,6 @@ pub fn detect(first_row: &Map<String, Value>) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-fn at(path: &Path, line: usize, message: impl std::fmt::Display) -> Error {
-    Error::Data(format!("{}:{line}: {message}", path.display()))
 }
 
 /// ShareGPT's `{"from", "value"}` messages as `{"role", "content"}` ones.
@@ -192,16 +189,8 @@ pub fn read_sft(path: &Path, text: &str) -> Result<Option<Vec<SftRecord>>> {
     let mut kind: Option<&'static str> = None;
     let mut chat_prompt = false;
     let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let row: Value =
-            serde_json::from_str(raw).map_err(|e| at(path, line, format!("bad JSON: {e}")))?;
-        let Value::Object(row) = row else {
-            return Err(at(path, line, "a row must be a JSON object"));
-        };
+    for row in json_rows(path, text) {
+        let (line, row) = row?;
         let k = match kind {
             Some(k) => k,
             None => {
