@@ -83,6 +83,9 @@ impl fmt::Debug for Tokenizer {
     }
 }
 
+/// Each token's byte range (start, end) in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// One encoded text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Encoded {
@@ -275,7 +278,7 @@ impl Tokenizer {
     /// Encodes `text` as it is, without the special tokens the post-processor adds
     /// (`add_special_tokens=False`; special tokens written in the text are still
     /// recognised), with each token's byte range in `text`.
-    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let encoding = self.inner.encode(text, false).map_err(tokenizer_error)?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
