@@ -9,63 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kiln, kiln_bin, last_json_line, repo, run_python};
+use common::{kiln, kiln_bin, last_json_line, repo, run_python, tiny_bert_args, weights_of};
 use kiln::checkpoint::scan::{list_checkpoints, verify_checkpoint};
 use serde_json::Value;
-
-/// A small, fast BERT run on a slice of the bundled data.
-fn tiny_bert_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "train",
-        repo()
-            .join("cli/bundled/bert-sentiment.toml")
-            .to_str()
-            .unwrap(),
-        "--output_dir",
-        out.to_str().unwrap(),
-        "--train_file",
-        repo()
-            .join("cli/bundled/sentiment/train.jsonl")
-            .to_str()
-            .unwrap(),
-        "--validation_file",
-        repo()
-            .join("cli/bundled/sentiment/validation.jsonl")
-            .to_str()
-            .unwrap(),
-        "--hidden_size",
-        "16",
-        "--intermediate_size",
-        "32",
-        "--num_hidden_layers",
-        "1",
-        "--max_train_samples",
-        "96",
-        "--max_eval_samples",
-        "32",
-        "--per_device_train_batch_size",
-        "8",
-        "--max_steps",
-        "8",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "4",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "4",
-        "--logging_steps",
-        "2",
-        "--disable_tqdm",
-        "true",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
 
 #[test]
 fn train_eval_predict_and_load_in_transformers() {
@@ -253,16 +199,6 @@ fn gpt2_run_generates_and_bad_input_is_one_line() {
     kiln(["predict", "--model", "/nonexistent", "--text", "x"])
         .expect_code(1)
         .expect_no_panic();
-}
-
-fn weights_of(dir: &Path) -> kiln::formats::TensorMap<'static> {
-    let c = kiln::formats::open(dir).unwrap();
-    let mut m = kiln::formats::TensorMap::new();
-    for i in c.tensors() {
-        m.insert(i.name.clone(), c.tensor(&i.name).unwrap().into_owned())
-            .unwrap();
-    }
-    m
 }
 
 /// The run's arguments, resuming from the last complete checkpoint when there is one

@@ -55,6 +55,14 @@ pub enum Error {
         /// Why.
         source: Box<Error>,
     },
+    /// An output folder another live run holds ([`crate::lock`]).
+    #[error("output_dir {} is in use by another kiln run ({}); wait for it to end or choose another output_dir", dir.display(), describe_holder(holder.as_ref()))]
+    InUse {
+        /// The folder.
+        dir: PathBuf,
+        /// Who holds it, when the lock file says.
+        holder: Option<crate::lock::Holder>,
+    },
     /// A multi-process coordination failure (a barrier timed out, a rank failed).
     #[error("coordination: {0}")]
     Coordination(String),
@@ -69,6 +77,21 @@ pub enum Error {
         /// boxed, so that the feature does not make every error of the crate larger.
         source: Box<kiln_formats::Error>,
     },
+}
+
+fn describe_holder(holder: Option<&crate::lock::Holder>) -> String {
+    let Some(h) = holder else {
+        return "its pid is not recorded yet".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "pid {} on host {}, started {} s ago",
+        h.pid,
+        h.host,
+        now.saturating_sub(h.since)
+    )
 }
 
 /// The crate's result type.

@@ -10,6 +10,7 @@
 //! - [`commit`]: the commit protocol (hidden temp folder, fsync, rename) and the
 //!   [`Coordinator`](commit::Coordinator) hook for multi-process runs.
 //! - [`scan`]: finding checkpoints, telling complete from incomplete, cleaning leftovers.
+//! - [`lock`]: one run at a time in an output folder (an advisory `flock`).
 //! - [`rotate`]: `save_total_limit` rotation that never deletes the best nor the newest.
 //! - [`async_save`]: saving in the background with bounded in-flight saves.
 //! - `candle` (cargo feature `candle`): a candle-nn `VarMap` as a model folder or a
@@ -21,6 +22,7 @@ pub mod async_save;
 pub mod candle;
 pub mod commit;
 mod error;
+pub mod lock;
 pub mod model;
 pub mod optimizer;
 pub mod rotate;

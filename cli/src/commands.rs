@@ -66,7 +66,11 @@ fn run_config(args: &[String], default: bool) -> Result<RunConfig, Error> {
 
 pub(crate) fn train(args: &[String]) -> CmdResult {
     let cfg = run_config(args, true)?;
-    let summary = crate::run::train(&cfg, false)?;
+    let stop = match cfg.training.save_on_signal {
+        true => Some(crate::run::install_stop_signals()?),
+        false => None,
+    };
+    let summary = crate::run::train_until(&cfg, false, stop)?;
     if summary.rank != 0 {
         // One report for a multi-process run: rank 0's.
         return ok(String::new());

@@ -59,6 +59,8 @@ impl Error {
     /// - 3: the processes of a data-parallel run lost each other (a collective, the
     ///   rendezvous, MPI or NCCL failed; a launch this build cannot serve is 1);
     /// - 4: a checkpoint could not be resumed (a state file malformed or not fitting);
+    /// - 128 + N: training stopped on signal N (143 SIGTERM, 130 SIGINT) after saving a
+    ///   checkpoint;
     /// - 1: any other failure.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -78,6 +80,8 @@ fn trainer_exit(e: &kiln_trainer::Error) -> u8 {
     match e {
         kiln_trainer::Error::Dist(e) => dist_exit(e),
         kiln_trainer::Error::Resume { .. } => 4,
+        // As a process killed by the signal: 143 for SIGTERM, 130 for SIGINT.
+        kiln_trainer::Error::Stopped { signal, .. } => u8::try_from(128 + signal).unwrap_or(1),
         _ => 1,
     }
 }

@@ -11,12 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use kiln_checkpoint::lock::OutputDirLock;
 use kiln_data::tokenize::{Tokenizer, TokenizerKind, TokenizerTrainer};
 use kiln_data::{CollatedDataset, Collator, Dataset, Labels, RawData};
 use kiln_dist::Collective;
 use kiln_models::registry::{self, Architecture, TaskModel};
 use kiln_trainer::model::{Batch, Model};
 use kiln_trainer::rng::Rng;
+use kiln_trainer::stop::StopRequest;
 use kiln_trainer::{Task, TrainOutput, Trainer, TrainingArguments, accuracy};
 use serde_json::{Value, json};
 
@@ -200,13 +202,22 @@ fn init_overrides(cfg: &RunConfig, p: &Prepared) -> serde_json::Map<String, Valu
 /// `cuda` then means `cuda:<local rank>`. A rank that fails prints its error and ends
 /// every rank, so that none waits for it forever; a panicking rank does too.
 pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
+    train_until(cfg, quiet, None)
+}
+
+/// [`train`], stopping early with a checkpoint when `stop` is set (the `kiln` command
+/// sets it on SIGTERM and SIGINT: [`install_stop_signals`]). A stopped run is
+/// `kiln_trainer::Error::Stopped` on every rank, none aborting the others.
+pub fn train_until(cfg: &RunConfig, quiet: bool, stop: Option<StopRequest>) -> Result<RunSummary> {
     cfg.training.validate()?;
     let options = kiln_dist::Options::new(std::time::Duration::from_secs(cfg.training.ddp_timeout))
         .with_abort_on_panic(true);
     let dist = kiln_dist::from_env(&options)?;
-    let result = train_with(cfg, quiet, dist.clone());
+    let result = train_with(cfg, quiet, dist.clone(), stop);
+    let stopped = matches!(&result, Err(Error::Trainer(e)) if matches!(**e, kiln_trainer::Error::Stopped { .. }));
     if let Err(e) = &result
         && dist.world_size() > 1
+        && !stopped
     {
         eprintln!("kiln: rank {} of {}: {e}", dist.rank(), dist.world_size());
         dist.abort(1);
@@ -214,12 +225,45 @@ pub fn train(cfg: &RunConfig, quiet: bool) -> Result<RunSummary> {
     result
 }
 
-fn train_with(cfg: &RunConfig, quiet: bool, dist: Arc<dyn Collective>) -> Result<RunSummary> {
+/// Makes SIGTERM and SIGINT ask the run to stop ([`kiln_trainer::stop`]); a second one
+/// exits at once with 128 + the signal (the commit protocol keeps checkpoints whole).
+pub fn install_stop_signals() -> Result<StopRequest> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = StopRequest::new();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fail = |e: std::io::Error| Error::Config(format!("cannot install signal handlers: {e}"));
+    for signal in [SIGTERM, SIGINT] {
+        // The order matters: the exit is armed by the first signal, acted on by the second.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, armed.clone())
+            .map_err(fail)?;
+        signal_hook::flag::register_usize(signal, stop.flag(), signal as usize).map_err(fail)?;
+        signal_hook::flag::register(signal, armed.clone()).map_err(fail)?;
+    }
+    Ok(stop)
+}
+
+fn train_with(
+    cfg: &RunConfig,
+    quiet: bool,
+    dist: Arc<dyn Collective>,
+    stop: Option<StopRequest>,
+) -> Result<RunSummary> {
     let spec = match cfg.training.device.as_str() {
         "cuda" if dist.world_size() > 1 => format!("cuda:{}", dist.local_rank()),
         // NCCL runs on GPUs only: `auto` would put every rank on cuda:0.
         "auto" if dist.name() == "nccl" => format!("cuda:{}", dist.local_rank()),
         other => other.to_string(),
+    };
+    // The run owns its output_dir from before any work to the end (the model saved):
+    // rank 0 holds the lock, or with save_on_each_node the first process of each node.
+    let writes = if cfg.training.save_on_each_node {
+        dist.local_rank() == 0
+    } else {
+        dist.rank() == 0
+    };
+    let _lock = match writes {
+        true => Some(OutputDirLock::acquire(Path::new(&cfg.training.output_dir))?),
+        false => None,
     };
     let selected = select_device(&spec, &cfg.training)?;
     let device = selected.device.clone();
@@ -254,6 +298,9 @@ fn train_with(cfg: &RunConfig, quiet: bool, dist: Arc<dyn Collective>) -> Result
         .with_tokenizer(p.tokenizer.files()?)
         .with_quiet(quiet)
         .with_collective(dist);
+    if let Some(stop) = stop {
+        trainer = trainer.with_stop_request(stop);
+    }
     if p.architecture.task == Task::SequenceClassification {
         trainer = trainer.with_compute_metrics(accuracy);
     }
@@ -264,6 +311,8 @@ fn train_with(cfg: &RunConfig, quiet: bool, dist: Arc<dyn Collective>) -> Result
         Ok(out) => out,
         // Only rank 0 holds the files; the others' copies are the same weights.
         Err(e) if rank != 0 => return Err(e.into()),
+        // Stopped on a signal: the checkpoint of the step reached is saved.
+        Err(e @ kiln_trainer::Error::Stopped { .. }) => return Err(e.into()),
         Err(e) => return Err(emergency_save(&trainer, e)),
     };
     let eval = match p.eval {

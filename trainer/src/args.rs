@@ -1,5 +1,5 @@
 //! `TrainingArguments`: transformers' field names, defaults and validation (5.x, with
-//! 4.57's `warmup_ratio` still accepted), plus kiln's `device`, `async_save`, `on_save_error` and `zero_stage`.
+//! 4.57's `warmup_ratio` still accepted), plus kiln's `device`, `async_save`, `on_save_error`, `save_on_signal` and `zero_stage`.
 //!
 //! `bf16` and `fp16` train in mixed precision as transformers does: f32 master weights
 //! that the optimizer updates and checkpoints hold, the forward and backward passes in
@@ -139,6 +139,9 @@ pub struct TrainingArguments {
     pub async_save: bool,
     /// kiln: `stop` (default) or `continue` when a checkpoint save fails.
     pub on_save_error: SaveErrorPolicy,
+    /// kiln: on SIGTERM or SIGINT, finish the optimizer step, save `checkpoint-<step>`
+    /// and exit (143 / 130), instead of dying at once (default true; [`crate::stop`]).
+    pub save_on_signal: bool,
     /// Seconds a process of a multi-process run waits for the others, at a checkpoint
     /// barrier or in a training collective (MPI), before failing instead of hanging
     /// (transformers' `ddp_timeout`).
@@ -199,6 +202,7 @@ impl Default for TrainingArguments {
             device: "auto".into(),
             async_save: true,
             on_save_error: SaveErrorPolicy::Stop,
+            save_on_signal: true,
             ddp_timeout: 1800,
             ddp_bucket_cap_mb: None,
             zero_stage: 0,

@@ -57,6 +57,17 @@ pub enum Error {
         .0.dir.display(), .0.name, .0.found, .0.expected, .0.hint
     )]
     WeightShape(Box<ShapeMismatch>),
+    /// The run stopped early on a signal ([`crate::stop`]), after saving a checkpoint
+    /// where one step was taken.
+    #[error("{}", stopped_message(*signal, *step, checkpoint.as_deref()))]
+    Stopped {
+        /// The signal's number (15 for SIGTERM, 2 for SIGINT).
+        signal: i32,
+        /// The last optimizer step taken.
+        step: u64,
+        /// The checkpoint written for it (none before the first step).
+        checkpoint: Option<PathBuf>,
+    },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -65,6 +76,19 @@ pub enum Error {
         /// What went wrong.
         source: std::io::Error,
     },
+}
+
+fn stopped_message(signal: i32, step: u64, checkpoint: Option<&std::path::Path>) -> String {
+    let name = crate::stop::signal_name(signal);
+    match checkpoint {
+        Some(c) => format!(
+            "stopped by {name} after step {step}: saved {}; continue with --resume_from_checkpoint last",
+            c.display()
+        ),
+        None => {
+            format!("stopped by {name} before its first step (at step {step}); nothing new to save")
+        }
+    }
 }
 
 /// A weight whose shape in a model folder differs from the model's.

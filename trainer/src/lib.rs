@@ -13,6 +13,7 @@
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`rng`]: kiln's seeded, checkpointable random generator (candle's CPU generator
 //!   cannot be seeded).
+//! - [`stop`]: stopping early on a signal, with a checkpoint ([`stop::StopRequest`]).
 //! - [`trainer`]: the [`Trainer`], one module per concern.
 //!
 //! Optimizers and schedules are kiln-optim's, collectives kiln-dist's; this crate knows
@@ -31,6 +32,7 @@ mod error;
 pub mod model;
 pub mod precision;
 pub mod rng;
+pub mod stop;
 pub mod trainer;
 pub mod weights;
 

@@ -60,6 +60,7 @@ use crate::data::BatchSource;
 use crate::model::Model;
 use crate::precision::{GradScaler, MixedPrecision};
 use crate::rng::Rng;
+use crate::stop::StopRequest;
 use crate::weights::HostWeights;
 use crate::{Error, Result};
 
@@ -90,6 +91,7 @@ pub struct Trainer<M: Model> {
     precision: Option<MixedPrecision>,
     scaler: Option<GradScaler>,
     skipped_steps: u64,
+    stop: Option<StopRequest>,
 }
 
 impl<M: Model> std::fmt::Debug for Trainer<M> {
@@ -128,6 +130,7 @@ impl<M: Model> Trainer<M> {
             precision: None,
             scaler: None,
             skipped_steps: 0,
+            stop: None,
         }
     }
 
@@ -178,6 +181,14 @@ impl<M: Model> Trainer<M> {
     pub fn with_collective(mut self, dist: Arc<dyn Collective>) -> Self {
         self.rng = reduce::rank_rng(self.args.seed, dist.rank());
         self.dist = dist;
+        self
+    }
+
+    /// Stops the run when `request` is set (by a signal handler): after the optimizer
+    /// step under way, `checkpoint-<step>` is saved and [`train`](Trainer::train)
+    /// returns [`Error::Stopped`]; ignored when `save_on_signal` is off.
+    pub fn with_stop_request(mut self, request: StopRequest) -> Self {
+        self.stop = Some(request);
         self
     }
 

@@ -87,6 +87,13 @@ impl<M: Model> Trainer<M> {
         self.control = TrainerControl::default();
         self.each_callback(|cb, a, s, c| cb.on_train_begin(a, s, c));
         let bar = self.progress_bar(plan.max_steps, start_step);
+        if let Some(signal) = self.stop_signal()? {
+            return Err(Error::Stopped {
+                signal,
+                step: start_step,
+                checkpoint: None,
+            });
+        }
 
         let mut epoch = position.epoch;
         while epoch < plan.num_epochs && !self.control.should_training_stop {
@@ -163,6 +170,9 @@ impl<M: Model> Trainer<M> {
                 b.set_position(self.state.global_step);
             }
             self.maybe_log_save_evaluate(Some(grad_norm), Some(lr), optimizer, pos, bar)?;
+            if let Some(signal) = self.stop_signal()? {
+                return self.stop_at_signal(signal, optimizer, pos, bar);
+            }
             if self.control.should_epoch_stop || self.control.should_training_stop {
                 break;
             }
@@ -178,6 +188,70 @@ impl<M: Model> Trainer<M> {
             epoch_end_done: true,
         };
         self.maybe_log_save_evaluate(None, None, optimizer, pos, bar)
+    }
+
+    /// The signal that asked this run to stop, agreed over the ranks (a rank that got
+    /// none learns of the others' through one all-reduce per step).
+    fn stop_signal(&self) -> Result<Option<i32>> {
+        let Some(stop) = self.stop.as_ref().filter(|_| self.args.save_on_signal) else {
+            return Ok(None);
+        };
+        let mine = stop.requested();
+        if self.dist.world_size() == 1 {
+            return Ok(mine);
+        }
+        // [SIGTERM seen, SIGINT seen, another signal seen]: every rank decides alike.
+        let mut seen = [0.0f64; 3];
+        match mine {
+            Some(15) => seen[0] = 1.0,
+            Some(2) => seen[1] = 1.0,
+            Some(_) => seen[2] = 1.0,
+            None => {}
+        }
+        self.dist.all_reduce_f64(&mut seen)?;
+        Ok(if seen[0] > 0.0 {
+            Some(15)
+        } else if seen[1] > 0.0 {
+            Some(2)
+        } else if seen[2] > 0.0 {
+            Some(mine.unwrap_or(15))
+        } else {
+            None
+        })
+    }
+
+    /// Saves `checkpoint-<step>` for the step just taken (unless this step was saved
+    /// already), waits for every save in flight, and ends the run with
+    /// [`Error::Stopped`].
+    fn stop_at_signal(
+        &mut self,
+        signal: i32,
+        optimizer: &Optimizer,
+        pos: Position,
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> Result<()> {
+        let step = self.state.global_step;
+        if self.saved_steps.last() != Some(&step) {
+            self.save_checkpoint(optimizer, pos, bar)?;
+        }
+        self.finish_saves()?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let checkpoint = self.output_dir().join(format!("checkpoint-{step}"));
+        if self.writer().is_main() && !checkpoint.is_dir() {
+            // on_save_error = continue let the save fail (and said so).
+            return Err(Error::Config(format!(
+                "stopped by {} after step {step}, but its checkpoint could not be saved; \
+                 --resume_from_checkpoint last continues from the newest complete one",
+                crate::stop::signal_name(signal)
+            )));
+        }
+        Err(Error::Stopped {
+            signal,
+            step,
+            checkpoint: Some(checkpoint),
+        })
     }
 
     /// Forward and backward of one micro-batch: its loss (divided by the accumulation
