@@ -544,3 +544,90 @@ fn an_mpi_launch_without_mpi_support_is_one_clear_error() {
     );
     assert!(!tmp.path().join("out").exists());
 }
+
+/// SIGTERM reaching one rank stops both at the same step with one checkpoint holding
+/// both ranks' state; resuming under mpirun ends with the weights of the uninterrupted
+/// run, bit for bit.
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_at_the_same_step() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path| {
+        with(
+            base_args(out, 8),
+            &[
+                ("max_steps", "120"),
+                ("save_steps", "40"),
+                ("eval_strategy", "no"),
+                ("metric_for_best_model", "none"),
+                ("logging_steps", "10"),
+            ],
+        )
+    };
+    let (straight, stopped) = (tmp.path().join("straight"), tmp.path().join("stopped"));
+    mpirun(&bin, 2, &args(&straight), None).expect_success();
+
+    let child = Command::new("mpirun")
+        .current_dir(repo())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(["--oversubscribe", "--bind-to", "none", "-np", "2"])
+        .arg(&bin)
+        .args(args(&stopped))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Training is under way once the first checkpoint (step 40 of 120) is there; rank 0
+    // holds the lock.
+    let start = Instant::now();
+    let saved = || {
+        std::fs::read_dir(&stopped).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        })
+    };
+    while !saved() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lock = std::fs::read_to_string(stopped.join(".kiln-run.lock")).unwrap();
+    let holder: Value = serde_json::from_str(&lock).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &holder["pid"].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let steps: Vec<u64> = err
+        .lines()
+        .filter_map(|l| l.split("stopped by SIGTERM after step ").nth(1))
+        .map(|r| r.split(':').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(steps.len(), 2, "both ranks stopped: {err}");
+    assert_eq!(steps[0], steps[1], "at the same step: {err}");
+    let ckpt = stopped.join(format!("checkpoint-{}", steps[0]));
+    kiln::checkpoint::scan::verify_checkpoint(&ckpt).unwrap();
+    let files = names(&ckpt);
+    assert!(
+        files.contains(&"rng_state_0.json".to_string())
+            && files.contains(&"rng_state_1.json".to_string()),
+        "{files:?}"
+    );
+
+    mpirun(
+        &bin,
+        2,
+        &with(args(&stopped), &[("resume_from_checkpoint", "last")]),
+        None,
+    )
+    .expect_success();
+    let d = max_diff(
+        &straight.join("model.safetensors"),
+        &stopped.join("model.safetensors"),
+    );
+    assert_eq!(d, 0.0, "stopped at step {} and resumed", steps[0]);
+}

@@ -21,6 +21,9 @@ pub enum PyValue {
     Bool(bool),
     /// An integer.
     Int(i64),
+    /// An integer above `i64::MAX` (Python's ints have no limit; a generator's u64
+    /// state must survive a round trip).
+    UInt(u64),
     /// A float, possibly non-finite.
     Float(f64),
     /// A string.
@@ -36,6 +39,7 @@ impl PyValue {
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             PyValue::Int(i) => Some(i as f64),
+            PyValue::UInt(u) => Some(u as f64),
             PyValue::Float(f) => Some(f),
             _ => None,
         }
@@ -66,7 +70,7 @@ impl From<&Value> for PyValue {
             Value::Number(n) => match (n.as_i64(), n.as_f64()) {
                 (Some(i), _) => PyValue::Int(i),
                 (None, Some(f)) if n.is_f64() => PyValue::Float(f),
-                // u64 beyond i64: keep the value as a float rather than wrap
+                (None, _) if n.is_u64() => n.as_u64().map_or(PyValue::Null, PyValue::UInt),
                 (None, Some(f)) => PyValue::Float(f),
                 (None, None) => PyValue::Null,
             },
@@ -221,6 +225,7 @@ fn write_value(out: &mut String, value: &PyValue, level: usize) {
         PyValue::Null => out.push_str("null"),
         PyValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         PyValue::Int(i) => out.push_str(&i.to_string()),
+        PyValue::UInt(u) => out.push_str(&u.to_string()),
         PyValue::Float(f) => out.push_str(&float_repr(*f)),
         PyValue::Str(s) => write_string(out, s),
         PyValue::List(items) => {
@@ -286,6 +291,15 @@ fn write_string(out: &mut String, s: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn integers_beyond_i64_stay_exact() {
+        let v = serde_json::json!({"state": 9_223_372_036_854_775_813u64, "n": -3});
+        let text = dumps(&v);
+        assert!(text.contains("9223372036854775813"), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v);
+    }
+
     use super::*;
     use serde_json::json;
 
