@@ -12,8 +12,9 @@
 //!    [`Staging::create`], which go through the [`Fs`] layer).
 //! 3. [`Staging::commit`]: a barrier (every rank has written); then the main process
 //!    fsyncs every file (recursively), writes the manifest [`MANIFEST_NAME`] **last**
-//!    (`{"kiln_version", "step", "files": {"relative/name": size}}`, covering every
-//!    file), fsyncs it and every folder, renames the folder to `checkpoint-<step>` and
+//!    (`{"kiln_version", "step", "files": {"relative/name": size}, "blake3": {"relative/name":
+//!    hex}}`, covering every file; the digests are taken while the files are written,
+//!    [`kiln_formats::digest`]), fsyncs it and every folder, renames the folder to `checkpoint-<step>` and
 //!    fsyncs the parent; then a second barrier.
 //!
 //! Re-saving a step that already exists (a run resumed from an earlier checkpoint
@@ -92,6 +93,10 @@ pub struct Manifest {
     /// Every file of the checkpoint but the manifest, by path relative to the folder
     /// (`/`-separated), with its size in bytes.
     pub files: BTreeMap<String, u64>,
+    /// The BLAKE3 digest (lower-case hex) of every file of `files`, taken while it was
+    /// written; empty in manifests of kiln versions before content hashes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub blake3: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -409,6 +414,7 @@ pub struct StagedFile {
     file: File,
     path: PathBuf,
     fs: Arc<dyn Fs>,
+    hasher: blake3::Hasher,
 }
 
 impl StagedFile {
@@ -417,15 +423,21 @@ impl StagedFile {
         &self.path
     }
 
-    /// Syncs the file to disk and closes it.
+    /// Syncs the file to disk and closes it (its digest is kept for the manifest).
     pub fn finish(self) -> Result<()> {
-        self.fs.sync_file(&self.file, &self.path).at(&self.path)
+        self.fs.sync_file(&self.file, &self.path).at(&self.path)?;
+        if let Some(r) = kiln_formats::digest::recording_for(&self.path) {
+            r.insert(&self.path, self.hasher.finalize().to_hex().to_string());
+        }
+        Ok(())
     }
 }
 
 impl Write for StagedFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.fs.write(&mut self.file, &self.path, buf)
+        let n = self.fs.write(&mut self.file, &self.path, buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -445,6 +457,8 @@ pub struct Staging {
     fs: Arc<dyn Fs>,
     is_main: bool,
     armed: bool,
+    /// The digests of the files written into the staging folder by this process.
+    digests: kiln_formats::digest::RecordingGuard,
 }
 
 impl Staging {
@@ -468,6 +482,7 @@ impl Staging {
             step,
             final_dir: output_dir.join(checkpoint_name(step)),
             tmp_dir: output_dir.join(staging_name(step)),
+            digests: kiln_formats::digest::record(&output_dir.join(staging_name(step))),
             fs,
             is_main,
             armed: false,
@@ -531,6 +546,7 @@ impl Staging {
             file,
             path,
             fs: self.fs.clone(),
+            hasher: blake3::Hasher::new(),
         })
     }
 
@@ -620,14 +636,23 @@ impl Staging {
                 p.display()
             )));
         }
+        let mut blake3 = BTreeMap::new();
         for rel in files.keys() {
             let p = self.tmp_dir.join(rel);
             fs.sync_path(&p).at(&p)?;
+            // Taken while the file was written; a file this process did not write
+            // (another rank's, or a caller's own writer's) is read once here.
+            let digest = match self.digests.recording().get(&p) {
+                Some(d) => d,
+                None => kiln_formats::digest::hash_file(&p).at(&p)?,
+            };
+            blake3.insert(rel.clone(), digest);
         }
         let manifest = Manifest {
             kiln_version: env!("CARGO_PKG_VERSION").to_string(),
             step: self.step,
             files,
+            blake3,
         };
         let mpath = self.tmp_dir.join(MANIFEST_NAME);
         let mut text =
@@ -637,6 +662,7 @@ impl Staging {
             file: fs.create_file(&mpath).at(&mpath)?,
             path: mpath.clone(),
             fs: self.fs.clone(),
+            hasher: blake3::Hasher::new(),
         };
         f.write_all(text.as_bytes()).at(&mpath)?;
         f.finish()?;

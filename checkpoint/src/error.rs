@@ -33,6 +33,15 @@ pub enum Error {
         /// What is missing or wrong.
         reason: String,
     },
+    /// A file whose content differs from the digest its checkpoint's manifest recorded
+    /// when it was written (a flipped bit, a copy that kept the size but not the bytes).
+    #[error("{}: corrupt: {reason}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
     /// A tensor whose shape differs from what the model expects.
     #[error("tensor {name:?}: expected shape {expected:?}, found {found:?}")]
     Shape {

@@ -34,17 +34,56 @@ use crate::{Error, Result};
 /// Deletes the oldest complete checkpoints beyond `limit`, never the best nor the newest.
 /// Returns the deleted folders (their `checkpoint-N` paths), oldest first.
 pub fn rotate(output_dir: &Path, limit: usize, best: Option<&Path>) -> Result<Vec<PathBuf>> {
+    rotate_inner(output_dir, limit, best, None)
+}
+
+/// [`rotate`] right after `saved` was committed: `saved` is protected too, and the
+/// checkpoints of later steps (left by an earlier, longer run that this one resumed
+/// before its end) count only if their files match their manifest's digests — a
+/// corrupt one is never the "newest" kept in place of a sound one, and, like an
+/// incomplete folder, is neither counted nor deleted.
+pub fn rotate_after_save(
+    output_dir: &Path,
+    limit: usize,
+    best: Option<&Path>,
+    saved: &Path,
+) -> Result<Vec<PathBuf>> {
+    rotate_inner(output_dir, limit, best, Some(saved))
+}
+
+fn rotate_inner(
+    output_dir: &Path,
+    limit: usize,
+    best: Option<&Path>,
+    saved: Option<&Path>,
+) -> Result<Vec<PathBuf>> {
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let complete: Vec<_> = list_checkpoints(output_dir)?
-        .into_iter()
-        .filter(|e| e.is_complete())
-        .collect();
+    let saved_step = saved
+        .and_then(|p| p.file_name())
+        .and_then(|n| crate::scan::parse_step(&n.to_string_lossy()));
+    let mut complete = Vec::new();
+    for e in list_checkpoints(output_dir)? {
+        if !e.is_complete() {
+            continue;
+        }
+        let later = saved_step.is_some_and(|s| e.step > s);
+        if later && !crate::scan::sound(&e.path) {
+            continue;
+        }
+        complete.push(e);
+    }
     let Some(newest) = complete.last() else {
         return Ok(Vec::new());
     };
     let newest = newest.path.clone();
+    let saved = saved.and_then(|p| fs::canonicalize(p).ok());
+    let is_saved = |p: &Path| {
+        saved
+            .as_deref()
+            .is_some_and(|s| fs::canonicalize(p).is_ok_and(|c| c == s))
+    };
     let best = best.and_then(|b| fs::canonicalize(b).ok());
     let is_best = |p: &Path| {
         best.as_deref()
@@ -52,7 +91,7 @@ pub fn rotate(output_dir: &Path, limit: usize, best: Option<&Path>) -> Result<Ve
     };
     let protected: Vec<bool> = complete
         .iter()
-        .map(|e| e.path == newest || is_best(&e.path))
+        .map(|e| e.path == newest || is_best(&e.path) || is_saved(&e.path))
         .collect();
     let n_protected = protected.iter().filter(|&&p| p).count();
     let keep = limit.max(n_protected);

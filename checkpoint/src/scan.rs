@@ -132,6 +132,39 @@ pub fn last_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
         .map(|e| e.path))
 }
 
+/// The newest checkpoint that is complete and whose files match their manifest's
+/// digests ([`verify_digests`]), and the newer ones passed over with why (incomplete, or
+/// a file that differs): resume's `last`. Nothing is deleted.
+pub fn last_sound_checkpoint(output_dir: &Path) -> Result<(Option<PathBuf>, Vec<Error>)> {
+    let mut passed_over = Vec::new();
+    for e in list_checkpoints(output_dir)?.into_iter().rev() {
+        let verdict = match &e.completeness {
+            Completeness::Incomplete(reason) => Err(Error::Incomplete {
+                path: e.path.clone(),
+                reason: reason.clone(),
+            }),
+            Completeness::Complete => {
+                Manifest::read(&e.path).and_then(|m| verify_digests(&e.path, &m))
+            }
+            Completeness::Foreign => Ok(()),
+        };
+        match verdict {
+            Ok(()) => return Ok((Some(e.path), passed_over)),
+            Err(err) => passed_over.push(err),
+        }
+    }
+    Ok((None, passed_over))
+}
+
+/// Whether a complete kiln checkpoint's files match its manifest's digests (a foreign
+/// checkpoint has none to check and passes).
+pub fn sound(dir: &Path) -> bool {
+    match Manifest::read(dir) {
+        Ok(m) => verify_digests(dir, &m).is_ok(),
+        Err(_) => !dir.join(MANIFEST_NAME).exists(),
+    }
+}
+
 /// The entries of a folder with UTF-8 names (others are never kiln's). A missing
 /// folder has none.
 fn dir_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -451,8 +484,10 @@ pub struct Verified {
 }
 
 /// Checks a checkpoint folder in depth (`kiln verify`): it must be complete (or a
-/// complete transformers checkpoint), every tensor file must open and read back in
-/// full, and every `*.json` must parse (Python's `NaN`/`Infinity` accepted).
+/// complete transformers checkpoint), every file must match the BLAKE3 digest its
+/// manifest recorded when it was written ([`verify_digests`]), every tensor file must
+/// open and read back in full, and every `*.json` must parse (Python's
+/// `NaN`/`Infinity` accepted).
 ///
 /// Tensor files: every `*.safetensors`, the PyTorch weights (`pytorch_model*.bin`,
 /// `adapter_model.bin`) and shard indexes (`*.index.json`, whose shards are then read
@@ -467,6 +502,9 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
             path: dir.to_path_buf(),
             reason,
         });
+    }
+    if completeness == Completeness::Complete {
+        verify_digests(dir, &Manifest::read(dir)?)?;
     }
     let mut files = Vec::new();
     list_files(dir, &mut files)?;
@@ -509,6 +547,27 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
     }
     verified.bytes = dir_bytes(dir)?;
     Ok(verified)
+}
+
+/// Checks every file against the digest the manifest recorded when it was written, in
+/// name order: the first that differs is an [`Error::Corrupt`] naming it. Manifests
+/// without digests (kiln before content hashes) pass.
+pub fn verify_digests(dir: &Path, manifest: &Manifest) -> Result<()> {
+    for (rel, want) in &manifest.blake3 {
+        let path = dir.join(rel);
+        let got = kiln_formats::digest::hash_file(&path).at(&path)?;
+        if &got != want {
+            return Err(Error::Corrupt {
+                path,
+                reason: format!(
+                    "its BLAKE3 is {}…, the manifest recorded {}… when it was written",
+                    &got[..12],
+                    &want[..want.len().min(12)]
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn file_name(path: &Path) -> &str {

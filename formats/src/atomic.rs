@@ -4,13 +4,19 @@
 use std::fs::File;
 use std::path::Path;
 
+use crate::digest::Hashing;
 use crate::{Error, Result, ResultExt};
 
 /// Writes `path` through `write`, into a hidden temporary sibling that is synced to disk
 /// and then renamed over `path`; the parent folder is synced after the rename.
 ///
 /// If `write` or any step fails, the temporary file is removed and `path` is untouched.
-pub(crate) fn write_file(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+/// Under a [`digest::record`](crate::digest::record)ing, the bytes written through
+/// `write`'s [`Sink`] are hashed on the way and the digest kept for `path`.
+pub(crate) fn write_file(
+    path: &Path,
+    write: impl FnOnce(&mut Sink<'_>) -> Result<()>,
+) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -23,10 +29,36 @@ pub(crate) fn write_file(path: &Path, write: impl FnOnce(&mut File) -> Result<()
         .suffix(".tmp")
         .tempfile_in(parent)
         .in_file(parent)?;
-    write(tmp.as_file_mut())?;
+    let recording = crate::digest::recording_for(path);
+    let mut sink = Sink(Hashing::new(tmp.as_file_mut(), recording.is_some()));
+    write(&mut sink)?;
+    let digest = sink.0.digest();
     tmp.as_file().sync_all().in_file(path)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    if let (Some(r), Some(d)) = (recording, digest) {
+        r.insert(path, d);
+    }
     sync_dir(parent)
+}
+
+/// The file a [`write_file`] closure writes: a `Write` (hashing when recorded) that can
+/// also set the file's length ahead.
+pub(crate) struct Sink<'a>(Hashing<&'a mut File>);
+
+impl Sink<'_> {
+    /// Sets the file's length (pre-allocation; writes still go from the start).
+    pub(crate) fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        self.0.get_mut().set_len(len)
+    }
+}
+
+impl std::io::Write for Sink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Syncs a folder so that renames and creations in it are durable.

@@ -29,6 +29,7 @@ mod atomic;
 pub mod compare;
 pub mod convert;
 pub mod detect;
+pub mod digest;
 mod dtype;
 mod error;
 pub mod pyjson;

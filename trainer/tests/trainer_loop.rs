@@ -323,6 +323,24 @@ fn a_malformed_state_file_is_an_error_naming_it_not_a_restart() {
         let ckpt = dir.path().join(format!("bad-{name}"));
         copy_dir(&dir.path().join("checkpoint-10"), &ckpt);
         corrupt(&ckpt.join(name), needle, with);
+        // The manifest's digests refuse the changed file before anything is read.
+        let out = tempfile::tempdir().unwrap();
+        let e = trainer(out.path(), |_| {})
+            .train(Some(ckpt.to_str().unwrap()))
+            .unwrap_err();
+        match &e {
+            kiln_trainer::Error::Resume { path, reason } => {
+                assert_eq!(path, &ckpt.join(name));
+                assert!(reason.contains("corrupt"), "{reason}");
+            }
+            other => panic!("{name}: {other}"),
+        }
+        // Without digests (a checkpoint of a kiln before them), the content is checked.
+        let manifest = ckpt.join("kiln_checkpoint.json");
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        m.as_object_mut().unwrap().remove("blake3").unwrap();
+        std::fs::write(&manifest, m.to_string()).unwrap();
         let out = tempfile::tempdir().unwrap();
         let mut t = trainer(out.path(), |_| {});
         let e = t.train(Some(ckpt.to_str().unwrap())).unwrap_err();

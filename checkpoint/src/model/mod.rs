@@ -451,6 +451,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.write_all(bytes).at(path)?;
     tmp.as_file().sync_all().at(path)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    // Inside a checkpoint save: the manifest's digest, from the bytes just written.
+    kiln_formats::digest::note_bytes(path, bytes);
     Ok(())
 }
 

@@ -249,7 +249,12 @@ impl<M: Model> Trainer<M> {
                 && coord.is_main()
                 && limit > 0
             {
-                kiln_checkpoint::rotate::rotate(&out, limit, best.as_deref().map(Path::new))?;
+                kiln_checkpoint::rotate::rotate_after_save(
+                    &out,
+                    limit,
+                    best.as_deref().map(Path::new),
+                    &path,
+                )?;
             }
             Ok(path)
         };

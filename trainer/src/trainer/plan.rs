@@ -138,21 +138,42 @@ impl<M: Model> Trainer<M> {
         }
     }
 
-    /// The checkpoint folder to resume: `"last"` (or `"true"`) finds the newest complete
-    /// one in `output_dir`.
+    /// The checkpoint folder to resume: `"last"` (or `"true"`) finds the newest one in
+    /// `output_dir` that is complete and matches its manifest's digests, saying in one
+    /// line each which newer ones it passed over and why (they are left in place); an
+    /// explicit folder that fails the digests is refused.
     fn resolve_resume(&self, resume: Option<&str>) -> Result<Option<PathBuf>> {
         let out = self.output_dir();
         match resume.or(self.args.resume_from_checkpoint.as_deref()) {
             None => Ok(None),
-            Some("last") | Some("true") => kiln_checkpoint::scan::last_checkpoint(&out)?
-                .map(Some)
-                .ok_or_else(|| {
+            Some("last") | Some("true") => {
+                let (sound, passed_over) = kiln_checkpoint::scan::last_sound_checkpoint(&out)?;
+                for e in &passed_over {
+                    self.say(&format!("not resuming from it: {e}; left in place"));
+                }
+                sound.map(Some).ok_or_else(|| {
                     Error::Config(format!(
                         "no complete checkpoint to resume in {}",
                         out.display()
                     ))
-                }),
-            Some(p) => Ok(Some(PathBuf::from(p))),
+                })
+            }
+            Some(p) => {
+                let dir = PathBuf::from(p);
+                if dir.join(kiln_checkpoint::commit::MANIFEST_NAME).is_file() {
+                    let manifest = kiln_checkpoint::commit::Manifest::read(&dir)?;
+                    kiln_checkpoint::scan::verify_digests(&dir, &manifest).map_err(
+                        |e| match e {
+                            kiln_checkpoint::Error::Corrupt { path, reason } => Error::Resume {
+                                path,
+                                reason: format!("corrupt: {reason}; not resuming from it"),
+                            },
+                            e => e.into(),
+                        },
+                    )?;
+                }
+                Ok(Some(dir))
+            }
         }
     }
 
