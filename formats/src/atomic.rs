@@ -41,6 +41,61 @@ pub(crate) fn write_file(
     sync_dir(parent)
 }
 
+/// [`write_file`] for a large file whose bytes the caller can feed again from memory:
+/// under a recording, `rehash` feeds the same bytes, in the same order, to a hasher on
+/// a second thread while this one writes and fsyncs the file, so that the digest costs
+/// time only where it outlasts the write (and the file is never read back).
+pub(crate) fn write_file_rehashed(
+    path: &Path,
+    write: impl FnOnce(&mut Sink<'_>) -> Result<()>,
+    rehash: impl FnOnce(&mut blake3::Hasher) -> Result<()> + Send,
+) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Argument(format!("{}: not a file path", path.display())))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .in_file(parent)?;
+    let recording = crate::digest::recording_for(path);
+    let file = tmp.as_file_mut();
+    let write_and_sync = |file: &mut File| -> Result<()> {
+        write(&mut Sink(Hashing::new(&mut *file, false)))?;
+        file.sync_all().in_file(path)
+    };
+    let digest = match &recording {
+        None => {
+            write_and_sync(file)?;
+            None
+        }
+        Some(_) => {
+            let (written, hashed) = std::thread::scope(|s| {
+                let hash = s.spawn(|| {
+                    let mut hasher = blake3::Hasher::new();
+                    rehash(&mut hasher).map(|()| hasher.finalize())
+                });
+                let written = write_and_sync(file);
+                let hashed = hash
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Argument("the hashing thread panicked".into())));
+                (written, hashed)
+            });
+            written?;
+            Some(hashed?.to_hex().to_string())
+        }
+    };
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    if let (Some(r), Some(d)) = (recording, digest) {
+        r.insert(path, d);
+    }
+    sync_dir(parent)
+}
+
 /// The file a [`write_file`] closure writes: a `Write` (hashing when recorded) that can
 /// also set the file's length ahead.
 pub(crate) struct Sink<'a>(Hashing<&'a mut File>);

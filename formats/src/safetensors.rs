@@ -337,34 +337,48 @@ fn header_for(
 /// fetched from the collection and written in turn, so the extra memory is one tensor
 /// at most (none when the collection lends its bytes) plus a 1 MiB buffer. The file is
 /// written under a temporary name, synced, and renamed into place: `path` holds either
-/// its old content or the complete new file, never a partial one.
+/// its old content or the complete new file, never a partial one. Inside a checkpoint
+/// save ([`crate::digest`]) its BLAKE3 digest is computed from the tensors in memory
+/// while the file syncs.
 pub fn save(path: impl AsRef<Path>, tensors: &dyn TensorCollection) -> Result<()> {
     let path = path.as_ref();
     let order = write_order(tensors.tensors());
     let (header, data_len) = header_for(&order, tensors.metadata()).in_file(path)?;
-    atomic::write_file(path, |file| {
-        file.set_len(8 + header.len() as u64 + data_len)
-            .in_file(path)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .in_file(path)?;
-        w.write_all(&header).in_file(path)?;
+    let rehash = |h: &mut blake3::Hasher| -> Result<()> {
+        h.update(&(header.len() as u64).to_le_bytes());
+        h.update(&header);
         for info in &order {
-            let t = tensors.tensor(&info.name)?;
-            if t.dtype() != info.dtype || t.shape() != info.shape.as_slice() {
-                return Err(Error::Tensor(format!(
-                    "{}: collection returned {} {:?} but described {} {:?}",
-                    info.name,
-                    t.dtype(),
-                    t.shape(),
-                    info.dtype,
-                    info.shape
-                )));
-            }
-            w.write_all(t.data()).in_file(path)?;
+            h.update(tensors.tensor(&info.name)?.data());
         }
-        w.flush().in_file(path)
-    })
+        Ok(())
+    };
+    atomic::write_file_rehashed(
+        path,
+        |file| {
+            file.set_len(8 + header.len() as u64 + data_len)
+                .in_file(path)?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            w.write_all(&(header.len() as u64).to_le_bytes())
+                .in_file(path)?;
+            w.write_all(&header).in_file(path)?;
+            for info in &order {
+                let t = tensors.tensor(&info.name)?;
+                if t.dtype() != info.dtype || t.shape() != info.shape.as_slice() {
+                    return Err(Error::Tensor(format!(
+                        "{}: collection returned {} {:?} but described {} {:?}",
+                        info.name,
+                        t.dtype(),
+                        t.shape(),
+                        info.dtype,
+                        info.shape
+                    )));
+                }
+                w.write_all(t.data()).in_file(path)?;
+            }
+            w.flush().in_file(path)
+        },
+        rehash,
+    )
 }
 
 #[cfg(test)]
