@@ -238,6 +238,15 @@ pub fn completeness(dir: &Path) -> Result<Completeness> {
             manifest.step
         )));
     }
+    if let Some(extra) = manifest
+        .blake3
+        .keys()
+        .find(|k| !manifest.files.contains_key(*k))
+    {
+        return Ok(Completeness::Incomplete(format!(
+            "{MANIFEST_NAME} has a digest for {extra:?}, which is not one of its files"
+        )));
+    }
     for (name, &size) in &manifest.files {
         let rel = Path::new(name);
         if rel.components().count() == 0
@@ -554,6 +563,18 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
 /// without digests (kiln before content hashes) pass.
 pub fn verify_digests(dir: &Path, manifest: &Manifest) -> Result<()> {
     for (rel, want) in &manifest.blake3 {
+        let safe = Path::new(rel).components().count() > 0
+            && Path::new(rel)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)));
+        if !safe || !manifest.files.contains_key(rel) {
+            return Err(Error::Incomplete {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "{MANIFEST_NAME} has a digest for {rel:?}, which is not one of its files"
+                ),
+            });
+        }
         let path = dir.join(rel);
         let got = kiln_formats::digest::hash_file(&path).at(&path)?;
         if &got != want {
