@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{kiln, tiny_bert_args, weights_of};
+use common::{NO_EVAL, kiln, tiny_bert_args, weights_of};
 use kiln::checkpoint::scan::{list_checkpoints, verify_checkpoint};
 
 /// A mounted tmpfs, unmounted when dropped.
@@ -66,19 +66,17 @@ fn size_of(dir: &Path) -> u64 {
 fn a_full_disk_stops_the_run_keeps_earlier_checkpoints_and_resume_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let extra = [
-        "--max_steps",
-        "16",
-        "--save_steps",
-        "4",
-        "--eval_strategy",
-        "no",
-        "--load_best_model_at_end",
-        "false",
-        "--metric_for_best_model",
-        "none",
-        "--save_total_limit",
-        "none",
-    ];
+        &[
+            "--max_steps",
+            "16",
+            "--save_steps",
+            "4",
+            "--save_total_limit",
+            "none",
+        ][..],
+        &NO_EVAL[..],
+    ]
+    .concat();
     let straight = dir.path().join("straight");
     kiln(tiny_bert_args(&straight, &extra)).expect_success();
     let one = size_of(&straight.join("checkpoint-4"));

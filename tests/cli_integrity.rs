@@ -8,28 +8,20 @@ mod common;
 
 use std::path::Path;
 
-use common::{kiln, tiny_bert_args, weights_of};
+use common::{NO_EVAL, kiln, tiny_bert_args, weights_of};
 use kiln::checkpoint::commit::Manifest;
 use kiln_test_support::fs::copy_dir;
 
 fn args(out: &Path, max_steps: &str) -> Vec<String> {
-    tiny_bert_args(
-        out,
-        &[
-            "--max_steps",
-            max_steps,
-            "--save_steps",
-            "4",
-            "--eval_strategy",
-            "no",
-            "--load_best_model_at_end",
-            "false",
-            "--metric_for_best_model",
-            "none",
-            "--save_total_limit",
-            "none",
-        ],
-    )
+    let saves = [
+        "--max_steps",
+        max_steps,
+        "--save_steps",
+        "4",
+        "--save_total_limit",
+        "none",
+    ];
+    tiny_bert_args(out, &[&saves[..], &NO_EVAL[..]].concat())
 }
 
 fn flip_a_byte(file: &Path) {

@@ -11,24 +11,23 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kiln, kiln_bin, tiny_bert_args, weights_of};
+use common::{NO_EVAL, kiln, kiln_bin, resume_args, tiny_bert_args, weights_of};
 use kiln::checkpoint::lock::{Holder, LOCK_NAME};
 use kiln::checkpoint::scan::{last_checkpoint, list_checkpoints, verify_checkpoint};
 
-const LONG: [&str; 12] = [
+/// A run long enough to be caught alive (evaluation off: [`NO_EVAL`]).
+const LONG: [&str; 6] = [
     "--max_steps",
     "400",
     "--save_steps",
     "100",
-    "--eval_strategy",
-    "no",
-    "--load_best_model_at_end",
-    "false",
-    "--metric_for_best_model",
-    "none",
     "--save_total_limit",
     "2",
 ];
+
+fn long() -> Vec<&'static str> {
+    [&LONG[..], &NO_EVAL[..]].concat()
+}
 
 fn spawn(args: &[String]) -> Child {
     Command::new(kiln_bin())
@@ -74,7 +73,7 @@ fn stderr_of(child: Child) -> (Option<i32>, String) {
 fn a_live_runs_folder_is_refused_and_a_killed_holder_frees_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dup");
-    let first = spawn(&tiny_bert_args(&out, &LONG));
+    let first = spawn(&tiny_bert_args(&out, &long()));
     wait_for_lock(&out, first.id());
     let pid = first.id();
 
@@ -95,7 +94,7 @@ fn a_live_runs_folder_is_refused_and_a_killed_holder_frees_it() {
 
     // A SIGKILLed holder leaves no stale lock: the next run starts at once.
     let killed = dir.path().join("killed");
-    let mut holder = spawn(&tiny_bert_args(&killed, &LONG));
+    let mut holder = spawn(&tiny_bert_args(&killed, &long()));
     wait_for_lock(&killed, holder.id());
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -106,33 +105,22 @@ fn a_live_runs_folder_is_refused_and_a_killed_holder_frees_it() {
     .expect_success();
 }
 
-/// The run's arguments, resuming from the last complete checkpoint when there is one.
-fn resume_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args = tiny_bert_args(out, extra);
-    if out.exists() && last_checkpoint(out).unwrap().is_some() {
-        args.extend(["--resume_from_checkpoint".to_string(), "last".to_string()]);
-    }
-    args
-}
-
 #[test]
 fn a_signal_saves_the_step_reached_and_resume_is_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     // Checkpoints every 16 steps: a signal between two of them saves its own step.
     let extra = [
-        "--max_steps",
-        "64",
-        "--save_steps",
-        "16",
-        "--eval_strategy",
-        "no",
-        "--load_best_model_at_end",
-        "false",
-        "--metric_for_best_model",
-        "none",
-        "--save_total_limit",
-        "3",
-    ];
+        &[
+            "--max_steps",
+            "64",
+            "--save_steps",
+            "16",
+            "--save_total_limit",
+            "3",
+        ][..],
+        &NO_EVAL[..],
+    ]
+    .concat();
     let straight = dir.path().join("straight");
     kiln(tiny_bert_args(&straight, &extra)).expect_success();
 
@@ -198,7 +186,7 @@ fn a_signal_saves_the_step_reached_and_resume_is_bit_identical() {
 fn a_second_signal_exits_at_once_and_save_on_signal_false_dies_plainly() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("twice");
-    let child = spawn(&tiny_bert_args(&out, &LONG));
+    let child = spawn(&tiny_bert_args(&out, &long()));
     wait_for_lock(&out, child.id());
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, "TERM");
@@ -214,7 +202,7 @@ fn a_second_signal_exits_at_once_and_save_on_signal_false_dies_plainly() {
     let plain = dir.path().join("plain");
     let child = spawn(&tiny_bert_args(
         &plain,
-        &[&LONG[..], &["--save_on_signal", "false"]].concat(),
+        &[&long()[..], &["--save_on_signal", "false"]].concat(),
     ));
     wait_for_lock(&plain, child.id());
     std::thread::sleep(Duration::from_millis(300));

@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kiln, kiln_bin, last_json_line, repo, run_python, tiny_bert_args, weights_of};
+use common::{
+    kiln, kiln_bin, last_json_line, repo, resume_args, run_python, tiny_bert_args, weights_of,
+};
 use kiln::checkpoint::scan::{list_checkpoints, verify_checkpoint};
 use serde_json::Value;
 
@@ -199,20 +200,6 @@ fn gpt2_run_generates_and_bad_input_is_one_line() {
     kiln(["predict", "--model", "/nonexistent", "--text", "x"])
         .expect_code(1)
         .expect_no_panic();
-}
-
-/// The run's arguments, resuming from the last complete checkpoint when there is one
-/// (killed before its first save, a run starts over, as `last` has nothing to resume).
-fn resume_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args = tiny_bert_args(out, extra);
-    let has_checkpoint = out.exists()
-        && kiln::checkpoint::scan::last_checkpoint(out)
-            .unwrap()
-            .is_some();
-    if has_checkpoint {
-        args.extend(["--resume_from_checkpoint".to_string(), "last".to_string()]);
-    }
-    args
 }
 
 #[test]

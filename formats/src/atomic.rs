@@ -17,18 +17,7 @@ pub(crate) fn write_file(
     path: &Path,
     write: impl FnOnce(&mut Sink<'_>) -> Result<()>,
 ) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Argument(format!("{}: not a file path", path.display())))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(parent)
-        .in_file(parent)?;
+    let (parent, mut tmp) = temp_sibling(path)?;
     let recording = crate::digest::recording_for(path);
     let mut sink = Sink(Hashing::new(tmp.as_file_mut(), recording.is_some()));
     write(&mut sink)?;
@@ -50,18 +39,7 @@ pub(crate) fn write_file_rehashed(
     write: impl FnOnce(&mut Sink<'_>) -> Result<()>,
     rehash: impl FnOnce(&mut blake3::Hasher) -> Result<()> + Send,
 ) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Argument(format!("{}: not a file path", path.display())))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(parent)
-        .in_file(parent)?;
+    let (parent, mut tmp) = temp_sibling(path)?;
     let recording = crate::digest::recording_for(path);
     let file = tmp.as_file_mut();
     let write_and_sync = |file: &mut File| -> Result<()> {
@@ -114,6 +92,23 @@ impl std::io::Write for Sink<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
     }
+}
+
+/// `path`'s folder and a hidden temporary file in it (removed unless persisted).
+fn temp_sibling(path: &Path) -> Result<(&Path, tempfile::NamedTempFile)> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Argument(format!("{}: not a file path", path.display())))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .in_file(parent)?;
+    Ok((parent, tmp))
 }
 
 /// Syncs a folder so that renames and creations in it are durable.

@@ -437,3 +437,27 @@ pub fn weights_of(dir: &Path) -> kiln::formats::TensorMap<'static> {
     }
     m
 }
+
+/// Flags that turn evaluation (and the best-model tracking it feeds) off.
+pub const NO_EVAL: [&str; 6] = [
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--metric_for_best_model",
+    "none",
+];
+
+/// [`tiny_bert_args`] with `extra`, resuming from the last complete checkpoint when
+/// `out` has one (a run killed before its first save starts over).
+pub fn resume_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = tiny_bert_args(out, extra);
+    let has_checkpoint = out.exists()
+        && kiln::checkpoint::scan::last_checkpoint(out)
+            .unwrap()
+            .is_some();
+    if has_checkpoint {
+        args.extend(["--resume_from_checkpoint".to_string(), "last".to_string()]);
+    }
+    args
+}
