@@ -254,6 +254,9 @@ fn train_with(
         "auto" if dist.name() == "nccl" => format!("cuda:{}", dist.local_rank()),
         other => other.to_string(),
     };
+    // A device that cannot do what the run asks is refused before anything is written.
+    let selected = select_device(&spec, &cfg.training)?;
+    let device = selected.device.clone();
     // The run owns its output_dir from before any work to the end (the model saved):
     // rank 0 holds the lock, or with save_on_each_node the first process of each node.
     let writes = if cfg.training.save_on_each_node {
@@ -265,8 +268,6 @@ fn train_with(
         true => Some(OutputDirLock::acquire(Path::new(&cfg.training.output_dir))?),
         false => None,
     };
-    let selected = select_device(&spec, &cfg.training)?;
-    let device = selected.device.clone();
     let p = prepare(cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     let model = match &cfg.model.init_from {
