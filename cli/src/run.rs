@@ -64,7 +64,9 @@ struct Prepared {
     labels: Option<Labels>,
 }
 
-fn prepare(cfg: &RunConfig) -> Result<Prepared> {
+/// The registered architecture a run config names (or its `init_from` folder's), and
+/// that folder's `config.json`.
+fn resolve_architecture(cfg: &RunConfig) -> Result<(&'static Architecture, Option<Value>)> {
     let init_config = match &cfg.model.init_from {
         Some(dir) => Some(kiln_checkpoint::model::read_config(Path::new(dir))?),
         None => None,
@@ -78,7 +80,11 @@ fn prepare(cfg: &RunConfig) -> Result<Prepared> {
             ));
         }
     };
-    let architecture = registry::find(&name)?;
+    Ok((registry::find(&name)?, init_config))
+}
+
+fn prepare(cfg: &RunConfig) -> Result<Prepared> {
+    let (architecture, init_config) = resolve_architecture(cfg)?;
     let task = architecture.task;
     let raw = RawData::read(&cfg.data, task)?;
     let tokenizer_dir = cfg
@@ -91,8 +97,8 @@ fn prepare(cfg: &RunConfig) -> Result<Prepared> {
         _ => {
             let kind = TokenizerKind::for_architecture(architecture.tokenizer).ok_or_else(|| {
                 Error::Config(format!(
-                    "{name} asks for a {:?} tokenizer, which kiln cannot train; give one with tokenizer_name",
-                    architecture.tokenizer
+                    "{} asks for a {:?} tokenizer, which kiln cannot train; give one with tokenizer_name",
+                    architecture.name, architecture.tokenizer
                 ))
             })?;
             TokenizerTrainer::new(kind, cfg.data.vocab_size).train(raw.train_texts())?
@@ -254,8 +260,10 @@ fn train_with(
         "auto" if dist.name() == "nccl" => format!("cuda:{}", dist.local_rank()),
         other => other.to_string(),
     };
-    // A device that cannot do what the run asks is refused before anything is written.
+    // A device that cannot do what the run asks, or an architecture that is not
+    // registered, is refused before anything is written.
     let selected = select_device(&spec, &cfg.training)?;
+    resolve_architecture(cfg)?;
     let device = selected.device.clone();
     // The run owns its output_dir from before any work to the end (the model saved):
     // rank 0 holds the lock, or with save_on_each_node the first process of each node.

@@ -4,8 +4,8 @@
 //! Three kinds of JSON Lines row, told from the file's first row:
 //! - prompt/completion text (`{"prompt": "...", "completion": "..."}`): the EOS token is
 //!   appended to the completion unless it ends with it; the ids are
-//!   `tokenizer(prompt + completion)` (special tokens added, e.g. Llama's BOS) and the
-//!   first `len(tokenizer(prompt))` of them are the prompt;
+//!   `tokenizer(prompt + completion)` (special tokens added, e.g. Llama's BOS), the
+//!   prompt's those it shares with `tokenizer(prompt)`;
 //! - conversational prompt/completion (both lists of `{role, content}` messages): the
 //!   prompt is `apply_chat_template(prompt, add_generation_prompt=True)`, the ids
 //!   `apply_chat_template(prompt + completion)`;
@@ -20,7 +20,8 @@
 //! Labels are the ids, with -100 where the loss is not taken: on the prompt
 //! (`completion_only_loss`, TRL's default for prompt/completion rows) and outside the
 //! template's `{% generation %}` blocks (`assistant_only_loss`). Without packing each row
-//! is cut to `max_length` (its start kept) and rows left with no label are dropped, as
+//! is cut to `max_length` (its start kept, or its end with `keep_end`) and rows left
+//! with no label are dropped, as
 //! TRL drops them; batches are padded per batch on the right. With packing (TRL's
 //! `wrapped` strategy) all rows are joined and cut into `max_length` blocks, the last one
 //! kept short. The chat template is applied as transformers applies it ([`crate::chat`]).
