@@ -227,7 +227,7 @@ fn write_value(out: &mut String, value: &PyValue, level: usize) {
         PyValue::Int(i) => out.push_str(&i.to_string()),
         PyValue::UInt(u) => out.push_str(&u.to_string()),
         PyValue::Float(f) => out.push_str(&float_repr(*f)),
-        PyValue::Str(s) => write_string(out, s),
+        PyValue::Str(s) => write_json_string(out, s, true),
         PyValue::List(items) => {
             if items.is_empty() {
                 out.push_str("[]");
@@ -255,7 +255,7 @@ fn write_value(out: &mut String, value: &PyValue, level: usize) {
                     out.push(',');
                 }
                 indent(out, level + 1);
-                write_string(out, k);
+                write_json_string(out, k, true);
                 out.push_str(": ");
                 write_value(out, v, level + 1);
             }
@@ -265,8 +265,10 @@ fn write_value(out: &mut String, value: &PyValue, level: usize) {
     }
 }
 
-/// A JSON string with Python's escaping (`ensure_ascii=True`).
-fn write_string(out: &mut String, s: &str) {
+/// Appends `s` as `json.dumps` writes a string: quotes, backslash escapes, control
+/// characters as `\uXXXX`, and with `ensure_ascii` everything but printable ASCII
+/// (DEL too) as `\uXXXX` UTF-16 units.
+pub fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -277,7 +279,7 @@ fn write_string(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             '\u{08}' => out.push_str("\\b"),
             '\u{0c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
                 let mut units = [0u16; 2];
                 for u in c.encode_utf16(&mut units) {
                     out.push_str(&format!("\\u{u:04x}"));
