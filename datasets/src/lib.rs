@@ -105,17 +105,19 @@ impl RawSplit {
     /// texts.
     pub fn read_causal_lm(path: impl AsRef<Path>, options: &ReadOptions<'_>) -> Result<Self> {
         let path = path.as_ref();
-        if options.columns.text.is_none()
-            && FileFormat::of(path)? == FileFormat::JsonLines
-            && let Ok(text) = std::fs::read_to_string(path)
-            && let Some(rows) = sft::read_sft(path, text.strip_prefix('\u{feff}').unwrap_or(&text))?
-        {
-            return Ok(RawSplit {
-                path: path.to_path_buf(),
-                rows: Rows::Sft(rows),
-            });
-        }
-        Self::read(path, options)
+        let text = read::read_text(path)?;
+        let sft = match options.columns.text {
+            None if FileFormat::of(path)? == FileFormat::JsonLines => sft::read_sft(path, &text)?,
+            _ => None,
+        };
+        let rows = match sft {
+            Some(rows) => Rows::Sft(rows),
+            None => Rows::Records(read::records_from_text(path, &text, options)?),
+        };
+        Ok(RawSplit {
+            path: path.to_path_buf(),
+            rows,
+        })
     }
 
     /// The text rows (empty for SFT rows).

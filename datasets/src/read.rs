@@ -122,15 +122,32 @@ pub const DEFAULT_TEXT_COLUMNS: [&str; 2] = ["text", "sentence"];
 /// files are skipped. CSV labels are typed per file as pandas infers a column: integers
 /// if every value is one, else floats if every value is one, else strings.
 pub fn read_records(path: &Path, options: &ReadOptions<'_>) -> Result<Vec<Record>> {
+    records_from_text(path, &read_text(path)?, options)
+}
+
+/// The text of a data file: UTF-8 (an invalid byte is an error naming its line), a
+/// leading byte-order mark dropped.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
+    let mut text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
         Error::Data(format!("{}:{line}: not valid UTF-8", path.display()))
     })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
+/// [`read_records`] of a file's text, already read.
+pub(crate) fn records_from_text(
+    path: &Path,
+    text: &str,
+    options: &ReadOptions<'_>,
+) -> Result<Vec<Record>> {
     match FileFormat::of(path)? {
         FileFormat::JsonLines => read_json_lines(path, text, &options.columns),
         FileFormat::Csv => read_csv(path, text, b',', &options.columns),

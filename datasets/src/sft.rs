@@ -264,38 +264,44 @@ struct Tokenized {
     keep: Vec<bool>,
 }
 
-/// Ids of a rendered conversation, and (when `assistant`) which tokens overlap its
-/// `{% generation %}` blocks, as `return_assistant_tokens_mask` marks them.
-fn chat_ids(
-    template: &ChatTemplate,
-    tokenizer: &Tokenizer,
-    messages: &[Value],
-    tools: Option<&Value>,
-    add_generation_prompt: bool,
-    assistant: bool,
-) -> Result<(Vec<u32>, Option<Vec<bool>>)> {
-    if messages.is_empty() {
-        return Err(Error::Template("the conversation has no messages".into()));
+/// A chat template with what it renders with: the tokenizer, and its named special
+/// tokens (computed once for all rows).
+struct Chat<'a> {
+    template: &'a ChatTemplate,
+    tokenizer: &'a Tokenizer,
+    special: Map<String, Value>,
+}
+
+impl Chat<'_> {
+    /// Ids of a rendered conversation, and (when `assistant`) which tokens overlap its
+    /// `{% generation %}` blocks, as `return_assistant_tokens_mask` marks them.
+    fn ids(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        assistant: bool,
+    ) -> Result<(Vec<u32>, Option<Vec<bool>>)> {
+        if messages.is_empty() {
+            return Err(Error::Template("the conversation has no messages".into()));
+        }
+        let rendered =
+            self.template
+                .render(messages, tools, add_generation_prompt, &self.special)?;
+        let (ids, offsets) = self.tokenizer.encode_plain(&rendered.text)?;
+        let mask = assistant.then(|| {
+            offsets
+                .iter()
+                .map(|&(start, end)| {
+                    rendered
+                        .generation
+                        .iter()
+                        .any(|g| end > g.start && start < g.end)
+                })
+                .collect()
+        });
+        Ok((ids, mask))
     }
-    let rendered = template.render(
-        messages,
-        tools,
-        add_generation_prompt,
-        &tokenizer.special_tokens_map(),
-    )?;
-    let (ids, offsets) = tokenizer.encode_plain(&rendered.text)?;
-    let mask = assistant.then(|| {
-        offsets
-            .iter()
-            .map(|&(start, end)| {
-                rendered
-                    .generation
-                    .iter()
-                    .any(|g| end > g.start && start < g.end)
-            })
-            .collect()
-    });
-    Ok((ids, mask))
 }
 
 /// The number of leading ids `a` and `b` share.
@@ -306,7 +312,7 @@ fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
 fn tokenize_row(
     record: &SftRecord,
     tokenizer: &Tokenizer,
-    template: Option<&ChatTemplate>,
+    chat: Option<&Chat<'_>>,
     options: &SftOptions,
 ) -> Result<Tokenized> {
     let prompt_mask = |prompt_len: usize, len: usize| -> Vec<bool> {
@@ -314,8 +320,8 @@ fn tokenize_row(
             .map(|i| !options.completion_only_loss || i >= prompt_len)
             .collect()
     };
-    let template = || {
-        template.ok_or_else(|| {
+    let chat = || {
+        chat.ok_or_else(|| {
             Error::Config(
                 "conversational rows need a chat template: the tokenizer has none; set \
                  data.chat_template_path"
@@ -340,17 +346,10 @@ fn tokenize_row(
             Ok(Tokenized { ids, keep })
         }
         SftRow::ChatPromptCompletion { prompt, completion } => {
-            let template = template()?;
-            let (prompt_ids, _) = chat_ids(template, tokenizer, prompt, tools, true, false)?;
+            let chat = chat()?;
+            let (prompt_ids, _) = chat.ids(prompt, tools, true, false)?;
             let all: Vec<Value> = prompt.iter().chain(completion).cloned().collect();
-            let (ids, assistant) = chat_ids(
-                template,
-                tokenizer,
-                &all,
-                tools,
-                false,
-                options.assistant_only_loss,
-            )?;
+            let (ids, assistant) = chat.ids(&all, tools, false, options.assistant_only_loss)?;
             let mut keep = prompt_mask(common_prefix_length(&prompt_ids, &ids), ids.len());
             if let Some(assistant) = assistant {
                 check_assistant(&assistant)?;
@@ -359,14 +358,8 @@ fn tokenize_row(
             Ok(Tokenized { ids, keep })
         }
         SftRow::Messages(messages) => {
-            let (ids, assistant) = chat_ids(
-                template()?,
-                tokenizer,
-                messages,
-                tools,
-                false,
-                options.assistant_only_loss,
-            )?;
+            let (ids, assistant) =
+                chat()?.ids(messages, tools, false, options.assistant_only_loss)?;
             let keep = match assistant {
                 Some(a) => {
                     check_assistant(&a)?;
@@ -422,6 +415,15 @@ pub fn tokenize_sft(
     if options.max_length == 0 {
         return Err(Error::Config("data.max_length must be at least 1".into()));
     }
+    if options.assistant_only_loss && template.is_some_and(|t| !t.has_generation()) {
+        // No row can have assistant tokens: say so before tokenizing any.
+        check_assistant(&[])?;
+    }
+    let chat = template.map(|template| Chat {
+        template,
+        tokenizer,
+        special: tokenizer.special_tokens_map(),
+    });
     let mut rows = Vec::with_capacity(records.len());
     for record in records {
         let in_row = |e: Error| match e {
@@ -430,7 +432,7 @@ pub fn tokenize_sft(
             }
             e => e,
         };
-        let t = tokenize_row(record, tokenizer, template, options).map_err(in_row)?;
+        let t = tokenize_row(record, tokenizer, chat.as_ref(), options).map_err(in_row)?;
         if !options.truncation && t.ids.len() > options.max_length {
             return Err(at(
                 path,
