@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    kiln, kiln_bin, last_json_line, repo, resume_args, run_python, tiny_bert_args, weights_of,
+    NO_EVAL, kiln, kiln_bin, last_json_line, repo, resume_args, run_python, tiny_bert_args,
+    weights_of,
 };
 use kiln::checkpoint::scan::{list_checkpoints, verify_checkpoint};
 use serde_json::Value;
@@ -207,19 +208,17 @@ fn sigkill_during_training_then_resume_equals_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
     let extra = [
-        "--max_steps",
-        "48",
-        "--save_steps",
-        "2",
-        "--eval_strategy",
-        "no",
-        "--load_best_model_at_end",
-        "false",
-        "--metric_for_best_model",
-        "none",
-        "--save_total_limit",
-        "3",
-    ];
+        &[
+            "--max_steps",
+            "48",
+            "--save_steps",
+            "2",
+            "--save_total_limit",
+            "3",
+        ][..],
+        &NO_EVAL[..],
+    ]
+    .concat();
     kiln(tiny_bert_args(&straight, &extra)).expect_success();
 
     let killed = dir.path().join("killed");

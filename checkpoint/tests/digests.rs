@@ -9,13 +9,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Sizes, save};
+use common::{Sizes, save, steps};
 use kiln_checkpoint::Error;
 use kiln_checkpoint::commit::{MANIFEST_NAME, Manifest};
 use kiln_checkpoint::rotate::{rotate, rotate_after_save};
-use kiln_checkpoint::scan::{
-    Completeness, completeness, last_sound_checkpoint, list_checkpoints, verify_checkpoint,
-};
+use kiln_checkpoint::scan::{Completeness, completeness, last_sound_checkpoint, verify_checkpoint};
 use proptest::prelude::*;
 
 const SIZES: Sizes = Sizes {
@@ -28,14 +26,6 @@ fn flip(file: &Path) {
     let at = b.len() / 2;
     b[at] ^= 0x80;
     std::fs::write(file, b).unwrap();
-}
-
-fn steps(out: &Path) -> Vec<u64> {
-    list_checkpoints(out)
-        .unwrap()
-        .iter()
-        .map(|e| e.step)
-        .collect()
 }
 
 #[test]

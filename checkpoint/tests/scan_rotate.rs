@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{SMALL, Sizes, assert_content, names, save};
+use common::{SMALL, Sizes, assert_content, names, save, steps};
 use kiln_checkpoint::Error;
 use kiln_checkpoint::commit::MANIFEST_NAME;
 use kiln_checkpoint::rotate::rotate;
@@ -20,14 +20,6 @@ const TINY: Sizes = Sizes {
     model: 64,
     extra: 100,
 };
-
-fn steps(out: &Path) -> Vec<u64> {
-    list_checkpoints(out)
-        .unwrap()
-        .iter()
-        .map(|e| e.step)
-        .collect()
-}
 
 fn incomplete_reason(dir: &Path) -> String {
     match completeness(dir).unwrap() {

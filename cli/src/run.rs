@@ -85,6 +85,15 @@ fn resolve_architecture(cfg: &RunConfig) -> Result<(&'static Architecture, Optio
 
 fn prepare(cfg: &RunConfig) -> Result<Prepared> {
     let (architecture, init_config) = resolve_architecture(cfg)?;
+    prepare_with(cfg, architecture, init_config)
+}
+
+/// [`prepare`] for an architecture already resolved ([`resolve_architecture`]).
+fn prepare_with(
+    cfg: &RunConfig,
+    architecture: &'static Architecture,
+    init_config: Option<Value>,
+) -> Result<Prepared> {
     let task = architecture.task;
     let raw = RawData::read(&cfg.data, task)?;
     let tokenizer_dir = cfg
@@ -263,7 +272,7 @@ fn train_with(
     // A device that cannot do what the run asks, or an architecture that is not
     // registered, is refused before anything is written.
     let selected = select_device(&spec, &cfg.training)?;
-    resolve_architecture(cfg)?;
+    let (architecture, init_config) = resolve_architecture(cfg)?;
     let device = selected.device.clone();
     // The run owns its output_dir from before any work to the end (the model saved):
     // rank 0 holds the lock, or with save_on_each_node the first process of each node.
@@ -276,7 +285,7 @@ fn train_with(
         true => Some(OutputDirLock::acquire(Path::new(&cfg.training.output_dir))?),
         false => None,
     };
-    let p = prepare(cfg)?;
+    let p = prepare_with(cfg, architecture, init_config)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
     let model = match &cfg.model.init_from {
         Some(dir) => {

@@ -110,3 +110,12 @@ pub fn assert_content(dir: &Path, step: u64, generation: u64, sizes: Sizes) {
 
 #[allow(unused_imports)] // not every test binary lists or copies folders
 pub use kiln_test_support::fs::{copy_dir, names};
+
+/// The steps of `out`'s checkpoints, in order.
+pub fn steps(out: &Path) -> Vec<u64> {
+    kiln_checkpoint::scan::list_checkpoints(out)
+        .unwrap()
+        .iter()
+        .map(|e| e.step)
+        .collect()
+}
