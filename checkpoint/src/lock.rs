@@ -6,7 +6,10 @@
 //! host and start time into it. The kernel releases the lock when the process ends,
 //! however it ends (a SIGKILLed run leaves no stale lock: the file stays, unlocked, and
 //! the next run takes it at once). A second run finds the lock held and is refused with
-//! the holder's pid and host.
+//! the holder's pid and host. The `kiln` command holds it for a whole run; code that
+//! drives `kiln_trainer::Trainer` itself holds an `OutputDirLock` the same way (the
+//! trainer does not take one: a second lock on the same file from one process would
+//! conflict with the caller's).
 //!
 //! What it protects: runs on one machine, and runs on several machines sharing a file
 //! system whose `flock` is coherent across clients (NFSv4 with Linux clients, where
