@@ -4,13 +4,14 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use kiln_trainer::adapter::DenseVisitor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{self, ProblemType, TokenIds, check};
 use crate::fused;
 use crate::layers::{
-    Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, mask_to_bias,
+    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Params, attention, dropout, mask_to_bias,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -321,6 +322,23 @@ impl BertForSequenceClassification {
             .or_else(|| self.problem_type.get().copied())
     }
 
+    /// Visits every parameter and dense layer, in [`Model::parameters`] order.
+    fn visit(&mut self, f: MapFn<'_>) -> candle_core::Result<()> {
+        self.word_embeddings
+            .map("bert.embeddings.word_embeddings", f)?;
+        self.position_embeddings
+            .map("bert.embeddings.position_embeddings", f)?;
+        self.token_type_embeddings
+            .map("bert.embeddings.token_type_embeddings", f)?;
+        self.embeddings_norm.map("bert.embeddings.LayerNorm", f)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.map(&format!("bert.encoder.layer.{i}"), f)?;
+        }
+        self.pooler.map("bert.pooler.dense", f)?;
+        self.classifier.map("classifier", f)?;
+        Ok(())
+    }
+
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
         let n = self.config.num_labels();
         let problem = match self.config.problem_type {
@@ -359,10 +377,13 @@ impl BertLayer {
     ) -> candle_core::Result<Tensor> {
         let heads = config.num_attention_heads;
         let scale = 1.0 / ((config.hidden_size / heads) as f64).sqrt();
+        let q = self.query.forward(x, rng.as_deref_mut())?;
+        let k = self.key.forward(x, rng.as_deref_mut())?;
+        let v = self.value.forward(x, rng.as_deref_mut())?;
         let context = attention(
-            &self.query.forward(x)?,
-            &self.key.forward(x)?,
-            &self.value.forward(x)?,
+            &q,
+            &k,
+            &v,
             heads,
             heads,
             bias,
@@ -370,15 +391,14 @@ impl BertLayer {
             config.attention_probs_dropout_prob,
             rng.as_deref_mut(),
         )?;
-        let attended = self.attention_output.forward(&context)?;
+        let attended = self
+            .attention_output
+            .forward(&context, rng.as_deref_mut())?;
         let attended = dropout(&attended, config.hidden_dropout_prob, rng.as_deref_mut())?;
         let x = self.attention_norm.forward(&(attended + x)?)?;
-        let inner = activation.forward(&self.intermediate.forward(&x)?)?;
-        let out = dropout(
-            &self.output.forward(&inner)?,
-            config.hidden_dropout_prob,
-            rng,
-        )?;
+        let inner = activation.forward(&self.intermediate.forward(&x, rng.as_deref_mut())?)?;
+        let out = self.output.forward(&inner, rng.as_deref_mut())?;
+        let out = dropout(&out, config.hidden_dropout_prob, rng)?;
         self.output_norm.forward(&(out + x)?)
     }
 
@@ -443,9 +463,13 @@ impl Model for BertForSequenceClassification {
         for layer in &self.layers {
             x = layer.forward(&x, &bias, c, self.activation, train.as_deref_mut())?;
         }
-        let pooled = self.pooler.forward(&x.i((.., 0))?)?.tanh()?;
+        let pooled = self
+            .pooler
+            .forward(&x.i((.., 0))?, train.as_deref_mut())?
+            .tanh()?;
         let p = c.classifier_dropout.unwrap_or(c.hidden_dropout_prob);
-        let logits = self.classifier.forward(&dropout(&pooled, p, train)?)?;
+        let pooled = dropout(&pooled, p, train.as_deref_mut())?;
+        let logits = self.classifier.forward(&pooled, train)?;
         let loss = match &batch.labels {
             Some(labels) => Some(self.loss(&logits, labels)?),
             None => None,
@@ -475,19 +499,15 @@ impl Model for BertForSequenceClassification {
         &mut self,
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
-        self.word_embeddings
-            .map("bert.embeddings.word_embeddings", f)?;
-        self.position_embeddings
-            .map("bert.embeddings.position_embeddings", f)?;
-        self.token_type_embeddings
-            .map("bert.embeddings.token_type_embeddings", f)?;
-        self.embeddings_norm.map("bert.embeddings.LayerNorm", f)?;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.map(&format!("bert.encoder.layer.{i}"), f)?;
-        }
-        self.pooler.map("bert.pooler.dense", f)?;
-        self.classifier.map("classifier", f)?;
-        Ok(())
+        Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {
+        Ok(self.visit(&mut Freeze(frozen))?)
+    }
+
+    fn visit_dense(&mut self, mut f: DenseVisitor<'_>) -> kiln_trainer::Result<()> {
+        Ok(self.visit(&mut Dense(&mut f))?)
     }
 
     fn config(&self) -> Value {

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use kiln_trainer::adapter::DenseVisitor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -10,7 +11,7 @@ use crate::config::{self, TokenIds, check};
 use crate::fused;
 use crate::generation::Greedy;
 use crate::layers::{
-    Activation, Embedding, LayerNorm, Linear, MapFn, Params, attention, dropout, map_var,
+    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Param, Params, attention, dropout, map_var,
     mask_to_bias, matmul_last, normal,
 };
 use crate::loss;
@@ -246,7 +247,7 @@ pub struct Gpt2LMHeadModel {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     /// `lm_head.weight` `[vocab, n_embd]` when not tied.
-    lm_head: Option<Var>,
+    lm_head: Option<Param>,
 }
 
 impl Gpt2LMHeadModel {
@@ -283,7 +284,7 @@ impl Gpt2LMHeadModel {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(normal(&[config.vocab_size, e], std, rng, device)?)
+            Some(Param::new(normal(&[config.vocab_size, e], std, rng, device)?))
         };
         Ok(Gpt2LMHeadModel {
             config,
@@ -358,7 +359,7 @@ impl Gpt2LMHeadModel {
                 scale /= (i + 1) as f64;
             }
             let h = block.ln_1.forward(&x)?;
-            let qkv = block.c_attn.forward(&h)?;
+            let qkv = block.c_attn.forward(&h, rng.as_deref_mut())?;
             let (q, k, v) = (
                 qkv.narrow(2, 0, e)?,
                 qkv.narrow(2, e, e)?,
@@ -375,16 +376,32 @@ impl Gpt2LMHeadModel {
                 c.attn_pdrop,
                 rng.as_deref_mut(),
             )?;
-            let attended = block.attn_c_proj.forward(&context)?;
+            let attended = block.attn_c_proj.forward(&context, rng.as_deref_mut())?;
             x = (x + dropout(&attended, c.resid_pdrop, rng.as_deref_mut())?)?;
             let h = block.ln_2.forward(&x)?;
-            let inner = self.activation.forward(&block.c_fc.forward(&h)?)?;
-            let out = block.mlp_c_proj.forward(&inner)?;
+            let inner = self
+                .activation
+                .forward(&block.c_fc.forward(&h, rng.as_deref_mut())?)?;
+            let out = block.mlp_c_proj.forward(&inner, rng.as_deref_mut())?;
             x = (x + dropout(&out, c.resid_pdrop, rng.as_deref_mut())?)?;
         }
         let x = self.ln_f.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(self.wte.weight());
-        matmul_last(&x, &head.as_tensor().t()?)
+        matmul_last(&x, &head.t().t()?)
+    }
+
+    /// Visits every parameter and dense layer, in [`Model::parameters`] order.
+    fn visit(&mut self, f: MapFn<'_>) -> candle_core::Result<()> {
+        self.wte.map("transformer.wte", f)?;
+        self.wpe.map("transformer.wpe", f)?;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.map(&format!("transformer.h.{i}"), f)?;
+        }
+        self.ln_f.map("transformer.ln_f", f)?;
+        if let Some(head) = &mut self.lm_head {
+            map_var(head, "lm_head.weight", f)?;
+        }
+        Ok(())
     }
 
     /// Greedy decoding, as transformers' `generate(do_sample=False)` with the model's
@@ -472,7 +489,7 @@ impl Model for Gpt2LMHeadModel {
         }
         self.ln_f.push("transformer.ln_f", &mut out);
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".into(), head.clone()));
+            out.push(("lm_head.weight".into(), head.var().clone()));
         }
         out
     }
@@ -481,16 +498,15 @@ impl Model for Gpt2LMHeadModel {
         &mut self,
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
-        self.wte.map("transformer.wte", f)?;
-        self.wpe.map("transformer.wpe", f)?;
-        for (i, block) in self.blocks.iter_mut().enumerate() {
-            block.map(&format!("transformer.h.{i}"), f)?;
-        }
-        self.ln_f.map("transformer.ln_f", f)?;
-        if let Some(head) = &mut self.lm_head {
-            map_var(head, "lm_head.weight", f)?;
-        }
-        Ok(())
+        Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {
+        Ok(self.visit(&mut Freeze(frozen))?)
+    }
+
+    fn visit_dense(&mut self, mut f: DenseVisitor<'_>) -> kiln_trainer::Result<()> {
+        Ok(self.visit(&mut Dense(&mut f))?)
     }
 
     fn config(&self) -> Value {

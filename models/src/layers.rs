@@ -17,18 +17,99 @@
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 
 use crate::fused;
+use kiln_trainer::adapter::{AdapterSlot, DenseLayer, DenseVisitor};
 use kiln_trainer::rng::Rng;
 
 /// Parameters collected with their full names, in state_dict order.
 pub(crate) type Params = Vec<(String, Var)>;
 
-/// What [`kiln_trainer::model::Model::map_parameters`] applies to each variable.
-pub(crate) type MapFn<'a> = &'a mut dyn FnMut(&str, &Var) -> Result<Var>;
+/// A parameter: its variable, and whether it is frozen (a constant of the forward
+/// pass: [`Param::t`] detaches it, so backward computes no gradient for it).
+#[derive(Clone, Debug)]
+pub(crate) struct Param {
+    var: Var,
+    frozen: bool,
+}
 
-/// Replaces `var` by `f`'s variable for `name`.
-pub(crate) fn map_var(var: &mut Var, name: &str, f: MapFn<'_>) -> Result<()> {
-    *var = f(name, var)?;
-    Ok(())
+impl Param {
+    pub(crate) fn new(var: Var) -> Self {
+        Param { var, frozen: false }
+    }
+
+    /// The value the forward pass uses: detached when frozen.
+    pub(crate) fn t(&self) -> Tensor {
+        if self.frozen {
+            self.var.as_tensor().detach()
+        } else {
+            self.var.as_tensor().clone()
+        }
+    }
+
+    pub(crate) fn var(&self) -> &Var {
+        &self.var
+    }
+
+    pub(crate) fn dims(&self) -> &[usize] {
+        self.var.dims()
+    }
+}
+
+/// What a model's `visit` walks: every parameter by its full name, and the adapter
+/// slot of every dense layer. [`Model::map_parameters`], [`Model::freeze`] and
+/// [`Model::visit_dense`] are visits.
+///
+/// [`Model::map_parameters`]: kiln_trainer::model::Model::map_parameters
+/// [`Model::freeze`]: kiln_trainer::model::Model::freeze
+/// [`Model::visit_dense`]: kiln_trainer::model::Model::visit_dense
+pub(crate) trait Visitor {
+    fn param(&mut self, name: &str, p: &mut Param) -> Result<()>;
+
+    fn dense(&mut self, layer: &DenseLayer, slot: &mut AdapterSlot) -> Result<()> {
+        let _ = (layer, slot);
+        Ok(())
+    }
+}
+
+/// The visitor a model's `visit` takes.
+pub(crate) type MapFn<'a> = &'a mut dyn Visitor;
+
+/// Visits `p` as `name`.
+pub(crate) fn map_var(p: &mut Param, name: &str, f: MapFn<'_>) -> Result<()> {
+    f.param(name, p)
+}
+
+/// [`Model::map_parameters`](kiln_trainer::model::Model::map_parameters) as a visit:
+/// each variable replaced by the closure's, the frozen flag kept.
+pub(crate) struct MapVars<'a>(pub &'a mut dyn FnMut(&str, &Var) -> Result<Var>);
+
+impl Visitor for MapVars<'_> {
+    fn param(&mut self, name: &str, p: &mut Param) -> Result<()> {
+        p.var = (self.0)(name, &p.var)?;
+        Ok(())
+    }
+}
+
+/// [`Model::freeze`](kiln_trainer::model::Model::freeze) as a visit.
+pub(crate) struct Freeze<'a>(pub &'a dyn Fn(&str) -> bool);
+
+impl Visitor for Freeze<'_> {
+    fn param(&mut self, name: &str, p: &mut Param) -> Result<()> {
+        p.frozen = (self.0)(name);
+        Ok(())
+    }
+}
+
+/// [`Model::visit_dense`](kiln_trainer::model::Model::visit_dense) as a visit.
+pub(crate) struct Dense<'a, 'b>(pub &'a mut DenseVisitor<'b>);
+
+impl Visitor for Dense<'_, '_> {
+    fn param(&mut self, _: &str, _: &mut Param) -> Result<()> {
+        Ok(())
+    }
+
+    fn dense(&mut self, layer: &DenseLayer, slot: &mut AdapterSlot) -> Result<()> {
+        (self.0)(layer, slot)
+    }
 }
 
 pub(crate) use kiln_trainer::precision::upcast;
@@ -44,12 +125,14 @@ pub(crate) fn zeros(shape: &[usize], device: &Device) -> Result<Var> {
 }
 
 /// A dense layer: torch's `nn.Linear` (weight `[out, in]`) or GPT-2's `Conv1D`
-/// (weight `[in, out]`), with a bias.
+/// (weight `[in, out]`), with a bias, and optionally an adapter whose output is added
+/// ([`kiln_trainer::adapter`]).
 #[derive(Debug)]
 pub(crate) struct Linear {
-    weight: Var,
-    bias: Option<Var>,
+    weight: Param,
+    bias: Option<Param>,
     transposed: bool,
+    adapter: AdapterSlot,
 }
 
 impl Linear {
@@ -63,13 +146,14 @@ impl Linear {
         device: &Device,
     ) -> Result<Self> {
         Ok(Linear {
-            weight: normal(&[output, input], std, rng, device)?,
+            weight: Param::new(normal(&[output, input], std, rng, device)?),
             bias: if bias {
-                Some(zeros(&[output], device)?)
+                Some(Param::new(zeros(&[output], device)?))
             } else {
                 None
             },
             transposed: false,
+            adapter: None,
         })
     }
 
@@ -82,26 +166,32 @@ impl Linear {
         device: &Device,
     ) -> Result<Self> {
         Ok(Linear {
-            weight: normal(&[input, output], std, rng, device)?,
-            bias: Some(zeros(&[output], device)?),
+            weight: Param::new(normal(&[input, output], std, rng, device)?),
+            bias: Some(Param::new(zeros(&[output], device)?)),
             transposed: true,
+            adapter: None,
         })
     }
 
-    /// `x @ W^T + b` (`x @ W + b` for Conv1D) over the last dimension.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::linear(
+    /// `x @ W^T + b` (`x @ W + b` for Conv1D) over the last dimension, plus the
+    /// adapter's output; `rng` (training) is the adapter's dropout generator.
+    pub(crate) fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let y = fused::linear(
             x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(|b| b.as_tensor()),
+            &self.weight.t(),
+            self.bias.as_ref().map(|b| b.t()).as_ref(),
             self.transposed,
-        )
+        )?;
+        match &self.adapter {
+            Some(a) => y + a.forward(x, rng)?,
+            None => Ok(y),
+        }
     }
 
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
+        out.push((format!("{prefix}.weight"), self.weight.var().clone()));
         if let Some(b) = &self.bias {
-            out.push((format!("{prefix}.bias"), b.clone()));
+            out.push((format!("{prefix}.bias"), b.var().clone()));
         }
     }
 
@@ -110,7 +200,19 @@ impl Linear {
         if let Some(b) = &mut self.bias {
             map_var(b, &format!("{prefix}.bias"), f)?;
         }
-        Ok(())
+        let dims = self.weight.dims();
+        let (in_features, out_features) = match self.transposed {
+            true => (dims[0], dims[1]),
+            false => (dims[1], dims[0]),
+        };
+        let layer = DenseLayer {
+            name: prefix.to_string(),
+            in_features,
+            out_features,
+            fan_in_fan_out: self.transposed,
+            bias: self.bias.is_some(),
+        };
+        f.dense(&layer, &mut self.adapter)
     }
 }
 
@@ -119,16 +221,16 @@ pub(crate) use crate::fused::written_out::matmul_last;
 /// `nn.LayerNorm`: weight one, bias zero.
 #[derive(Debug)]
 pub(crate) struct LayerNorm {
-    weight: Var,
-    bias: Var,
+    weight: Param,
+    bias: Param,
     eps: f64,
 }
 
 impl LayerNorm {
     pub(crate) fn new(size: usize, eps: f64, device: &Device) -> Result<Self> {
         Ok(LayerNorm {
-            weight: Var::ones(size, DType::F32, device)?,
-            bias: zeros(&[size], device)?,
+            weight: Param::new(Var::ones(size, DType::F32, device)?),
+            bias: Param::new(zeros(&[size], device)?),
             eps,
         })
     }
@@ -139,15 +241,15 @@ impl LayerNorm {
         let dtype = x.dtype();
         let x = upcast(x)?;
         let (w, b) = (
-            upcast(self.weight.as_tensor())?,
-            upcast(self.bias.as_tensor())?,
+            upcast(&self.weight.t())?,
+            upcast(&self.bias.t())?,
         );
         fused::layer_norm(&x, &w, &b, self.eps)?.to_dtype(dtype)
     }
 
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        out.push((format!("{prefix}.bias"), self.bias.clone()));
+        out.push((format!("{prefix}.weight"), self.weight.var().clone()));
+        out.push((format!("{prefix}.bias"), self.bias.var().clone()));
     }
 
     pub(crate) fn map(&mut self, prefix: &str, f: MapFn<'_>) -> Result<()> {
@@ -159,7 +261,7 @@ impl LayerNorm {
 /// `nn.Embedding`: normal(0, std), the `padding_idx` row zero.
 #[derive(Debug)]
 pub(crate) struct Embedding {
-    weight: Var,
+    weight: Param,
 }
 
 impl Embedding {
@@ -177,39 +279,39 @@ impl Embedding {
         if let Some(p) = padding_idx.map(|p| p as usize).filter(|p| *p < count) {
             data[p * size..(p + 1) * size].fill(0.0);
         }
-        let weight = Var::from_vec(data, (count, size), device)?;
+        let weight = Param::new(Var::from_vec(data, (count, size), device)?);
         Ok(Embedding { weight })
     }
 
     /// The rows of `ids` (any integer dtype, any shape): shape `ids.shape + [size]`.
     pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (count, size) = self.weight.dims2()?;
+        let (count, size) = self.weight.var().dims2()?;
         check_ids(ids, count)?;
         let mut shape = ids.dims().to_vec();
         shape.push(size);
         self.weight
-            .as_tensor()
+            .t()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape(shape)
     }
 
     /// The first `n` rows (positions 0..n).
     pub(crate) fn first_rows(&self, n: usize) -> Result<Tensor> {
-        let count = self.weight.dim(0)?;
+        let count = self.weight.var().dim(0)?;
         if n > count {
             candle_core::bail!(
                 "sequence of {n} tokens is longer than the {count} positions the model has"
             )
         }
-        self.weight.as_tensor().narrow(0, 0, n)
+        self.weight.t().narrow(0, 0, n)
     }
 
-    pub(crate) fn weight(&self) -> &Var {
+    pub(crate) fn weight(&self) -> &Param {
         &self.weight
     }
 
     pub(crate) fn push(&self, name: &str, out: &mut Params) {
-        out.push((format!("{name}.weight"), self.weight.clone()));
+        out.push((format!("{name}.weight"), self.weight.var().clone()));
     }
 
     pub(crate) fn map(&mut self, name: &str, f: MapFn<'_>) -> Result<()> {

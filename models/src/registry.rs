@@ -306,6 +306,32 @@ impl Model for Box<dyn TaskModel> {
     fn saved_dtype(&self) -> Option<candle_core::DType> {
         (**self).saved_dtype()
     }
+    fn visit_dense(
+        &mut self,
+        f: kiln_trainer::adapter::DenseVisitor<'_>,
+    ) -> kiln_trainer::Result<()> {
+        (**self).visit_dense(f)
+    }
+    fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {
+        (**self).freeze(frozen)
+    }
+}
+
+/// A boxed model is a task model (so that wrappers such as kiln-peft's adapters take one).
+impl TaskModel for Box<dyn TaskModel> {
+    fn generate_greedy(
+        &self,
+        input_ids: &Tensor,
+        max_new_tokens: usize,
+    ) -> candle_core::Result<Tensor> {
+        (**self).generate_greedy(input_ids, max_new_tokens)
+    }
+    fn set_generation_config(&mut self, generation_config: Value) {
+        (**self).set_generation_config(generation_config)
+    }
+    fn set_stored_dtype(&mut self, dtype: candle_core::DType) {
+        (**self).set_stored_dtype(dtype)
+    }
 }
 
 impl std::fmt::Debug for dyn TaskModel {

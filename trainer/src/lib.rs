@@ -7,6 +7,8 @@
 //!   seeded per-epoch order batches are drawn in.
 //! - [`weights`]: saving any [`Model`] as a Hugging Face model folder and
 //!   loading one into it.
+//! - [`adapter`]: what a model offers adapter methods (kiln-peft's LoRA): dense layers
+//!   that carry adapters, and frozen parameters.
 //! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
 //! - [`precision`]: bf16/fp16 mixed-precision training (f32 master weights, a 16-bit
 //!   working copy, fp16's loss scaler).
@@ -25,6 +27,7 @@
 // linked and its registration would vanish.
 use kiln_backend_cpu as _;
 
+pub mod adapter;
 pub mod args;
 pub mod callback;
 pub mod data;

@@ -160,10 +160,37 @@ pub trait Model: Send {
     /// Whether weight decay skips this parameter. transformers skips biases and the
     /// parameters of normalisation layers; the default recognises their usual names.
     fn no_weight_decay(&self, name: &str) -> bool {
-        name.ends_with("bias")
-            || name.contains("LayerNorm")
-            || name.contains("layer_norm")
-            || name.contains(".ln_")
-            || name.starts_with("ln_")
+        default_no_weight_decay(name)
     }
+
+    /// Calls `f` for every dense layer (in [`Model::parameters`] order) with the slot
+    /// of its adapter, which `f` may read, set or clear; a layer with an adapter adds
+    /// the adapter's output to its own ([`crate::adapter`]). The default: this model
+    /// takes no adapters.
+    fn visit_dense(&mut self, f: crate::adapter::DenseVisitor<'_>) -> crate::Result<()> {
+        let _ = f;
+        Err(crate::Error::Config(
+            "this model takes no adapters: it does not implement Model::visit_dense".into(),
+        ))
+    }
+
+    /// Freezes the parameters (as [`Model::parameters`] names them) that `frozen`
+    /// accepts and unfreezes the others: a frozen parameter is a constant of the
+    /// forward pass, so no gradient is computed for it. The default refuses.
+    fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> crate::Result<()> {
+        let _ = frozen;
+        Err(crate::Error::Config(
+            "this model cannot freeze parameters: it does not implement Model::freeze".into(),
+        ))
+    }
+}
+
+/// transformers' no-decay rule for the usual names: biases and the parameters of
+/// normalisation layers.
+pub fn default_no_weight_decay(name: &str) -> bool {
+    name.ends_with("bias")
+        || name.contains("LayerNorm")
+        || name.contains("layer_norm")
+        || name.contains(".ln_")
+        || name.starts_with("ln_")
 }

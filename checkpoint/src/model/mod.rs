@@ -62,8 +62,14 @@
 //! # Ok(()) }
 //! ```
 
+mod adapter;
 mod bin;
 mod tied;
+
+pub use adapter::{
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_BIN_NAME, ADAPTER_WEIGHTS_NAME, adapter_weights_path,
+    is_adapter_config, is_adapter_folder, read_adapter_config,
+};
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -254,6 +260,9 @@ pub fn save_pretrained(
             "max_shard_size must be at least 1 byte".into(),
         ));
     }
+    if is_adapter_config(&model.config) {
+        return adapter::save(dir, model, options);
+    }
     let config = model_config(&model.config, model.weights)?;
     for (what, value) in [
         ("generation config", &model.generation_config),
@@ -393,7 +402,7 @@ fn model_config(config: &Value, weights: &dyn TensorCollection) -> Result<Value>
 
 /// Tokenizer file names must be plain, distinct file names that are not the names of
 /// the files the save itself writes.
-fn check_file_names(files: &[(String, Vec<u8>)]) -> Result<()> {
+pub(super) fn check_file_names(files: &[(String, Vec<u8>)]) -> Result<()> {
     let mut seen = HashSet::new();
     for (name, _) in files {
         let mut comps = Path::new(name).components();
@@ -427,14 +436,14 @@ fn check_file_names(files: &[(String, Vec<u8>)]) -> Result<()> {
 }
 
 /// Writes `value` as transformers does: `json.dumps(value, indent=2, sort_keys=True) + "\n"`.
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub(super) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = pyjson::dumps(value) + "\n";
     write_atomic(path, text.as_bytes())
 }
 
 /// Writes `bytes` into a hidden temporary sibling of `path`, syncs it and renames it
 /// over `path` (the folder is synced once, at the end of the save).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -457,7 +466,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Syncs a folder so that the renames into it are durable.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -480,7 +489,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<Value> {
     read_json_object(&path)
 }
 
-fn read_json_object(path: &Path) -> Result<Value> {
+pub(super) fn read_json_object(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).at(path)?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(path, e))?;
     if !value.is_object() {
@@ -568,6 +577,11 @@ fn load(
     exact_dtype: bool,
 ) -> Result<LoadedModel> {
     let ties = Ties::new(tied)?;
+    if is_adapter_folder(dir) {
+        let config = read_adapter_config(dir)?;
+        let weights_path = adapter_weights_path(dir)?;
+        return load_weights(config, None, weights_path, expected, &ties, exact_dtype);
+    }
     let config = read_config(dir)?;
     let gen_path = dir.join(GENERATION_CONFIG_NAME);
     let generation_config = if gen_path.is_file() {
@@ -576,6 +590,18 @@ fn load(
         None
     };
     let weights_path = kiln_formats::detect::model_weights_path(dir)?;
+    load_weights(config, generation_config, weights_path, expected, &ties, exact_dtype)
+}
+
+/// Opens `weights_path` as [`load`] describes.
+fn load_weights(
+    config: Value,
+    generation_config: Option<Value>,
+    weights_path: PathBuf,
+    expected: &[TensorInfo],
+    ties: &Ties,
+    exact_dtype: bool,
+) -> Result<LoadedModel> {
     let file = kiln_formats::open(&weights_path)?;
 
     let mut report = LoadReport::default();

@@ -17,7 +17,10 @@ pub use rope::RopeParameters;
 
 use crate::config as shared;
 use crate::fused;
-use crate::layers::{Embedding, Linear, MapFn, Params, attention, map_var, normal};
+use crate::layers::{
+    Dense, Embedding, Freeze, Linear, MapFn, MapVars, Param, Params, attention, map_var, normal,
+};
+use kiln_trainer::adapter::DenseVisitor;
 use crate::loss;
 use crate::{Error, Result};
 use kiln_trainer::model::{Batch, Model, Output};
@@ -27,20 +30,20 @@ use kiln_trainer::weights::{LoadInfo, LoadRules};
 /// transformers' `LlamaRMSNorm` (weight one).
 #[derive(Debug)]
 struct RmsNorm {
-    weight: Var,
+    weight: Param,
     eps: f64,
 }
 
 impl RmsNorm {
     fn new(size: usize, eps: f64, device: &Device) -> Result<Self> {
         Ok(RmsNorm {
-            weight: Var::ones(size, DType::F32, device)?,
+            weight: Param::new(Var::ones(size, DType::F32, device)?),
             eps,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        fused::rms_norm(x, self.weight.as_tensor(), self.eps)
+        fused::rms_norm(x, &self.weight.t(), self.eps)
     }
 }
 
@@ -80,7 +83,7 @@ pub struct LlamaForCausalLM {
     layers: Vec<Layer>,
     norm: RmsNorm,
     /// `lm_head.weight` `[vocab, hidden]` when not tied.
-    lm_head: Option<Var>,
+    lm_head: Option<Param>,
 }
 
 /// Per-layer keys and values of the positions seen so far, for generation.
@@ -130,7 +133,7 @@ impl LlamaForCausalLM {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(normal(&[config.vocab_size, e], std, rng, device)?)
+            Some(Param::new(normal(&[config.vocab_size, e], std, rng, device)?))
         };
         Ok(LlamaForCausalLM {
             config,
@@ -252,11 +255,9 @@ impl LlamaForCausalLM {
                 }
             };
             let hidden = layer.input_layernorm.forward(&x)?;
-            let (mut q, mut k) = (
-                layer.q_proj.forward(&hidden)?,
-                layer.k_proj.forward(&hidden)?,
-            );
-            let v = layer.v_proj.forward(&hidden)?;
+            let mut q = layer.q_proj.forward(&hidden, rng.as_deref_mut())?;
+            let mut k = layer.k_proj.forward(&hidden, rng.as_deref_mut())?;
+            let v = layer.v_proj.forward(&hidden, rng.as_deref_mut())?;
             if let Some((q_norm, k_norm)) = &layer.qk_norm {
                 let (b, t, _) = q.dims3()?;
                 q = q_norm
@@ -292,17 +293,29 @@ impl LlamaForCausalLM {
                 c.attention_dropout,
                 rng.as_deref_mut(),
             )?;
-            x = (x + layer.o_proj.forward(&context)?)?;
+            x = (x + layer.o_proj.forward(&context, rng.as_deref_mut())?)?;
             let hidden = layer.post_attention_layernorm.forward(&x)?;
-            let gated = fused::silu_mul(
-                &layer.gate_proj.forward(&hidden)?,
-                &layer.up_proj.forward(&hidden)?,
-            )?;
-            x = (x + layer.down_proj.forward(&gated)?)?;
+            let gate = layer.gate_proj.forward(&hidden, rng.as_deref_mut())?;
+            let up = layer.up_proj.forward(&hidden, rng.as_deref_mut())?;
+            let gated = fused::silu_mul(&gate, &up)?;
+            x = (x + layer.down_proj.forward(&gated, rng.as_deref_mut())?)?;
         }
         let x = self.norm.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(self.embed_tokens.weight());
-        fused::linear(&x, head.as_tensor(), None, false)
+        fused::linear(&x, &head.t(), None, false)
+    }
+
+    /// Visits every parameter and dense layer, in [`Model::parameters`] order.
+    fn visit(&mut self, f: MapFn<'_>) -> candle_core::Result<()> {
+        self.embed_tokens.map("model.embed_tokens", f)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.map(&format!("model.layers.{i}"), f)?;
+        }
+        map_var(&mut self.norm.weight, "model.norm.weight", f)?;
+        if let Some(head) = &mut self.lm_head {
+            map_var(head, "lm_head.weight", f)?;
+        }
+        Ok(())
     }
 
     /// The additive bias is causal over the keys the model has seen; a batch whose
@@ -335,19 +348,19 @@ impl Layer {
         self.v_proj.push(&format!("{a}.v_proj"), out);
         self.o_proj.push(&format!("{a}.o_proj"), out);
         if let Some((q, k)) = &self.qk_norm {
-            out.push((format!("{a}.q_norm.weight"), q.weight.clone()));
-            out.push((format!("{a}.k_norm.weight"), k.weight.clone()));
+            out.push((format!("{a}.q_norm.weight"), q.weight.var().clone()));
+            out.push((format!("{a}.k_norm.weight"), k.weight.var().clone()));
         }
         self.gate_proj.push(&format!("{prefix}.mlp.gate_proj"), out);
         self.up_proj.push(&format!("{prefix}.mlp.up_proj"), out);
         self.down_proj.push(&format!("{prefix}.mlp.down_proj"), out);
         out.push((
             format!("{prefix}.input_layernorm.weight"),
-            self.input_layernorm.weight.clone(),
+            self.input_layernorm.weight.var().clone(),
         ));
         out.push((
             format!("{prefix}.post_attention_layernorm.weight"),
-            self.post_attention_layernorm.weight.clone(),
+            self.post_attention_layernorm.weight.var().clone(),
         ));
     }
 
@@ -393,9 +406,9 @@ impl Model for LlamaForCausalLM {
         for (i, layer) in self.layers.iter().enumerate() {
             layer.visit(&format!("model.layers.{i}"), &mut out);
         }
-        out.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        out.push(("model.norm.weight".into(), self.norm.weight.var().clone()));
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".into(), head.clone()));
+            out.push(("lm_head.weight".into(), head.var().clone()));
         }
         out
     }
@@ -404,15 +417,15 @@ impl Model for LlamaForCausalLM {
         &mut self,
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
-        self.embed_tokens.map("model.embed_tokens", f)?;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.map(&format!("model.layers.{i}"), f)?;
-        }
-        map_var(&mut self.norm.weight, "model.norm.weight", f)?;
-        if let Some(head) = &mut self.lm_head {
-            map_var(head, "lm_head.weight", f)?;
-        }
-        Ok(())
+        Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {
+        Ok(self.visit(&mut Freeze(frozen))?)
+    }
+
+    fn visit_dense(&mut self, mut f: DenseVisitor<'_>) -> kiln_trainer::Result<()> {
+        Ok(self.visit(&mut Dense(&mut f))?)
     }
 
     fn config(&self) -> Value {

@@ -1,0 +1,114 @@
+//! Adapter folders onto their base model: kiln's own (`save_model` of a LoRA run, its
+//! checkpoints) and peft's (`PeftModel.save_pretrained`).
+//!
+//! The base model is `base` when given, else the folder's `base_model_name_or_path`,
+//! which must then be a local model folder (kiln reaches no hub).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use kiln_checkpoint::model as ckpt;
+use kiln_models::registry::{self, Architecture, TaskModel};
+use kiln_trainer::Task;
+use kiln_trainer::rng::Rng;
+use serde_json::Value;
+
+use crate::{Error, LoraConfig, PeftModel, Result};
+
+/// An adapter folder loaded onto its base.
+#[derive(Debug)]
+pub struct LoadedAdapter {
+    /// The model, adapter weights loaded.
+    pub model: PeftModel<Box<dyn TaskModel>>,
+    /// The base model's architecture.
+    pub architecture: &'static Architecture,
+    /// The base model's folder.
+    pub base_dir: PathBuf,
+}
+
+/// Whether `dir` is an adapter folder (`adapter_config.json`, no `config.json`).
+pub fn is_adapter(dir: &Path) -> bool {
+    ckpt::is_adapter_folder(dir)
+}
+
+/// The base model folder of the adapter in `dir`: `base`, else its
+/// `base_model_name_or_path` (resolved against the current directory, then against the
+/// adapter's own folder).
+pub fn base_dir(dir: &Path, base: Option<&Path>) -> Result<PathBuf> {
+    if let Some(b) = base {
+        return Ok(b.to_path_buf());
+    }
+    let config = ckpt::read_adapter_config(dir)?;
+    let named = config
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: adapter_config.json names no base_model_name_or_path; give the base model with --base DIR",
+                dir.display()
+            ))
+        })?;
+    let candidates = [PathBuf::from(named), dir.join(named)];
+    candidates
+        .into_iter()
+        .find(|p| p.join(ckpt::CONFIG_NAME).is_file())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: the base model {named:?} is not a local model folder; give it with --base DIR",
+                dir.display()
+            ))
+        })
+}
+
+/// The LoRA options of the adapter in `dir`.
+pub fn read_config(dir: &Path) -> Result<LoraConfig> {
+    LoraConfig::from_adapter_config(&ckpt::read_adapter_config(dir)?)
+}
+
+/// Builds the base model of `base_dir` with the adapter described by `config` (fresh
+/// adapter weights from `rng`); `saved_base` is recorded as `base_model_name_or_path`.
+pub fn on_base(
+    base_dir: &Path,
+    config: LoraConfig,
+    saved_base: Option<String>,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<(PeftModel<Box<dyn TaskModel>>, &'static Architecture)> {
+    let base_config = ckpt::read_config(base_dir)?;
+    let architecture = registry::find(&registry::folder_architecture(&base_config, base_dir)?)?;
+    let expected = match architecture.task {
+        Task::SequenceClassification => "SEQ_CLS",
+        Task::CausalLm => "CAUSAL_LM",
+    };
+    if let Some(t) = &config.task_type
+        && t != expected
+    {
+        return Err(Error::Config(format!(
+            "the adapter's task_type is {t}, but its base {} is a {} model ({expected})",
+            architecture.name,
+            base_dir.display()
+        )));
+    }
+    let (base, _) = (architecture.load)(base_dir, rng, device)?;
+    let saved = saved_base.or_else(|| Some(base_dir.display().to_string()));
+    let model = PeftModel::new(base, config, architecture.task, saved, rng)?;
+    Ok((model, architecture))
+}
+
+/// Loads the adapter folder `dir` onto its base model (see the module docs).
+pub fn load(dir: &Path, base: Option<&Path>, rng: &mut Rng, device: &Device) -> Result<LoadedAdapter> {
+    let config = read_config(dir)?;
+    let base_dir = base_dir(dir, base)?;
+    let saved = ckpt::read_adapter_config(dir)?
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let (model, architecture) = on_base(&base_dir, config, saved, rng, device)?;
+    kiln_trainer::Model::init_from(&model, dir)?;
+    Ok(LoadedAdapter {
+        model,
+        architecture,
+        base_dir,
+    })
+}
