@@ -76,9 +76,12 @@ pub(crate) enum Command {
     },
     /// Run a saved model on texts.
     Predict {
-        /// The saved model folder.
+        /// The saved model folder, or a LoRA adapter folder (kiln's or peft's).
         #[arg(long)]
         model: PathBuf,
+        /// An adapter's base model folder (default: its base_model_name_or_path).
+        #[arg(long)]
+        base: Option<PathBuf>,
         /// A text (repeat for several).
         #[arg(long = "text", required = true)]
         texts: Vec<String>,
@@ -91,6 +94,17 @@ pub(crate) enum Command {
         /// Print JSON (the default output is JSON too, indented).
         #[arg(long)]
         json: bool,
+    },
+    /// Merge a LoRA adapter into its base model (W + scaling·B·A, trained heads in
+    /// place), as peft's merge_and_unload: a full model folder from_pretrained loads.
+    Merge {
+        /// The adapter folder (kiln's or peft's).
+        adapter: PathBuf,
+        /// The folder to write the merged model to.
+        output: PathBuf,
+        /// The base model folder (default: the adapter's base_model_name_or_path).
+        #[arg(long)]
+        base: Option<PathBuf>,
     },
     /// List the checkpoints of a training output folder.
     Checkpoints {

@@ -113,16 +113,30 @@ pub(crate) fn eval(args: &[String]) -> CmdResult {
 
 pub(crate) fn predict(
     model: &std::path::Path,
+    base: Option<&std::path::Path>,
     texts: &[String],
     max_new_tokens: Option<usize>,
     device: &str,
     as_json: bool,
 ) -> CmdResult {
-    let v = crate::run::predict(model, texts, max_new_tokens, device)?;
+    let v = crate::run::predict(model, base, texts, max_new_tokens, device)?;
     let text = if as_json {
         v.to_string()
     } else {
         serde_json::to_string_pretty(&v).unwrap_or_default()
     };
     ok(format!("{text}\n"))
+}
+
+pub(crate) fn merge(
+    adapter: &std::path::Path,
+    output: &std::path::Path,
+    base: Option<&std::path::Path>,
+) -> CmdResult {
+    let out = crate::run::merge(adapter, output, base)?;
+    ok(format!(
+        "merged {} into its base model: {}\n",
+        adapter.display(),
+        out.display()
+    ))
 }

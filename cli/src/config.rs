@@ -61,11 +61,82 @@ pub struct ModelSection {
     pub keys: Map<String, Value>,
 }
 
+/// The `[peft]` table: LoRA fine-tuning, with peft's `LoraConfig` names (`r`,
+/// `lora_alpha`, `target_modules`, …; see [`kiln_peft::LoraConfig`]) plus `use_peft`.
+/// The table turns LoRA on unless `use_peft = false`; the TRL-spelled flags set it too
+/// (`--use_peft true --lora_r 16 --lora_alpha 32 --lora_dropout 0.05
+/// --lora_target_modules q_proj,v_proj` or `all-linear`, `--lora_modules_to_save`,
+/// `--use_rslora`, `--use_dora`, `--lora_task_type`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeftSection {
+    /// `use_peft`: on or off; unset, on when the table has keys.
+    pub use_peft: Option<bool>,
+    /// The `LoraConfig` keys given.
+    pub keys: Map<String, Value>,
+}
+
+impl PeftSection {
+    /// Whether the run trains LoRA adapters.
+    pub fn enabled(&self) -> bool {
+        self.use_peft.unwrap_or(!self.keys.is_empty())
+    }
+
+    /// The LoRA options (peft's defaults for the keys not given).
+    pub fn lora_config(&self) -> Result<kiln_peft::LoraConfig> {
+        let config: kiln_peft::LoraConfig =
+            serde_json::from_value(Value::Object(self.keys.clone()))
+                .map_err(|e| Error::Config(format!("[peft]: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Sets one flag in TRL's spelling; `false` when `name` is no peft flag.
+    fn set(&mut self, name: &str, value: &str) -> Result<bool> {
+        let bool_of = |v: &str| {
+            v.parse::<bool>()
+                .map_err(|_| Error::Config(format!("--{name} takes true or false, got {v:?}")))
+        };
+        let list = |v: &str| -> Value {
+            json!(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+            )
+        };
+        let (key, parsed) = match name {
+            "use_peft" => {
+                self.use_peft = Some(bool_of(value)?);
+                return Ok(true);
+            }
+            "lora_r" => ("r", parse_json_like(&json!(0), value)),
+            "lora_alpha" | "lora_dropout" => (name, parse_json_like(&json!(0), value)),
+            "lora_target_modules" if value.eq_ignore_ascii_case(kiln_peft::ALL_LINEAR) => {
+                ("target_modules", json!(value))
+            }
+            "lora_target_modules" => ("target_modules", list(value)),
+            "lora_modules_to_save" => ("modules_to_save", list(value)),
+            "use_rslora" | "use_dora" => (name, json!(bool_of(value)?)),
+            "lora_task_type" => ("task_type", json!(value)),
+            _ => return Ok(false),
+        };
+        self.keys.insert(key.to_string(), parsed);
+        Ok(true)
+    }
+}
+
 /// A whole run: model, data and training arguments.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunConfig {
     /// `[model]`.
     pub model: ModelSection,
+    /// `[peft]`.
+    pub peft: PeftSection,
+    /// The base model of an adapter folder given as `init_from` (`--base DIR`), when
+    /// not its `base_model_name_or_path`.
+    pub base: Option<String>,
     /// `[data]`.
     pub data: DataArgs,
     /// `[training]`.
@@ -125,13 +196,29 @@ impl RunConfig {
                     cfg.data = serde_json::from_value(Value::Object(obj))
                         .map_err(|e| Error::Config(format!("{origin}: [data]: {e}")))?;
                 }
+                "peft" => {
+                    let mut keys = obj;
+                    cfg.peft.use_peft = match keys.remove("use_peft") {
+                        None => None,
+                        Some(Value::Bool(b)) => Some(b),
+                        Some(v) => {
+                            return Err(Error::Config(format!(
+                                "{origin}: [peft] use_peft must be true or false, got {v}"
+                            )));
+                        }
+                    };
+                    cfg.peft.keys = keys;
+                    cfg.peft
+                        .lora_config()
+                        .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+                }
                 "training" => {
                     cfg.training = serde_json::from_value(Value::Object(obj))
                         .map_err(|e| Error::Config(format!("{origin}: [training]: {e}")))?;
                 }
                 other => {
                     return Err(Error::Config(format!(
-                        "{origin}: unknown table [{other}]; a config has [model], [data] and [training]"
+                        "{origin}: unknown table [{other}]; a config has [model], [data], [training] and [peft]"
                     )));
                 }
             }
@@ -177,7 +264,11 @@ impl RunConfig {
                 .map_err(|e| Error::Config(format!("--{name} {value}: {e}")))?;
             return Ok(());
         }
+        if self.peft.set(name, value)? {
+            return Ok(());
+        }
         match name {
+            "base" => self.base = Some(value.to_string()),
             "architecture" => self.model.architecture = Some(value.to_string()),
             "init_from" | "model_name_or_path" => self.model.init_from = Some(value.to_string()),
             _ if self.model.keys.contains_key(name) || is_model_config_key(name) => {

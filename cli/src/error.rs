@@ -17,6 +17,9 @@ pub enum Error {
     /// Building or loading a model failed, or its architecture is not registered.
     #[error(transparent)]
     Models(#[from] kiln_models::Error),
+    /// Making, loading or merging LoRA adapters failed.
+    #[error(transparent)]
+    Peft(#[from] kiln_peft::Error),
     /// Reading, tokenizing or batching the data failed.
     #[error(transparent)]
     Data(#[from] kiln_data::Error),

@@ -145,11 +145,24 @@ pub fn main() -> ExitCode {
         Command::Eval { args } => commands::eval(&args),
         Command::Predict {
             model,
+            base,
             texts,
             max_new_tokens,
             device,
             json,
-        } => commands::predict(&model, &texts, max_new_tokens, &device, json),
+        } => commands::predict(
+            &model,
+            base.as_deref(),
+            &texts,
+            max_new_tokens,
+            &device,
+            json,
+        ),
+        Command::Merge {
+            adapter,
+            output,
+            base,
+        } => commands::merge(&adapter, &output, base.as_deref()),
         Command::Diff { a, b, atol, rtol } => files::diff(&a, &b, Tolerance { atol, rtol }),
         Command::Backends { json, device } => files::backends(json, device.as_ref()),
     };

@@ -67,13 +67,19 @@ struct Prepared {
 /// The registered architecture a run config names (or its `init_from` folder's), and
 /// that folder's `config.json`.
 fn resolve_architecture(cfg: &RunConfig) -> Result<(&'static Architecture, Option<Value>)> {
-    let init_config = match &cfg.model.init_from {
-        Some(dir) => Some(kiln_checkpoint::model::read_config(Path::new(dir))?),
+    // An adapter folder's architecture and config are its base model's.
+    let config_dir = match &cfg.model.init_from {
+        Some(dir) if kiln_peft::folder::is_adapter(Path::new(dir)) => Some(adapter_base(cfg, dir)?),
+        Some(dir) => Some(PathBuf::from(dir)),
         None => None,
     };
-    let name = match (&cfg.model.architecture, &init_config, &cfg.model.init_from) {
+    let init_config = match &config_dir {
+        Some(dir) => Some(kiln_checkpoint::model::read_config(dir)?),
+        None => None,
+    };
+    let name = match (&cfg.model.architecture, &init_config, &config_dir) {
         (Some(name), _, _) => name.clone(),
-        (None, Some(c), Some(dir)) => registry::folder_architecture(c, Path::new(dir))?,
+        (None, Some(c), Some(dir)) => registry::folder_architecture(c, dir)?,
         _ => {
             return Err(Error::Config(
                 "[model] needs architecture (or init_from)".into(),
@@ -81,6 +87,39 @@ fn resolve_architecture(cfg: &RunConfig) -> Result<(&'static Architecture, Optio
         }
     };
     Ok((registry::find(&name)?, init_config))
+}
+
+/// The base model folder of the adapter folder `dir`: `--base`, else its
+/// `base_model_name_or_path`.
+fn adapter_base(cfg: &RunConfig, dir: &str) -> Result<PathBuf> {
+    Ok(kiln_peft::folder::base_dir(
+        Path::new(dir),
+        cfg.base.as_deref().map(Path::new),
+    )?)
+}
+
+/// The folder whose tokenizer a run uses: `init_from` when it has one (an adapter
+/// folder kiln saved has), else an adapter's base model, else `tokenizer_name`.
+fn tokenizer_dir(cfg: &RunConfig) -> Result<Option<PathBuf>> {
+    let has = |d: &Path| d.join("tokenizer.json").exists();
+    if let Some(dir) = &cfg.model.init_from {
+        let dir = Path::new(dir);
+        if has(dir) {
+            return Ok(Some(dir.to_path_buf()));
+        }
+        if kiln_peft::folder::is_adapter(dir) {
+            let base = adapter_base(cfg, &dir.display().to_string())?;
+            if has(&base) {
+                return Ok(Some(base));
+            }
+        }
+    }
+    Ok(cfg
+        .data
+        .tokenizer_name
+        .as_ref()
+        .map(PathBuf::from)
+        .filter(|d| has(d)))
 }
 
 fn prepare(cfg: &RunConfig) -> Result<Prepared> {
@@ -96,14 +135,9 @@ fn prepare_with(
 ) -> Result<Prepared> {
     let task = architecture.task;
     let raw = RawData::read(&cfg.data, task)?;
-    let tokenizer_dir = cfg
-        .model
-        .init_from
-        .clone()
-        .or_else(|| cfg.data.tokenizer_name.clone());
-    let tokenizer = match tokenizer_dir {
-        Some(dir) if Path::new(&dir).join("tokenizer.json").exists() => Tokenizer::from_dir(&dir)?,
-        _ => {
+    let tokenizer = match tokenizer_dir(cfg)? {
+        Some(dir) => Tokenizer::from_dir(&dir)?,
+        None => {
             let kind = TokenizerKind::for_architecture(architecture.tokenizer).ok_or_else(|| {
                 Error::Config(format!(
                     "{} asks for a {:?} tokenizer, which kiln cannot train; give one with tokenizer_name",
@@ -287,8 +321,30 @@ fn train_with(
     };
     let p = prepare_with(cfg, architecture, init_config)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);
-    let model = match &cfg.model.init_from {
-        Some(dir) => {
+    let adapter_dir = cfg
+        .model
+        .init_from
+        .as_deref()
+        .filter(|d| kiln_peft::folder::is_adapter(Path::new(d)));
+    // peft's print_trainable_parameters line, for a LoRA run.
+    let mut counts = None;
+    let model: Box<dyn TaskModel> = match (&cfg.model.init_from, adapter_dir) {
+        (_, Some(dir)) => {
+            check_adapter_init(cfg, dir)?;
+            let base = adapter_base(cfg, dir)?;
+            let overrides = init_overrides(cfg, &p);
+            let peft = kiln_peft::folder::load_with(
+                Path::new(dir),
+                Some(&base),
+                &overrides,
+                &mut rng,
+                &device,
+            )?
+            .model;
+            counts = Some(peft.counts());
+            Box::new(peft)
+        }
+        (Some(dir), None) => {
             let loaded = registry::load_with(
                 p.architecture,
                 Path::new(dir),
@@ -303,8 +359,25 @@ fn train_with(
             }
             loaded.model
         }
-        None => (p.architecture.build)(&new_model_config(cfg, &p), &mut rng, &device)?,
+        (None, None) => (p.architecture.build)(&new_model_config(cfg, &p), &mut rng, &device)?,
     };
+    let model = match (adapter_dir, cfg.peft.enabled()) {
+        (None, true) => {
+            let lora = cfg.peft.lora_config()?;
+            let base_dir = cfg.model.init_from.clone();
+            let peft =
+                kiln_peft::PeftModel::new(model, lora, p.architecture.task, base_dir, &mut rng)?;
+            counts = Some(peft.counts());
+            Box::new(peft)
+        }
+        _ => model,
+    };
+    if let Some(c) = counts
+        && !quiet
+        && dist.rank() == 0
+    {
+        eprintln!("{c}");
+    }
     let rank = dist.rank();
     let train = p
         .train
@@ -346,6 +419,25 @@ fn train_with(
         architecture: p.architecture.name.to_string(),
         rank,
     })
+}
+
+/// `init_from` is an adapter folder: its `adapter_config.json` decides the LoRA
+/// options, so a `[peft]` table beside it is refused (`[model]` keys apply to its base
+/// model, as to any folder).
+fn check_adapter_init(cfg: &RunConfig, dir: &str) -> Result<()> {
+    if cfg.peft.use_peft == Some(false) {
+        return Err(Error::Config(format!(
+            "init_from {dir} is a LoRA adapter and use_peft is false: to train every weight, merge it first \
+             (kiln merge {dir} MERGED) and fine-tune MERGED"
+        )));
+    }
+    if !cfg.peft.keys.is_empty() {
+        return Err(Error::Config(format!(
+            "init_from {dir} is a LoRA adapter: its adapter_config.json sets the LoRA options; leave out [peft] \
+             and the --lora_* flags"
+        )));
+    }
+    Ok(())
 }
 
 /// After a failed training run, saves the model that is still in memory to a fresh
@@ -398,7 +490,13 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
         .ok_or_else(|| Error::Config("no validation data".into()))?;
     let mut args = cfg.training.clone();
     args.output_dir = std::env::temp_dir().join("kiln-eval").display().to_string();
-    let model = (p.architecture.load)(Path::new(&dir), &mut rng, &device)?.0;
+    let model = load_any(
+        Path::new(&dir),
+        cfg.base.as_deref().map(Path::new),
+        &mut rng,
+        &device,
+    )?
+    .0;
     let mut t = Trainer::new(model, args)
         .with_backend(selected.backend)
         .with_eval_dataset(eval)
@@ -415,6 +513,7 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
 /// `"generated"`.
 pub fn predict(
     dir: &Path,
+    base: Option<&Path>,
     texts: &[String],
     max_new_tokens: Option<usize>,
     device_spec: &str,
@@ -422,11 +521,14 @@ pub fn predict(
     if texts.is_empty() {
         return Err(Error::Config("give at least one --text".into()));
     }
-    let config = kiln_checkpoint::model::read_config(dir)?;
-    let architecture = registry::find(&registry::folder_architecture(&config, dir)?)?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
     let device = device(device_spec)?;
     let mut rng = Rng::seed_from_u64(0);
+    let (model, architecture, config_dir) = load_any(dir, base, &mut rng, &device)?;
+    let config = kiln_checkpoint::model::read_config(&config_dir)?;
+    let tokenizer = match dir.join("tokenizer.json").exists() {
+        true => Tokenizer::from_dir(dir)?,
+        false => Tokenizer::from_dir(&config_dir)?,
+    };
     let encoded: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| {
@@ -435,7 +537,6 @@ pub fn predict(
                 .map(|e| e.input_ids)
         })
         .collect::<kiln_data::Result<_>>()?;
-    let (model, _) = (architecture.load)(dir, &mut rng, &device)?;
     match architecture.task {
         Task::SequenceClassification => classify(model.as_ref(), &config, &encoded, &device),
         Task::CausalLm => continue_texts(
@@ -446,6 +547,53 @@ pub fn predict(
             &device,
         ),
     }
+}
+
+/// A saved model folder, or an adapter folder on its base model (`base`, else its
+/// `base_model_name_or_path`); with the folder holding the model's `config.json`.
+fn load_any(
+    dir: &Path,
+    base: Option<&Path>,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<(Box<dyn TaskModel>, &'static Architecture, PathBuf)> {
+    if kiln_peft::folder::is_adapter(dir) {
+        let loaded = kiln_peft::folder::load(dir, base, rng, device)?;
+        return Ok((Box::new(loaded.model), loaded.architecture, loaded.base_dir));
+    }
+    let config = kiln_checkpoint::model::read_config(dir)?;
+    let architecture = registry::find(&registry::folder_architecture(&config, dir)?)?;
+    let (model, _) = (architecture.load)(dir, rng, device)?;
+    Ok((model, architecture, dir.to_path_buf()))
+}
+
+/// `kiln merge`: the adapter folder `dir` merged into its base model (`base`, else its
+/// `base_model_name_or_path`), saved to `out` as a full model folder that
+/// `from_pretrained` loads, with the tokenizer (the adapter's, else the base's).
+pub fn merge(dir: &Path, out: &Path, base: Option<&Path>) -> Result<PathBuf> {
+    if !kiln_peft::folder::is_adapter(dir) {
+        return Err(Error::Config(format!(
+            "{} is not an adapter folder (no adapter_config.json, or a config.json beside it)",
+            dir.display()
+        )));
+    }
+    let mut rng = Rng::seed_from_u64(0);
+    let loaded = kiln_peft::folder::load(dir, base, &mut rng, &Device::Cpu)?;
+    let tokenizer = [dir, loaded.base_dir.as_path()]
+        .into_iter()
+        .find(|d| d.join("tokenizer.json").exists())
+        .map(Tokenizer::from_dir)
+        .transpose()?;
+    let merged = loaded.model.merge_and_unload()?;
+    let export = kiln_trainer::weights::export(&merged)?;
+    let mut save = export.model_save();
+    if let Some(t) = &tokenizer {
+        for (name, bytes) in t.files()? {
+            save = save.with_tokenizer_file(name, bytes);
+        }
+    }
+    kiln_checkpoint::model::save_pretrained(out, &save, &Default::default())?;
+    Ok(out.to_path_buf())
 }
 
 /// One text as a batch of one.

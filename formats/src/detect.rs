@@ -118,7 +118,8 @@ fn legacy(what: &str) -> Error {
 }
 
 /// The weights file of a model folder, in Hugging Face's order of precedence:
-/// `model.safetensors`, its index, `pytorch_model.bin`, its index.
+/// `model.safetensors`, its index, `pytorch_model.bin`, its index; then, for a peft
+/// adapter folder, `adapter_model.safetensors` and `adapter_model.bin`.
 pub fn model_weights_path(dir: &Path) -> Result<PathBuf> {
     for format in [Format::Safetensors, Format::PyTorch] {
         for name in [format.hf_weights_name(), format.hf_index_name()] {
@@ -128,10 +129,18 @@ pub fn model_weights_path(dir: &Path) -> Result<PathBuf> {
             }
         }
     }
+    // A peft adapter folder (weights of the adapter only).
+    for name in ["adapter_model.safetensors", "adapter_model.bin"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
     Err(Error::File {
         path: dir.to_path_buf(),
         source: Box::new(Error::NotFound(
-            "model.safetensors, pytorch_model.bin or a shard index".into(),
+            "model.safetensors, pytorch_model.bin, a shard index or adapter_model.safetensors"
+                .into(),
         )),
     })
 }

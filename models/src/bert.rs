@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 use crate::config::{self, ProblemType, TokenIds, check};
 use crate::fused;
 use crate::layers::{
-    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Params, attention, dropout, mask_to_bias,
+    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Params, attention,
+    dropout, mask_to_bias,
 };
 use crate::loss;
 use crate::{Error, Result};

@@ -11,8 +11,8 @@ use crate::config::{self, TokenIds, check};
 use crate::fused;
 use crate::generation::Greedy;
 use crate::layers::{
-    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Param, Params, attention, dropout, map_var,
-    mask_to_bias, matmul_last, normal,
+    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Param, Params,
+    attention, dropout, map_var, mask_to_bias, matmul_last, normal,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -284,7 +284,12 @@ impl Gpt2LMHeadModel {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(Param::new(normal(&[config.vocab_size, e], std, rng, device)?))
+            Some(Param::new(normal(
+                &[config.vocab_size, e],
+                std,
+                rng,
+                device,
+            )?))
         };
         Ok(Gpt2LMHeadModel {
             config,

@@ -240,10 +240,7 @@ impl LayerNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = upcast(x)?;
-        let (w, b) = (
-            upcast(&self.weight.t())?,
-            upcast(&self.bias.t())?,
-        );
+        let (w, b) = (upcast(&self.weight.t())?, upcast(&self.bias.t())?);
         fused::layer_norm(&x, &w, &b, self.eps)?.to_dtype(dtype)
     }
 

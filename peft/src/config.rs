@@ -128,13 +128,19 @@ const IGNORED_KEYS: [&str; 16] = [
 const OFF_KEYS: [(&str, &str); 7] = [
     ("lora_bias", "a bias on lora_B (lora_bias)"),
     ("use_qalora", "QA-LoRA (use_qalora)"),
-    ("target_parameters", "LoRA on parameters (target_parameters)"),
+    (
+        "target_parameters",
+        "LoRA on parameters (target_parameters)",
+    ),
     (
         "trainable_token_indices",
         "trainable tokens (trainable_token_indices)",
     ),
     ("layer_replication", "layer replication (layer_replication)"),
-    ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
+    (
+        "alora_invocation_tokens",
+        "activated LoRA (alora_invocation_tokens)",
+    ),
     ("arrow_config", "Arrow routing (arrow_config)"),
 ];
 
@@ -205,7 +211,9 @@ impl LoraConfig {
             return bad("[peft] r must be a positive integer, got 0".into());
         }
         if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
-            return bad(format!("[peft] rank_pattern {k:?}: the rank must be positive"));
+            return bad(format!(
+                "[peft] rank_pattern {k:?}: the rank must be positive"
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(format!(
@@ -222,7 +230,11 @@ impl LoraConfig {
         if self.use_dora {
             return bad("DoRA (use_dora) is not implemented in kiln; use plain LoRA".into());
         }
-        if self.layers_to_transform.as_ref().is_some_and(|v| !is_off(v)) {
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !is_off(v))
+        {
             return bad(
                 "layers_to_transform is not implemented in kiln; name the layers in target_modules (a regular expression)"
                     .into(),
@@ -288,9 +300,10 @@ impl LoraConfig {
         let targets = match &self.target_modules {
             Some(Targets::Pattern(p)) if !p.eq_ignore_ascii_case(ALL_LINEAR) => json!(p),
             Some(Targets::List(l)) => json!(l),
-            // all-linear and the model type's default are saved as peft saves them:
-            // the module names they resolved to.
-            _ => json!(resolved.target_names),
+            // all-linear is saved as peft saves it: the module names it resolved to;
+            // the model type's default as the list it stands for.
+            Some(Targets::Pattern(_)) => json!(resolved.target_names),
+            None => json!(resolved.default_targets),
         };
         let init = match &self.init_lora_weights {
             InitLoraWeights::Bool(b) => json!(b),
@@ -335,6 +348,8 @@ pub struct Resolved {
     pub task_type: String,
     /// The names of the adapted dense layers, in model order.
     pub target_names: Vec<String>,
+    /// peft's default `target_modules` for the model type, when the config gave none.
+    pub default_targets: Option<Vec<String>>,
     /// `modules_to_save` as saved (with the task's heads), `None` when empty.
     pub modules_to_save: Option<Vec<String>>,
     /// The base model's folder, as given.
@@ -359,8 +374,11 @@ pub fn default_targets(model_type: &str) -> Option<Vec<String>> {
 
 /// A `target_modules` string: must match the whole name (`re.fullmatch`).
 pub(crate) fn full_regex(pattern: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| Error::Config(format!("target_modules {pattern:?} is not a regular expression: {e}")))
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        Error::Config(format!(
+            "target_modules {pattern:?} is not a regular expression: {e}"
+        ))
+    })
 }
 
 /// A `rank_pattern` / `alpha_pattern` key: matches the end of a name after a dot
@@ -395,9 +413,18 @@ mod tests {
         };
         c.rank_pattern.insert("value".into(), 2);
         c.alpha_pattern.insert("layer\\.1\\..*query".into(), 3.0);
-        assert_eq!(c.rank_and_alpha("bert.encoder.layer.0.attention.self.value"), (2, 16.0));
-        assert_eq!(c.rank_and_alpha("bert.encoder.layer.1.attention.self.query"), (4, 3.0));
-        assert_eq!(c.rank_and_alpha("bert.encoder.layer.0.attention.self.query"), (4, 16.0));
+        assert_eq!(
+            c.rank_and_alpha("bert.encoder.layer.0.attention.self.value"),
+            (2, 16.0)
+        );
+        assert_eq!(
+            c.rank_and_alpha("bert.encoder.layer.1.attention.self.query"),
+            (4, 3.0)
+        );
+        assert_eq!(
+            c.rank_and_alpha("bert.encoder.layer.0.attention.self.query"),
+            (4, 16.0)
+        );
         // A key matches whole components only.
         assert_eq!(c.rank_and_alpha("x.myvalue"), (4, 16.0));
         assert_eq!(c.scaling(4, 16.0), 4.0);

@@ -11,7 +11,7 @@ use kiln_checkpoint::model as ckpt;
 use kiln_models::registry::{self, Architecture, TaskModel};
 use kiln_trainer::Task;
 use kiln_trainer::rng::Rng;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::{Error, LoraConfig, PeftModel, Result};
 
@@ -66,12 +66,14 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     LoraConfig::from_adapter_config(&ckpt::read_adapter_config(dir)?)
 }
 
-/// Builds the base model of `base_dir` with the adapter described by `config` (fresh
-/// adapter weights from `rng`); `saved_base` is recorded as `base_model_name_or_path`.
+/// Builds the base model of `base_dir` (its config keys replaced by `overrides`, as
+/// [`registry::load_with`] does) with the adapter described by `config` (fresh adapter
+/// weights from `rng`); `saved_base` is recorded as `base_model_name_or_path`.
 pub fn on_base(
     base_dir: &Path,
     config: LoraConfig,
     saved_base: Option<String>,
+    overrides: &Map<String, Value>,
     rng: &mut Rng,
     device: &Device,
 ) -> Result<(PeftModel<Box<dyn TaskModel>>, &'static Architecture)> {
@@ -90,21 +92,38 @@ pub fn on_base(
             base_dir.display()
         )));
     }
-    let (base, _) = (architecture.load)(base_dir, rng, device)?;
+    let base = registry::load_with(architecture, base_dir, overrides, rng, device)?.model;
     let saved = saved_base.or_else(|| Some(base_dir.display().to_string()));
     let model = PeftModel::new(base, config, architecture.task, saved, rng)?;
     Ok((model, architecture))
 }
 
 /// Loads the adapter folder `dir` onto its base model (see the module docs).
-pub fn load(dir: &Path, base: Option<&Path>, rng: &mut Rng, device: &Device) -> Result<LoadedAdapter> {
+pub fn load(
+    dir: &Path,
+    base: Option<&Path>,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<LoadedAdapter> {
+    load_with(dir, base, &Map::new(), rng, device)
+}
+
+/// [`load`], the base model's config keys replaced by `overrides` (a run's `[model]`
+/// keys: dropout rates and the like).
+pub fn load_with(
+    dir: &Path,
+    base: Option<&Path>,
+    overrides: &Map<String, Value>,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<LoadedAdapter> {
     let config = read_config(dir)?;
     let base_dir = base_dir(dir, base)?;
     let saved = ckpt::read_adapter_config(dir)?
         .get("base_model_name_or_path")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let (model, architecture) = on_base(&base_dir, config, saved, rng, device)?;
+    let (model, architecture) = on_base(&base_dir, config, saved, overrides, rng, device)?;
     kiln_trainer::Model::init_from(&model, dir)?;
     Ok(LoadedAdapter {
         model,

@@ -33,9 +33,7 @@ pub mod folder;
 mod lora;
 mod model;
 
-pub use config::{
-    ALL_LINEAR, InitLoraWeights, LoraConfig, Resolved, Targets, default_targets,
-};
+pub use config::{ALL_LINEAR, InitLoraWeights, LoraConfig, Resolved, Targets, default_targets};
 pub use lora::LoraAdapter;
 pub use model::{PREFIX, ParameterCounts, PeftModel};
 

@@ -69,7 +69,10 @@ impl LoraAdapter {
     /// `B @ A · scaling`, `[out, in]`: what merging adds to an `nn.Linear` weight (its
     /// transpose for `Conv1D`).
     pub fn delta_weight(&self) -> Result<Tensor> {
-        self.b.as_tensor().matmul(self.a.as_tensor())?.affine(self.scaling, 0.0)
+        self.b
+            .as_tensor()
+            .matmul(self.a.as_tensor())?
+            .affine(self.scaling, 0.0)
     }
 }
 
@@ -91,7 +94,9 @@ impl DenseAdapter for LoraAdapter {
         let rows: usize = lead.iter().product();
         let flat = x.reshape((rows, *last))?;
         let h = flat.matmul(&self.a.as_tensor().t()?)?;
-        let y = h.matmul(&self.b.as_tensor().t()?)?.affine(self.scaling, 0.0)?;
+        let y = h
+            .matmul(&self.b.as_tensor().t()?)?
+            .affine(self.scaling, 0.0)?;
         let mut shape = lead.to_vec();
         shape.push(self.b.dims()[0]);
         y.reshape(shape)

@@ -120,7 +120,9 @@ impl<M: Model> PeftModel<M> {
         // modules_to_save, with the classifier heads peft adds for SEQ_CLS.
         let mut modules = config.modules_to_save.clone().unwrap_or_default();
         for m in &modules {
-            if !param_names.iter().any(|p| in_module(p, m)) {
+            // peft adds (and saves) both SEQ_CLS head names, whichever the model has.
+            let added_head = task_type == "SEQ_CLS" && SEQ_CLS_HEADS.contains(&m.as_str());
+            if !added_head && !param_names.iter().any(|p| in_module(p, m)) {
                 return Err(Error::Config(format!(
                     "modules_to_save {m:?} names no module of {architecture}"
                 )));
@@ -189,6 +191,10 @@ impl<M: Model> PeftModel<M> {
         let resolved = Resolved {
             task_type,
             target_names: chosen.iter().map(|l| l.name.clone()).collect(),
+            default_targets: match config.target_modules {
+                None => default_targets(&model_type),
+                Some(_) => None,
+            },
             modules_to_save: (!saved_modules.is_empty()).then_some(saved_modules),
             base_model_name_or_path: base_dir,
             fan_in_fan_out,
@@ -247,11 +253,7 @@ impl<M: Model> PeftModel<M> {
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum();
-        let trainable: usize = self
-            .parameters()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let trainable: usize = self.parameters().iter().map(|(_, v)| v.elem_count()).sum();
         let lora: usize = self
             .adapters
             .iter()
@@ -336,7 +338,9 @@ fn resolve_targets(
             // peft leaves out the output layer: the LM head, or a classifier's head.
             let heads: Vec<String> = match task {
                 Task::CausalLm => vec!["lm_head".into()],
-                Task::SequenceClassification => SEQ_CLS_HEADS.iter().map(|s| s.to_string()).collect(),
+                Task::SequenceClassification => {
+                    SEQ_CLS_HEADS.iter().map(|s| s.to_string()).collect()
+                }
             };
             Ok(Box::new(move |name: &str| !heads.iter().any(|h| h == name)))
         }
@@ -434,8 +438,12 @@ impl<M: Model> Model for PeftModel<M> {
     /// Reads an adapter folder's weights: every adapter tensor must be there, and
     /// nothing else may be (a name without peft's prefix would otherwise be ignored, as
     /// peft ignores it with only a warning).
-    fn init_from(&self, dir: &std::path::Path) -> kiln_trainer::Result<kiln_trainer::weights::LoadInfo> {
-        let info = kiln_trainer::weights::load_into(&self.parameters(), &[], dir, &Default::default())?;
+    fn init_from(
+        &self,
+        dir: &std::path::Path,
+    ) -> kiln_trainer::Result<kiln_trainer::weights::LoadInfo> {
+        let info =
+            kiln_trainer::weights::load_into(&self.parameters(), &[], dir, &Default::default())?;
         if !info.unexpected.is_empty() {
             return Err(kiln_trainer::Error::Config(format!(
                 "{}: the adapter's files hold tensors its adapter_config.json does not describe: {}",

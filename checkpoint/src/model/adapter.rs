@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kiln_formats::shard::SavedWeights;
 use kiln_formats::Format;
+use kiln_formats::shard::SavedWeights;
 use serde_json::Value;
 
 use super::tied::{Inner, Selection};
@@ -137,7 +137,10 @@ pub fn read_adapter_config(dir: impl AsRef<Path>) -> Result<Value> {
     }
     let value = super::read_json_object(&path)?;
     if !is_adapter_config(&value) {
-        return Err(Error::json(&path, "no \"peft_type\" (a string such as \"LORA\")"));
+        return Err(Error::json(
+            &path,
+            "no \"peft_type\" (a string such as \"LORA\")",
+        ));
     }
     Ok(value)
 }

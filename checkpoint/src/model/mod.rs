@@ -590,7 +590,14 @@ fn load(
         None
     };
     let weights_path = kiln_formats::detect::model_weights_path(dir)?;
-    load_weights(config, generation_config, weights_path, expected, &ties, exact_dtype)
+    load_weights(
+        config,
+        generation_config,
+        weights_path,
+        expected,
+        &ties,
+        exact_dtype,
+    )
 }
 
 /// Opens `weights_path` as [`load`] describes.

@@ -20,9 +20,9 @@ use crate::fused;
 use crate::layers::{
     Dense, Embedding, Freeze, Linear, MapFn, MapVars, Param, Params, attention, map_var, normal,
 };
-use kiln_trainer::adapter::DenseVisitor;
 use crate::loss;
 use crate::{Error, Result};
+use kiln_trainer::adapter::DenseVisitor;
 use kiln_trainer::model::{Batch, Model, Output};
 use kiln_trainer::rng::Rng;
 use kiln_trainer::weights::{LoadInfo, LoadRules};
@@ -133,7 +133,12 @@ impl LlamaForCausalLM {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(Param::new(normal(&[config.vocab_size, e], std, rng, device)?))
+            Some(Param::new(normal(
+                &[config.vocab_size, e],
+                std,
+                rng,
+                device,
+            )?))
         };
         Ok(LlamaForCausalLM {
             config,
