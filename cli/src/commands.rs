@@ -93,6 +93,18 @@ pub(crate) fn train(args: &[String]) -> CmdResult {
     } else {
         "AutoModelForSequenceClassification"
     };
+    if kiln_peft::folder::is_adapter(&summary.output_dir) {
+        let peft = format!("AutoPeft{}", auto.trim_start_matches("Auto"));
+        s += &format!(
+            "LoRA adapter saved to {dir} (checkpoints: kiln checkpoints {dir}; merged: kiln merge {dir} MERGED)\n"
+        );
+        s += "load it in Python:\n";
+        s += &format!("  from peft import {peft}; from transformers import AutoTokenizer\n");
+        s += &format!(
+            "  model = {peft}.from_pretrained({dir:?}); tokenizer = AutoTokenizer.from_pretrained({dir:?})\n"
+        );
+        return ok(s);
+    }
     s += &format!("model saved to {dir} (checkpoints: kiln checkpoints {dir})\n");
     s += "load it in Python:\n";
     s += &format!("  from transformers import {auto}, AutoTokenizer\n");
