@@ -71,7 +71,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -312,6 +312,9 @@ impl<M: Model> PeftModel<M> {
     }
 }
 
+/// Whether a module name is targeted.
+type Matcher = Box<dyn Fn(&str) -> bool>;
+
 /// Which dense layers the config targets.
 fn resolve_targets(
     config: &LoraConfig,
@@ -319,8 +322,8 @@ fn resolve_targets(
     model_type: &str,
     architecture: &str,
     task: Task,
-) -> Result<Box<dyn Fn(&str) -> bool>> {
-    let list = |names: Vec<String>| -> Result<Box<dyn Fn(&str) -> bool>> {
+) -> Result<Matcher> {
+    let list = |names: Vec<String>| -> Result<Matcher> {
         for t in &names {
             if !layers.iter().any(|l| matches_entry(&l.name, t)) {
                 return Err(Error::Config(format!(
