@@ -175,17 +175,32 @@ impl Linear {
 
     /// `x @ W^T + b` (`x @ W + b` for Conv1D) over the last dimension, plus the
     /// adapter's output; `rng` (training) is the adapter's dropout generator.
+    /// A low-rank adapter (LoRA) is fused into the layer's product where
+    /// [`fused::lora_linear`] applies.
     pub(crate) fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let y = fused::linear(
-            x,
-            &self.weight.t(),
-            self.bias.as_ref().map(|b| b.t()).as_ref(),
-            self.transposed,
-        )?;
-        match &self.adapter {
-            Some(a) => y + a.forward(x, rng)?,
-            None => Ok(y),
+        let (w, b) = (self.weight.t(), self.bias.as_ref().map(|b| b.t()));
+        let Some(adapter) = &self.adapter else {
+            return fused::linear(x, &w, b.as_ref(), self.transposed);
+        };
+        if let Some(lr) = adapter.low_rank()
+            && fused::lora_fits(x, &w, b.as_ref(), self.transposed, lr.a, lr.b)
+        {
+            let mask = match rng {
+                Some(rng) if lr.dropout > 0.0 => {
+                    Some(rng.dropout_values(x.elem_count(), lr.dropout))
+                }
+                _ => None,
+            };
+            let input = fused::LowRankInput {
+                a: lr.a,
+                b: lr.b,
+                scaling: lr.scaling,
+                mask,
+            };
+            return fused::lora_linear(x, &w, b.as_ref(), self.transposed, input);
         }
+        let y = fused::linear(x, &w, b.as_ref(), self.transposed)?;
+        y + adapter.forward(x, rng)?
     }
 
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {

@@ -2,7 +2,7 @@
 //! `y = base(x) + lora_B(lora_A(dropout(x))) · scaling`.
 
 use candle_core::{Result, Tensor, Var};
-use kiln_trainer::adapter::{DenseAdapter, DenseLayer};
+use kiln_trainer::adapter::{DenseAdapter, DenseLayer, LowRank};
 use kiln_trainer::rng::Rng;
 
 use crate::config::InitLoraWeights;
@@ -77,6 +77,15 @@ impl LoraAdapter {
 }
 
 impl DenseAdapter for LoraAdapter {
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        Some(LowRank {
+            a: self.a.as_tensor(),
+            b: self.b.as_tensor(),
+            scaling: self.scaling,
+            dropout: self.dropout,
+        })
+    }
+
     fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let x = x.to_dtype(self.a.dtype())?;
         let x = match rng {

@@ -33,6 +33,27 @@ pub trait DenseAdapter: Send + Sync + std::fmt::Debug {
     /// shape `[.., out_features]`. `rng` is the training generator (dropout), `None`
     /// in evaluation.
     fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor>;
+
+    /// The adapter as a low-rank update `scaling · B · A` on a dropout of the input, if
+    /// it is one (LoRA): a layer may then fuse it into its own product, which holds
+    /// less for backward than `base(x) + forward(x)` does. The fused result must equal
+    /// [`DenseAdapter::forward`]'s; `None` (the default): not fusable.
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        None
+    }
+}
+
+/// A low-rank update, as [`DenseAdapter::low_rank`] describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct LowRank<'a> {
+    /// `[r, in_features]`.
+    pub a: &'a Tensor,
+    /// `[out_features, r]`.
+    pub b: &'a Tensor,
+    /// The factor on `B · A`.
+    pub scaling: f64,
+    /// Dropout probability on the update's input, in training.
+    pub dropout: f64,
 }
 
 /// The slot of a dense layer's adapter, as [`Model::visit_dense`](crate::Model::visit_dense)

@@ -48,6 +48,9 @@ impl CustomOp2 for AddTrailing {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !b.track_op() {
+            return Ok((Some(grad.clone()), None));
+        }
         let db = read(grad, |g| Ok(sum_rows(g, b.elem_count())))?;
         let db = Tensor::from_vec(db, b.shape(), b.device())?;
         Ok((Some(grad.clone()), Some(db)))
@@ -166,7 +169,9 @@ impl CustomOp3 for LinearOp {
     }
 
     /// With g = dy as [rows, out] and x as [rows, in]: dx = g·W (Conv1D: g·Wᵀ),
-    /// dW = gᵀ·x (Conv1D: xᵀ·g), db = Σ rows of g.
+    /// dW = gᵀ·x (Conv1D: xᵀ·g), db = Σ rows of g; each only for an input that takes
+    /// part in backprop (a frozen weight, kiln-peft's LoRA base, gets no dW: that gemm
+    /// is half the layer's backward).
     fn bwd(
         &self,
         x: &Tensor,
@@ -178,8 +183,9 @@ impl CustomOp3 for LinearOp {
         let output = b.elem_count();
         let input = w.elem_count() / output;
         let rows = x.elem_count() / input;
-        let mut dx = vec![0f32; rows * input];
-        let mut dw = vec![0f32; input * output];
+        let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
+        let mut dx = vec![0f32; if want_x { rows * input } else { 0 }];
+        let mut dw = vec![0f32; if want_w { input * output } else { 0 }];
         let wm = self.w_as_rhs(input, output); // W(ᵀ) as the [input, output] right factor
         let (gm, xm) = (row_major(output), row_major(input));
         let dwm = if self.transposed {
@@ -190,30 +196,41 @@ impl CustomOp3 for LinearOp {
         let db = read(x, |xs| {
             read(w, |ws| {
                 read(grad, |gs| {
-                    gemm_with(
-                        (rows, input, output),
-                        (&mut dx, xm),
-                        (gs, gm),
-                        (ws, wm.t()),
-                        false,
-                    )?;
-                    gemm_with(
-                        (input, output, rows),
-                        (&mut dw, dwm),
-                        (xs, xm.t()),
-                        (gs, gm),
-                        false,
-                    )?;
-                    Ok(sum_rows(gs, output))
+                    if want_x {
+                        gemm_with(
+                            (rows, input, output),
+                            (&mut dx, xm),
+                            (gs, gm),
+                            (ws, wm.t()),
+                            false,
+                        )?;
+                    }
+                    if want_w {
+                        gemm_with(
+                            (input, output, rows),
+                            (&mut dw, dwm),
+                            (xs, xm.t()),
+                            (gs, gm),
+                            false,
+                        )?;
+                    }
+                    Ok(want_b.then(|| sum_rows(gs, output)))
                 })
             })
         })?;
         let dev = x.device();
-        let (dx, dw) = (
-            Tensor::from_vec(dx, x.shape(), dev)?,
-            Tensor::from_vec(dw, w.shape(), dev)?,
-        );
-        let db = Tensor::from_vec(db, output, b.device())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let dx = match want_x {
+            true => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            false => None,
+        };
+        let dw = match want_w {
+            true => Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            false => None,
+        };
+        let db = match db {
+            Some(db) => Some(Tensor::from_vec(db, output, b.device())?),
+            None => None,
+        };
+        Ok((dx, dw, db))
     }
 }

@@ -335,3 +335,61 @@ fn results_are_deterministic() {
         assert_eq!(max_diff(a, b), 0.0);
     }
 }
+
+#[test]
+fn lora_linear_matches_the_layer_plus_its_low_rank_update() {
+    let x = values(&[2, 3, 5], 0.0);
+    let w = (values(&[6, 5], 1.0) * 0.3).unwrap(); // [out, in]
+    let b = values(&[6], 2.0);
+    let a = (values(&[2, 5], 3.0) * 0.2).unwrap(); // [r, in]
+    let bm = (values(&[6, 2], 4.0) * 0.1).unwrap(); // [out, r]
+    let mask: Vec<f32> = (0..30)
+        .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+        .collect();
+    let mask_t = Tensor::from_vec(mask.clone(), (2, 3, 5), &Device::Cpu).unwrap();
+    for (transposed, masked) in [(false, false), (true, false), (false, true), (true, true)] {
+        let w = if transposed {
+            w.t().unwrap().contiguous().unwrap()
+        } else {
+            w.clone()
+        };
+        let mask = masked.then(|| mask.clone());
+        let mask_t = mask_t.clone();
+        assert_same(
+            &[x.clone(), w, b.clone(), a.clone(), bm.clone()],
+            |t| {
+                let lr = LowRankInput {
+                    a: &t[3],
+                    b: &t[4],
+                    scaling: 1.75,
+                    mask: mask.clone(),
+                };
+                lora_linear(&t[0], &t[1], Some(&t[2]), transposed, lr)
+            },
+            |t| {
+                let base = linear(&t[0], &t[1], Some(&t[2]), transposed)?;
+                let xd = if masked {
+                    (&t[0] * &mask_t)?
+                } else {
+                    t[0].clone()
+                };
+                let h = super::written_out::matmul_last(&xd, &t[3].t()?)?;
+                let up = super::written_out::matmul_last(&h, &t[4].t()?)?;
+                base + (up * 1.75)?
+            },
+            1e-5,
+        );
+    }
+    // A frozen (untracked) weight gets no gradient; the adapter's still match.
+    let (wv, av) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&a).unwrap());
+    let lr = LowRankInput {
+        a: av.as_tensor(),
+        b: &bm,
+        scaling: 1.0,
+        mask: None,
+    };
+    let y = lora_linear(&x, &wv.as_tensor().detach(), None, false, lr).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(wv.as_tensor()).is_none());
+    assert!(grads.get(av.as_tensor()).is_some());
+}
