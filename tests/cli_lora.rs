@@ -1,8 +1,9 @@
 //! LoRA through the `kiln` binary, proven against peft: for BERT, GPT-2 and Llama a
-//! LoRA fine-tune of a base folder saves an adapter that peft's
+//! LoRA fine-tune of a base folder saves an adapter (which `kiln eval` and `kiln
+//! predict` take) that peft's
 //! `PeftModel.from_pretrained` loads to kiln's logits; `kiln merge` equals peft's
 //! `merge_and_unload`; an adapter peft wrote (rslora, rank/alpha patterns, modules to
-//! save, all-linear, Conv1D) predicts in kiln as in peft; the base folder is untouched;
+//! save, biases, all-linear, Conv1D) predicts in kiln as in peft; the base folder is untouched;
 //! an adapter checkpoint resumes bit for bit; bad options are one line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,7 +99,7 @@ fn archs() -> Vec<Arch> {
                 json!({"r": 4, "lora_alpha": 16, "use_rslora": true,
                     "target_modules": ["query", "key", "value"],
                     "rank_pattern": {"value": 2}, "alpha_pattern": {"key": 4},
-                    "modules_to_save": ["pooler"]})
+                    "modules_to_save": ["pooler"], "bias": "all"})
             },
             text: "a quietly moving film",
         },
@@ -230,6 +231,20 @@ fn lora_adapters_are_interchangeable_with_peft() {
         assert_eq!(config["task_type"], a.task);
         assert_eq!(config["base_model_name_or_path"], base.to_str().unwrap());
 
+        if a.task == "SEQ_CLS" {
+            let eval = kiln([
+                "eval",
+                "--model",
+                adapter.to_str().unwrap(),
+                "--validation_file",
+                repo()
+                    .join("cli/bundled/sentiment/validation.jsonl")
+                    .to_str()
+                    .unwrap(),
+            ]);
+            let metrics = eval.expect_success().json();
+            assert!(metrics["eval_accuracy"].is_number(), "{metrics}");
+        }
         let (logits, ids) = predict(&adapter, None, a.text);
         let merged = dir.join("merged");
         kiln(["merge", adapter.to_str().unwrap(), merged.to_str().unwrap()]).expect_success();

@@ -66,6 +66,27 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     LoraConfig::from_adapter_config(&ckpt::read_adapter_config(dir)?)
 }
 
+/// The number of labels of the classifier head an adapter saved (`modules_to_save`),
+/// when it has one: a classifier fine-tuned on new labels saves a head of another size
+/// than its base's, which is then built with that many labels (their names live in no
+/// adapter file: predictions are label indices then).
+fn head_labels(dir: &Path) -> Result<Option<usize>> {
+    let file = kiln_formats::open(ckpt::adapter_weights_path(dir)?)?;
+    Ok(["classifier", "score"].iter().find_map(|head| {
+        file.info(&format!("{}{head}.weight", crate::PREFIX))
+            .and_then(|i| i.shape.first().copied())
+    }))
+}
+
+/// A classifier config's number of labels, as transformers counts it.
+fn labels_of(config: &Value) -> usize {
+    match (config.get("id2label"), config.get("num_labels")) {
+        (Some(Value::Object(m)), _) => m.len(),
+        (_, Some(n)) => n.as_u64().unwrap_or(2) as usize,
+        _ => 2,
+    }
+}
+
 /// Builds the base model of `base_dir` (its config keys replaced by `overrides`, as
 /// [`registry::load_with`] does) with the adapter described by `config` (fresh adapter
 /// weights from `rng`); `saved_base` is recorded as `base_model_name_or_path`.
@@ -123,7 +144,17 @@ pub fn load_with(
         .get("base_model_name_or_path")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let (model, architecture) = on_base(&base_dir, config, saved, overrides, rng, device)?;
+    let mut overrides = overrides.clone();
+    let labels_given = ["num_labels", "id2label"]
+        .iter()
+        .any(|k| overrides.contains_key(*k));
+    if !labels_given && let Some(n) = head_labels(dir)? {
+        let base_config = ckpt::read_config(&base_dir)?;
+        if n != labels_of(&base_config) {
+            overrides.insert("num_labels".into(), Value::from(n));
+        }
+    }
+    let (model, architecture) = on_base(&base_dir, config, saved, &overrides, rng, device)?;
     kiln_trainer::Model::init_from(&model, dir)?;
     Ok(LoadedAdapter {
         model,

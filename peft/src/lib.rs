@@ -50,6 +50,9 @@ pub enum Error {
     /// Reading or writing files failed.
     #[error(transparent)]
     Checkpoint(#[from] kiln_checkpoint::Error),
+    /// Reading a tensor file failed.
+    #[error(transparent)]
+    Formats(#[from] kiln_formats::Error),
     /// Building or loading the base model failed.
     #[error(transparent)]
     Models(#[from] kiln_models::Error),

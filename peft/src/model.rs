@@ -273,6 +273,17 @@ impl<M: Model> PeftModel<M> {
         }
     }
 
+    /// The name peft saves a trainable base parameter under: a bias of an adapted
+    /// layer is its `base_layer`'s (`….query.base_layer.bias`), the rest keep theirs.
+    fn saved_name(&self, name: &str) -> String {
+        if let Some((module, leaf)) = name.rsplit_once('.')
+            && self.adapters.iter().any(|(l, _)| l.name == module)
+        {
+            return format!("{PREFIX}{module}.base_layer.{leaf}");
+        }
+        format!("{PREFIX}{name}")
+    }
+
     fn is_saved_module(&self, name: &str) -> bool {
         self.resolved
             .modules_to_save
@@ -399,7 +410,7 @@ impl<M: Model> Model for PeftModel<M> {
                 out.push((format!("{PREFIX}{layer}.lora_B.weight"), a.b.clone()));
             }
             if self.trainable.contains(&name) {
-                out.push((format!("{PREFIX}{name}"), var));
+                out.push((self.saved_name(&name), var));
             }
         }
         out
@@ -426,10 +437,14 @@ impl<M: Model> Model for PeftModel<M> {
                 ..adapter.as_ref().clone()
             });
         }
-        let trainable = &self.trainable;
+        let names: std::collections::HashMap<String, String> = self
+            .trainable
+            .iter()
+            .map(|n| (n.clone(), self.saved_name(n)))
+            .collect();
         self.base.map_parameters(&mut |name, var| {
-            if trainable.contains(name) {
-                f(&format!("{PREFIX}{name}"), var)
+            if let Some(saved) = names.get(name) {
+                f(saved, var)
             } else {
                 Var::from_tensor(&var.to_dtype(dtype.unwrap_or(var.dtype()))?)
             }
@@ -447,11 +462,20 @@ impl<M: Model> Model for PeftModel<M> {
     ) -> kiln_trainer::Result<kiln_trainer::weights::LoadInfo> {
         let info =
             kiln_trainer::weights::load_into(&self.parameters(), &[], dir, &Default::default())?;
-        if !info.unexpected.is_empty() {
+        // peft's bias="all" also saves the biases inside its modules-to-save wrappers
+        // (`classifier.original_module.bias`, `classifier.modules_to_save.bias`):
+        // copies of what it loads under the module's own name, ignored as peft does.
+        let unexpected: Vec<&str> = info
+            .unexpected
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !n.contains(".original_module.") && !n.contains(".modules_to_save."))
+            .collect();
+        if !unexpected.is_empty() {
             return Err(kiln_trainer::Error::Config(format!(
                 "{}: the adapter's files hold tensors its adapter_config.json does not describe: {}",
                 dir.display(),
-                info.unexpected.join(", ")
+                unexpected.join(", ")
             )));
         }
         Ok(info)

@@ -11,7 +11,7 @@ use kiln_trainer::Task;
 use kiln_trainer::model::{Batch, Model};
 use kiln_trainer::rng::Rng;
 
-fn bert(rng: &mut Rng) -> BertForSequenceClassification {
+fn bert(rng: &mut Rng, labels: usize) -> BertForSequenceClassification {
     let config = BertConfig {
         vocab_size: 50,
         hidden_size: 16,
@@ -21,7 +21,7 @@ fn bert(rng: &mut Rng) -> BertForSequenceClassification {
         max_position_embeddings: 16,
         ..BertConfig::default()
     }
-    .with_num_labels(3);
+    .with_num_labels(labels);
     BertForSequenceClassification::new(config, rng, &Device::Cpu).unwrap()
 }
 
@@ -48,7 +48,7 @@ fn logits(m: &dyn Model) -> Vec<f32> {
 #[test]
 fn only_the_adapter_trains_and_merging_keeps_its_outputs() {
     let mut rng = Rng::seed_from_u64(3);
-    let base = bert(&mut rng);
+    let base = bert(&mut rng, 3);
     let before = logits(&base);
     let base_params = base.parameters();
     let config = LoraConfig {
@@ -157,6 +157,23 @@ fn conv1d_layers_merge_transposed_and_bad_targets_are_named() {
         .fold(0f32, f32::max);
     assert!(d < 1e-5, "merged differs by {d}");
 
+    // bias lora_only: the adapted layer's bias trains, under peft's base_layer name.
+    let gpt2 = Gpt2LMHeadModel::new(config.clone(), &mut rng, &Device::Cpu).unwrap();
+    let lora = LoraConfig {
+        bias: "lora_only".into(),
+        ..Default::default()
+    };
+    let model = PeftModel::new(gpt2, lora, Task::CausalLm, None, &mut rng).unwrap();
+    let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight",
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight",
+            "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias",
+        ]
+    );
+
     let gpt2 = Gpt2LMHeadModel::new(config, &mut rng, &Device::Cpu).unwrap();
     let lora = LoraConfig {
         target_modules: Some(Targets::List(vec!["q_proj".into()])),
@@ -170,4 +187,50 @@ fn conv1d_layers_merge_transposed_and_bad_targets_are_named() {
         "{e}"
     );
     assert!(!e.contains('\n'));
+}
+
+#[test]
+fn a_classifier_adapter_on_new_labels_loads_back_onto_its_base() {
+    let work = tempfile::tempdir().unwrap();
+    let (base_dir, adapter_dir) = (work.path().join("base"), work.path().join("adapter"));
+    let mut rng = Rng::seed_from_u64(11);
+    // A base with 2 labels; the fine-tune classifies into 3 (a fresh, trained head).
+    let base = bert(&mut rng, 2);
+    kiln_trainer::weights::save_pretrained(&base, &base_dir, &Default::default()).unwrap();
+    let arch = kiln_models::registry::find("BertForSequenceClassification").unwrap();
+    let overrides = serde_json::json!({"num_labels": 3});
+    let three = kiln_models::registry::load_with(
+        arch,
+        &base_dir,
+        overrides.as_object().unwrap(),
+        &mut rng,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    let lora = LoraConfig {
+        init_lora_weights: kiln_peft::InitLoraWeights::Bool(false),
+        ..Default::default()
+    };
+    let base_name = Some(base_dir.display().to_string());
+    let model = PeftModel::new(
+        three,
+        lora,
+        Task::SequenceClassification,
+        base_name,
+        &mut rng,
+    )
+    .unwrap();
+    kiln_trainer::weights::save_pretrained(&model, &adapter_dir, &Default::default()).unwrap();
+    let expected = logits(&model);
+    assert_eq!(expected.len(), 2 * 3);
+
+    let loaded = kiln_peft::folder::load(&adapter_dir, None, &mut rng, &Device::Cpu).unwrap();
+    assert_eq!(loaded.base_dir, base_dir);
+    assert_eq!(logits(&loaded.model), expected);
+    // An adapter folder is refused where a full model is expected, in one line.
+    let e = BertForSequenceClassification::from_pretrained(&adapter_dir, &mut rng, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json") && !e.contains('\n'), "{e}");
 }
