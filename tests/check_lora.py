@@ -47,14 +47,24 @@ def kiln_adapter(job):
 
 
 def peft_adapter(job):
-    """An adapter written by peft with non-zero weights (as if trained), and its logits."""
+    """An adapter trained by peft (a few AdamW steps on random tokens, dropout off) and
+    saved with save_pretrained, and its logits."""
     torch.manual_seed(job.get("seed", 0))
-    config = LoraConfig(task_type=job["task"], **job["config"])
+    config = LoraConfig(task_type=job["task"], lora_dropout=0.0, **job["config"])
     model = get_peft_model(base_model(job), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (4, 12))
+    if job["task"] == "SEQ_CLS":
+        labels = torch.randint(0, model.config.num_labels, (4,))
+    else:
+        labels = ids
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=0.05)
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
     model.eval()
     model.save_pretrained(job["out"])
     return {"peft": logits_of(model, job["input_ids"], job["task"])}
