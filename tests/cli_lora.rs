@@ -231,6 +231,17 @@ fn lora_adapters_are_interchangeable_with_peft() {
         assert_eq!(config["task_type"], a.task);
         assert_eq!(config["base_model_name_or_path"], base.to_str().unwrap());
 
+        let inspect = kiln(["inspect", adapter.to_str().unwrap()]);
+        let text = &inspect.expect_success().stdout;
+        assert!(
+            text.contains(&format!("adapter:    LORA {} r=4", a.task)),
+            "{text}"
+        );
+        kiln([
+            "verify",
+            adapter.join("adapter_model.safetensors").to_str().unwrap(),
+        ])
+        .expect_success();
         if a.task == "SEQ_CLS" {
             let eval = kiln([
                 "eval",
@@ -272,7 +283,11 @@ fn lora_adapters_are_interchangeable_with_peft() {
         println!("{}: kiln's adapter moved the logits by {moved:.3e}", a.name);
         assert!(moved > 1e-4, "{}: kiln's adapter changes nothing", a.name);
         let d = max_abs_diff(logits, &floats(&theirs["peft"]));
-        assert!(d < moved * 1e-3, "{}: {d} is not small against {moved}", a.name);
+        assert!(
+            d < moved * 1e-3,
+            "{}: {d} is not small against {moved}",
+            a.name
+        );
         println!("{}: kiln's adapter in peft: max |Δlogit| {d:.3e}", a.name);
         assert!(
             d < 1e-4,
@@ -374,6 +389,21 @@ fn an_adapter_checkpoint_resumes_bit_for_bit() {
             "{f} differs after resuming"
         );
     }
+    // A full run cannot resume an adapter checkpoint: one line, exit 4, before any step.
+    let wrong = work.path().join("wrong");
+    let mut args = tiny_bert_args(
+        &wrong,
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--resume_from_checkpoint",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
+    let run = kiln(args);
+    run.expect_code(4);
+    kiln_test_support::bin::assert_mentions(run.one_stderr_line(), &["LoRA adapter"], "resume");
     // Continuing to train the saved adapter (init_from an adapter folder) works too.
     let more = work.path().join("more");
     let mut args = tiny_bert_args(

@@ -1,7 +1,7 @@
 //! The run config: what `kiln train`, `kiln eval` and `kiln predict` read.
 //!
-//! A run is described by a TOML config with three tables, spelled as transformers
-//! spells things:
+//! A run is described by a TOML config with three tables (a fourth, `[peft]`, for
+//! LoRA: [`PeftSection`]), spelled as transformers spells things:
 //!
 //! ```toml
 //! [model]

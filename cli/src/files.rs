@@ -30,6 +30,9 @@ pub(crate) fn inspect(path: &std::path::Path, as_json: bool) -> CmdResult {
     let infos = c.tensors();
     s += &format!("path:       {}\n", path.display());
     s += &format!("format:     {}\n", format_name(c.as_ref()));
+    if path.is_dir() && kiln_checkpoint::model::is_adapter_folder(path) {
+        s += &adapter_summary(path)?;
+    }
     s += &format!("tensors:    {}\n", infos.len());
     s += &format!("parameters: {}\n", c.parameter_count());
     s += &format!("bytes:      {}\n", c.total_bytes());
@@ -63,6 +66,27 @@ pub(crate) fn inspect(path: &std::path::Path, as_json: bool) -> CmdResult {
         );
     }
     ok(s)
+}
+
+/// The lines `kiln inspect` adds for a LoRA adapter folder: its options and base.
+fn adapter_summary(dir: &std::path::Path) -> Result<String, crate::error::Error> {
+    let c = kiln_checkpoint::model::read_adapter_config(dir)?;
+    let text = |k: &str| match &c[k] {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    Ok(format!(
+        "adapter:    {} {} r={} lora_alpha={} use_rslora={} target_modules={} modules_to_save={}\nbase:       {}\n",
+        text("peft_type"),
+        text("task_type"),
+        text("r"),
+        text("lora_alpha"),
+        text("use_rslora"),
+        text("target_modules"),
+        text("modules_to_save"),
+        text("base_model_name_or_path"),
+    ))
 }
 
 pub(crate) fn consolidate_cmd(input: &std::path::Path, output: &std::path::Path) -> CmdResult {

@@ -137,7 +137,14 @@ impl<M: Model> PeftModel<M> {
         }
         let to_save = |name: &str| modules.iter().any(|m| in_module(name, m));
 
-        let targets = resolve_targets(&config, &layers, &model_type, &architecture, task)?;
+        let targets = resolve_targets(
+            &config,
+            &layers,
+            &param_names,
+            &model_type,
+            &architecture,
+            task,
+        )?;
         let chosen: Vec<&DenseLayer> = layers
             .iter()
             .filter(|l| targets(&l.name) && !to_save(&l.name))
@@ -330,6 +337,7 @@ type Matcher = Box<dyn Fn(&str) -> bool>;
 fn resolve_targets(
     config: &LoraConfig,
     layers: &[DenseLayer],
+    params: &[String],
     model_type: &str,
     architecture: &str,
     task: Task,
@@ -337,6 +345,17 @@ fn resolve_targets(
     let list = |names: Vec<String>| -> Result<Matcher> {
         for t in &names {
             if !layers.iter().any(|l| matches_entry(&l.name, t)) {
+                if let Some(module) = params
+                    .iter()
+                    .filter_map(|p| p.rsplit_once('.').map(|(m, _)| m))
+                    .find(|m| matches_entry(m, t))
+                {
+                    return Err(Error::Config(format!(
+                        "target module {t:?} is {module}, which is not a dense layer: kiln applies LoRA to dense layers \
+                         only (LoRA on embeddings is not implemented); its dense layers are named {}",
+                        layer_names(layers)
+                    )));
+                }
                 return Err(Error::Config(format!(
                     "target module {t:?} is no dense layer of {architecture}; its dense layers are named {}",
                     layer_names(layers)

@@ -25,6 +25,17 @@ fn bert(rng: &mut Rng, labels: usize) -> BertForSequenceClassification {
     BertForSequenceClassification::new(config, rng, &Device::Cpu).unwrap()
 }
 
+fn gpt2_config() -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: 40,
+        n_positions: 16,
+        n_embd: 16,
+        n_layer: 1,
+        n_head: 2,
+        ..Gpt2Config::default()
+    }
+}
+
 fn batch(labels: bool) -> Batch {
     let d = Device::Cpu;
     Batch {
@@ -128,14 +139,7 @@ fn only_the_adapter_trains_and_merging_keeps_its_outputs() {
 #[test]
 fn conv1d_layers_merge_transposed_and_bad_targets_are_named() {
     let mut rng = Rng::seed_from_u64(5);
-    let config = Gpt2Config {
-        vocab_size: 40,
-        n_positions: 16,
-        n_embd: 16,
-        n_layer: 1,
-        n_head: 2,
-        ..Gpt2Config::default()
-    };
+    let config = gpt2_config();
     let gpt2 = Gpt2LMHeadModel::new(config.clone(), &mut rng, &Device::Cpu).unwrap();
     let lora = LoraConfig {
         init_lora_weights: kiln_peft::InitLoraWeights::Bool(false),

@@ -72,6 +72,9 @@ impl<M: Model> Trainer<M> {
         // checkpoint back) is done, so that every rank resumes the same one.
         self.sync()?;
         let resume_dir = self.resolve_resume(resume)?;
+        if let Some(dir) = &resume_dir {
+            self.check_resume_kind(dir)?;
+        }
         self.saver = AsyncSaver::new(1);
         Ok((train, resume_dir))
     }
@@ -175,6 +178,26 @@ impl<M: Model> Trainer<M> {
                 Ok(Some(dir))
             }
         }
+    }
+
+    /// A LoRA run resumes an adapter checkpoint, a full run a full one: the other kind
+    /// is refused in one line, before any step.
+    fn check_resume_kind(&self, dir: &std::path::Path) -> Result<()> {
+        let adapter_run = kiln_checkpoint::model::is_adapter_config(&self.model.config());
+        let adapter_ckpt = kiln_checkpoint::model::is_adapter_folder(dir);
+        let reason = match (adapter_run, adapter_ckpt) {
+            (false, true) => {
+                "it holds a LoRA adapter (adapter_config.json); resume it with the run's LoRA options (--use_peft true, [peft])"
+            }
+            (true, false) => {
+                "it holds a full model, not a LoRA adapter; resume it without --use_peft / [peft]"
+            }
+            _ => return Ok(()),
+        };
+        Err(Error::Resume {
+            path: dir.to_path_buf(),
+            reason: reason.to_string(),
+        })
     }
 
     /// `output_dir` must be a writable folder, without checkpoints unless resuming or
