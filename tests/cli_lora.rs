@@ -444,3 +444,52 @@ fn bad_lora_options_are_one_line() {
         "--use_peft maybe",
     );
 }
+
+#[test]
+fn the_best_adapter_is_loaded_at_the_end_and_bf16_saves_f32_adapters() {
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("base");
+    let mut args = tiny_bert_args(&base, &["--max_steps", "2", "--save_steps", "2"]);
+    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
+    kiln(args).expect_success();
+    let lora = |out: &Path, extra: &[&str]| {
+        let mut args = tiny_bert_args(
+            out,
+            &[
+                "--model",
+                base.to_str().unwrap(),
+                "--use_peft",
+                "true",
+                "--learning_rate",
+                "0.05",
+                // At this rate the eval loss rises after step 4: the best checkpoint
+                // is an earlier one than the last.
+                "--metric_for_best_model",
+                "loss",
+                "--save_total_limit",
+                "1",
+            ],
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        kiln(args).expect_success();
+    };
+    let out = work.path().join("best");
+    lora(&out, &[]);
+    let state = read_json(&out.join("trainer_state.json"));
+    let best = state["best_model_checkpoint"].as_str().unwrap().to_string();
+    assert!(best.ends_with("checkpoint-4"), "{best}");
+    // Rotation kept the best beside the last; the saved adapter is the best one.
+    assert!(Path::new(&best).join("adapter_model.safetensors").is_file());
+    assert!(out.join("checkpoint-8/adapter_model.safetensors").is_file());
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(Path::new(&best).join("adapter_model.safetensors")).unwrap()
+    );
+
+    let bf16 = work.path().join("bf16");
+    lora(&bf16, &["--bf16", "true"]);
+    let saved = kiln::formats::open(bf16.join("adapter_model.safetensors")).unwrap();
+    assert!(saved.tensors().iter().all(|t| t.dtype == kiln::formats::DType::F32));
+    let (logits, _) = predict(&bf16, None, "a fine film");
+    assert!(logits.iter().all(|x| x.is_finite()));
+}
