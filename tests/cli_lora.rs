@@ -489,7 +489,12 @@ fn the_best_adapter_is_loaded_at_the_end_and_bf16_saves_f32_adapters() {
     let bf16 = work.path().join("bf16");
     lora(&bf16, &["--bf16", "true"]);
     let saved = kiln::formats::open(bf16.join("adapter_model.safetensors")).unwrap();
-    assert!(saved.tensors().iter().all(|t| t.dtype == kiln::formats::DType::F32));
+    assert!(
+        saved
+            .tensors()
+            .iter()
+            .all(|t| t.dtype == kiln::formats::DType::F32)
+    );
     let (logits, _) = predict(&bf16, None, "a fine film");
     assert!(logits.iter().all(|x| x.is_finite()));
 }

@@ -636,3 +636,35 @@ fn sigterm_to_one_rank_stops_every_rank_at_the_same_step() {
     );
     assert_eq!(d, 0.0, "stopped at step {} and resumed", steps[0]);
 }
+
+#[test]
+fn lora_over_two_ranks_trains_as_one_rank_and_saves_one_adapter() {
+    let bin = mpi_or_skip!();
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two, zero) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("zero"),
+    );
+    let lora = [
+        ("use_peft", "true"),
+        ("lora_target_modules", "all-linear"),
+        ("learning_rate", "0.01"),
+    ];
+    single(&bin, &with(base_args(&one, 16), &lora)).expect_success();
+    mpirun(&bin, 2, &with(base_args(&two, 8), &lora), None).expect_success();
+    let zero1 = with(base_args(&zero, 8), &[("zero_stage", "1")]);
+    mpirun(&bin, 2, &with(zero1, &lora), None).expect_success();
+    for dir in [&two, &zero] {
+        for rel in [
+            "adapter_model.safetensors",
+            "checkpoint-4/adapter_model.safetensors",
+        ] {
+            assert_same_weights(&one, dir, rel, "LoRA, 2 ranks x 8 vs 1 rank x 16");
+        }
+        let top = names(dir);
+        assert!(!top.iter().any(|n| n == "model.safetensors"), "{top:?}");
+    }
+    kiln(["verify", two.join("checkpoint-8").to_str().unwrap()]).expect_success();
+}
