@@ -260,6 +260,8 @@ fn lora_adapters_are_interchangeable_with_peft() {
         let merged = dir.join("merged");
         kiln(["merge", adapter.to_str().unwrap(), merged.to_str().unwrap()]).expect_success();
         let (merged_logits, _) = predict(&merged, None, a.text);
+        let a_dir = adapter.to_str().unwrap();
+        kiln(["merge", a_dir, a_dir]).expect_error(&["over the adapter"]);
         assert!(
             max_abs_diff(&logits, &merged_logits) < 1e-4,
             "{}: merged {merged_logits:?} vs adapter {logits:?}",

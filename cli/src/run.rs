@@ -577,6 +577,12 @@ pub fn merge(dir: &Path, out: &Path, base: Option<&Path>) -> Result<PathBuf> {
             dir.display()
         )));
     }
+    if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(dir).ok() {
+        return Err(Error::Config(format!(
+            "kiln merge would write the merged model over the adapter in {}; give another OUTPUT",
+            dir.display()
+        )));
+    }
     let mut rng = Rng::seed_from_u64(0);
     let loaded = kiln_peft::folder::load(dir, base, &mut rng, &Device::Cpu)?;
     let tokenizer = [dir, loaded.base_dir.as_path()]

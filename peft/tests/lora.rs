@@ -232,6 +232,18 @@ fn a_classifier_adapter_on_new_labels_loads_back_onto_its_base() {
     let loaded = kiln_peft::folder::load(&adapter_dir, None, &mut rng, &Device::Cpu).unwrap();
     assert_eq!(loaded.base_dir, base_dir);
     assert_eq!(logits(&loaded.model), expected);
+    // Saving an adapter over a full model's folder leaves an adapter folder (the
+    // model's weights and config.json go), and a full model over an adapter, a model.
+    let mixed = work.path().join("mixed");
+    kiln_trainer::weights::save_pretrained(loaded.model.base(), &mixed, &Default::default())
+        .unwrap();
+    kiln_trainer::weights::save_pretrained(&loaded.model, &mixed, &Default::default()).unwrap();
+    assert!(kiln_peft::folder::is_adapter(&mixed));
+    assert!(!mixed.join("model.safetensors").exists());
+    kiln_trainer::weights::save_pretrained(loaded.model.base(), &mixed, &Default::default())
+        .unwrap();
+    assert!(!mixed.join("adapter_config.json").exists());
+    assert!(!mixed.join("adapter_model.safetensors").exists());
     // An adapter folder is refused where a full model is expected, in one line.
     let e = BertForSequenceClassification::from_pretrained(&adapter_dir, &mut rng, &Device::Cpu)
         .unwrap_err()

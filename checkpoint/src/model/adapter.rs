@@ -47,7 +47,8 @@ pub fn adapter_weights_path(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Writes an adapter folder (see the module docs): one weights file, never sharded
-/// (peft does not shard adapters), with no tied weights.
+/// (peft does not shard adapters), with no tied weights; an earlier full model's
+/// weights and `config.json` in the folder are removed.
 pub(super) fn save(dir: &Path, model: &ModelSave<'_>, options: &SaveOptions) -> Result<SavedModel> {
     if !model.tied.is_empty() {
         return Err(Error::Invalid(
@@ -89,11 +90,15 @@ pub(super) fn save(dir: &Path, model: &ModelSave<'_>, options: &SaveOptions) -> 
         Format::Safetensors => kiln_formats::safetensors::save(&path, &weights)?,
         Format::PyTorch => kiln_formats::torch::save(&path, &weights)?,
     }
-    let mut removed = Vec::new();
-    let stale = dir.join(stale);
-    if stale.is_file() {
-        std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
-        removed.push(stale);
+    // The files of an earlier save there go, as for full saves: the adapter's other
+    // format, and a full model's weights and config.json (beside which the folder
+    // would not read as an adapter).
+    let mut removed = kiln_formats::shard::remove_stale(dir, &[&path])?;
+    for stale in [dir.join(stale), dir.join(super::CONFIG_NAME)] {
+        if stale.is_file() {
+            std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+            removed.push(stale);
+        }
     }
 
     let mut tokenizer_files = Vec::with_capacity(model.tokenizer_files.len());
@@ -143,4 +148,22 @@ pub fn read_adapter_config(dir: impl AsRef<Path>) -> Result<Value> {
         ));
     }
     Ok(value)
+}
+
+/// The files of an adapter saved earlier in `dir`, which a full model's save removes
+/// (with them beside it, the folder would still be taken for that adapter by peft).
+pub(super) fn remove_stale_adapter(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for name in [
+        ADAPTER_CONFIG_NAME,
+        ADAPTER_WEIGHTS_NAME,
+        ADAPTER_WEIGHTS_BIN_NAME,
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
 }

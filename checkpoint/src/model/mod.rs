@@ -31,7 +31,9 @@
 //! - **Stale files.** A save removes the weights of an earlier save in the same folder:
 //!   old shards, an old single file when the new save is sharded and vice versa, old
 //!   indexes, and the other format's files (transformers leaves a stale
-//!   `model.safetensors` that then wins on load). Other files of an earlier save
+//!   `model.safetensors` that then wins on load); an adapter's files (`adapter_config.json`,
+//!   `adapter_model.*`) go too, and an adapter save removes a full model's weights and
+//!   `config.json`. Other files of an earlier save
 //!   (`generation_config.json`, tokenizer files) are left alone, as transformers does.
 //! - **Atomicity per file.** Every file is written to a hidden temporary sibling, synced
 //!   and renamed into place, and the folder is synced at the end; a crash leaves each
@@ -290,10 +292,11 @@ pub fn save_pretrained(
 
     let format = options.format();
     let (weights, dropped_tied) = weights_to_write(model.weights, &ties, format);
-    let saved = match format {
+    let mut saved = match format {
         Format::Safetensors => shard::save_sharded(dir, format, &weights, options.max_shard_size)?,
         Format::PyTorch => bin::save(dir, &weights, &ties, options.max_shard_size)?,
     };
+    saved.removed.extend(adapter::remove_stale_adapter(dir)?);
 
     let mut tokenizer_files = Vec::with_capacity(model.tokenizer_files.len());
     for (name, bytes) in &model.tokenizer_files {
