@@ -642,9 +642,12 @@ fn classify(
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| i)
             .unwrap_or(0);
+        // Names only when the config's labels are the model's (an adapter trained on
+        // new labels has a head of another size than its base's config names).
         let name = labels
             .as_ref()
-            .and_then(|l| l.id2label().get(best).cloned());
+            .filter(|lab| lab.id2label().len() == l.len())
+            .and_then(|lab| lab.id2label().get(best).cloned());
         predictions.push(name.map(Value::String).unwrap_or(json!(best)));
         logits.push(l);
     }
