@@ -11,43 +11,15 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{NO_EVAL, kiln, repo, tiny_bert_args};
+use common::{NO_EVAL, causal_args, kiln, repo, tiny_bert_args};
 use kiln_test_support::fs::{copy_dir, read_json};
 use kiln_test_support::{max_abs_diff, run_checker};
 use serde_json::{Value, json};
 
-/// A causal LM config of `data/configs`, shrunk, trained for a few steps into `out`.
+/// A causal LM config of `data/configs`, shrunk, trained for a few steps into `out`,
+/// without evaluation.
 fn tiny_causal(config: &str, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "train".into(),
-        repo()
-            .join("data/configs")
-            .join(config)
-            .display()
-            .to_string(),
-        "--output_dir".into(),
-        out.display().to_string(),
-        "--train_file".into(),
-        repo().join("data/corpus/train.txt").display().to_string(),
-        "--validation_file".into(),
-        repo()
-            .join("data/corpus/validation.txt")
-            .display()
-            .to_string(),
-        "--block_size".into(),
-        "32".into(),
-        "--vocab_size".into(),
-        "300".into(),
-        "--max_train_samples".into(),
-        "32".into(),
-        "--max_steps".into(),
-        "2".into(),
-        "--save_steps".into(),
-        "2".into(),
-        "--disable_tqdm".into(),
-        "true".into(),
-    ];
-    a.extend(NO_EVAL.iter().map(|s| s.to_string()));
+    let mut a = causal_args(config, out, &NO_EVAL);
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }

@@ -315,6 +315,9 @@ impl Model for Box<dyn TaskModel> {
     fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {
         (**self).freeze(frozen)
     }
+    fn floating_point_ops(&self, batch: &Batch) -> f64 {
+        (**self).floating_point_ops(batch)
+    }
 }
 
 /// A boxed model is a task model (so that wrappers such as kiln-peft's adapters take one).

@@ -254,12 +254,7 @@ impl<M: Model> PeftModel<M> {
 
     /// Trainable and total parameter counts.
     pub fn counts(&self) -> ParameterCounts {
-        let base: usize = self
-            .base
-            .parameters()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let base = self.base_count();
         let trainable: usize = self.parameters().iter().map(|(_, v)| v.elem_count()).sum();
         let lora: usize = self
             .adapters
@@ -289,6 +284,15 @@ impl<M: Model> PeftModel<M> {
             return format!("{PREFIX}{module}.base_layer.{leaf}");
         }
         format!("{PREFIX}{name}")
+    }
+
+    /// The base model's parameter count.
+    fn base_count(&self) -> usize {
+        self.base
+            .parameters()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     fn is_saved_module(&self, name: &str) -> bool {
@@ -498,6 +502,15 @@ impl<M: Model> Model for PeftModel<M> {
             )));
         }
         Ok(info)
+    }
+
+    /// As transformers counts a PEFT model (its base's `floating_point_ops`, adapters
+    /// inside): the base's count plus 6 × tokens × the adapters' parameters and peft's
+    /// copies of the modules to save.
+    fn floating_point_ops(&self, batch: &Batch) -> f64 {
+        let added = self.counts().all - self.base_count();
+        self.base.floating_point_ops(batch)
+            + 6.0 * batch.input_ids.elem_count() as f64 * added as f64
     }
 
     fn no_weight_decay(&self, name: &str) -> bool {

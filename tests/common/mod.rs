@@ -427,6 +427,43 @@ pub fn tiny_bert_args(out: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// A causal LM config of `data/configs` (`gpt2-corpus.toml`, `llama-corpus.toml`) on
+/// the bundled corpus, shrunk to seconds: blocks of 32 tokens, a 300-token vocabulary,
+/// 32 training samples, 2 steps saved at 2; `extra` flags after.
+pub fn causal_args(config: &str, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "train".into(),
+        repo()
+            .join("data/configs")
+            .join(config)
+            .display()
+            .to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+        "--train_file".into(),
+        repo().join("data/corpus/train.txt").display().to_string(),
+        "--validation_file".into(),
+        repo()
+            .join("data/corpus/validation.txt")
+            .display()
+            .to_string(),
+        "--block_size".into(),
+        "32".into(),
+        "--vocab_size".into(),
+        "300".into(),
+        "--max_train_samples".into(),
+        "32".into(),
+        "--max_steps".into(),
+        "2".into(),
+        "--save_steps".into(),
+        "2".into(),
+        "--disable_tqdm".into(),
+        "true".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// The weights of a model folder, owned.
 pub fn weights_of(dir: &Path) -> kiln::formats::TensorMap<'static> {
     let c = kiln::formats::open(dir).unwrap();

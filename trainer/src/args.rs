@@ -125,6 +125,15 @@ pub struct TrainingArguments {
     pub dataloader_drop_last: bool,
     /// No progress bar (it is also off when stderr is not a terminal).
     pub disable_tqdm: bool,
+    /// Where the logs go besides `trainer_state.json` and the printed lines: `none`
+    /// (the default, as in transformers 5), `tensorboard` (event files,
+    /// [`crate::report`]) or `all` (every integration kiln has: TensorBoard). A name, a
+    /// comma-separated list or a list.
+    #[serde(deserialize_with = "report_to_list")]
+    pub report_to: Vec<String>,
+    /// The TensorBoard folder (transformers 4's `logging_dir`); default
+    /// `TENSORBOARD_LOGGING_DIR`, else `output_dir/runs/<Mon DD_HH-MM-SS>_<host>`.
+    pub logging_dir: Option<String>,
     /// Mixed precision in bf16: f32 master weights, forward and backward in bf16
     /// (evaluation too). Needs a device whose backend offers bf16.
     pub bf16: bool,
@@ -197,6 +206,8 @@ impl Default for TrainingArguments {
             ignore_data_skip: false,
             dataloader_drop_last: false,
             disable_tqdm: false,
+            report_to: Vec::new(),
+            logging_dir: None,
             bf16: false,
             fp16: false,
             device: "auto".into(),
@@ -328,6 +339,15 @@ impl TrainingArguments {
     /// to change.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::Config(m));
+        if let Some(r) = self
+            .report_to
+            .iter()
+            .find(|r| !["none", "all", "tensorboard"].contains(&r.as_str()))
+        {
+            return fail(format!(
+                "report_to {r:?}: kiln reports to tensorboard (event files) only; give tensorboard, all or none"
+            ));
+        }
         if self.output_dir.trim().is_empty() {
             return fail("output_dir is empty; give a folder".into());
         }
@@ -482,6 +502,37 @@ pub fn resolve_steps(v: f64, max_steps: u64) -> u64 {
 }
 
 /// Parses `text` as a value of the same JSON type as `current`.
+/// `report_to` as a list: a string (`"tensorboard"`, `"none"`, `"a,b"`), a list, or null.
+fn report_to_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let names = match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => s.split(',').map(|n| n.trim().to_string()).collect(),
+        Some(OneOrMany::Many(v)) => v,
+    };
+    Ok(names
+        .into_iter()
+        .filter(|n| !n.is_empty() && n != "none")
+        .collect())
+}
+
+impl TrainingArguments {
+    /// Whether the run writes TensorBoard event files (`report_to` names `tensorboard` or
+    /// `all`).
+    pub fn reports_to_tensorboard(&self) -> bool {
+        self.report_to
+            .iter()
+            .any(|r| r == "tensorboard" || r == "all")
+    }
+}
+
 fn parse_like(current: &Value, name: &str, text: &str) -> Result<Value> {
     let bad = |what: &str| Error::Config(format!("--{name}: expected {what}, got {text:?}"));
     let t = text.trim();

@@ -12,6 +12,7 @@
 //! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
 //! - [`precision`]: bf16/fp16 mixed-precision training (f32 master weights, a 16-bit
 //!   working copy, fp16's loss scaler).
+//! - [`report`]: `report_to = "tensorboard"`: TensorBoard event files.
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`rng`]: kiln's seeded, checkpointable random generator (candle's CPU generator
 //!   cannot be seeded).
@@ -34,6 +35,7 @@ pub mod data;
 mod error;
 pub mod model;
 pub mod precision;
+pub mod report;
 pub mod rng;
 pub mod stop;
 pub mod trainer;

@@ -163,6 +163,27 @@ pub trait Model: Send {
         default_no_weight_decay(name)
     }
 
+    /// The floating-point operations of a forward and backward pass over `batch`, as
+    /// transformers' `floating_point_ops` counts them: 6 × tokens (`input_ids`
+    /// elements, padding included) × the parameters outside embedding tables (the
+    /// default finds them by their usual names: `*embeddings.weight`, `wte`, `wpe`,
+    /// `embed_tokens`). It feeds `total_flos`.
+    fn floating_point_ops(&self, batch: &Batch) -> f64 {
+        let embedding = |n: &str| {
+            n.ends_with("embeddings.weight")
+                || n.ends_with("wte.weight")
+                || n.ends_with("wpe.weight")
+                || n.ends_with("embed_tokens.weight")
+        };
+        let params: usize = self
+            .parameters()
+            .iter()
+            .filter(|(n, _)| !embedding(n))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        6.0 * batch.input_ids.elem_count() as f64 * params as f64
+    }
+
     /// Calls `f` for every dense layer (in [`Model::parameters`] order) with the slot
     /// of its adapter, which `f` may read, set or clear; a layer with an adapter adds
     /// the adapter's output to its own ([`crate::adapter`]). The default: this model

@@ -162,6 +162,7 @@ impl<M: Model> Trainer<M> {
         let step = self.state.global_step;
         let out = self.output_dir();
         let stall_start = Instant::now();
+        self.store_flos()?;
         // Best bookkeeping before the state is written, as transformers does.
         if let Some(best) = self.state.best_global_step
             && (self.saved_steps.contains(&best) || best == step)

@@ -20,6 +20,29 @@ pub(super) fn round_to(x: f64, places: i32) -> f64 {
 }
 
 impl<M: Model> Trainer<M> {
+    /// `report_to`'s integrations, on the main process (once per trainer).
+    pub(super) fn add_reporting(&mut self) {
+        let added = self
+            .callbacks
+            .iter()
+            .any(|c| c.name() == "TensorBoardCallback");
+        if !self.args.reports_to_tensorboard() || added || !self.writer().is_main() {
+            return;
+        }
+        let dir = match &self.args.logging_dir {
+            Some(d) => std::path::PathBuf::from(d),
+            None => match std::env::var_os("TENSORBOARD_LOGGING_DIR") {
+                Some(d) => std::path::PathBuf::from(d),
+                None => crate::report::default_logging_dir(&self.output_dir()),
+            },
+        };
+        let config = serde_json::to_string_pretty(&self.model.config()).ok();
+        self.callbacks
+            .push(Box::new(crate::report::TensorBoardCallback::new(
+                dir, config,
+            )));
+    }
+
     pub(super) fn progress_bar(&self, max_steps: u64, at: u64) -> Option<indicatif::ProgressBar> {
         use std::io::IsTerminal;
         if self.quiet

@@ -84,6 +84,8 @@ pub struct Trainer<M: Model> {
     saved_steps: Vec<u64>,
     tr_loss: f64,
     total_loss: f64,
+    /// Floating-point operations since the last `store_flos` (this rank's).
+    current_flos: f64,
     last_logged: u64,
     quiet: bool,
     backend: Option<&'static dyn Backend>,
@@ -123,6 +125,7 @@ impl<M: Model> Trainer<M> {
             saved_steps: Vec::new(),
             tr_loss: 0.0,
             total_loss: 0.0,
+            current_flos: 0.0,
             last_logged: 0,
             quiet: false,
             backend: None,

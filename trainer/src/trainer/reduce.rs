@@ -36,6 +36,18 @@ impl<M: Model> Trainer<M> {
         Ok(())
     }
 
+    /// Adds every rank's floating-point operations since the last call to
+    /// `total_flos`, as transformers' `store_flos` does (at each save and at the end).
+    pub(super) fn store_flos(&mut self) -> Result<()> {
+        let mut v = [self.current_flos];
+        if self.dist.world_size() > 1 {
+            self.dist.all_reduce_f64(&mut v)?;
+        }
+        self.state.total_flos += v[0];
+        self.current_flos = 0.0;
+        Ok(())
+    }
+
     /// The mean of `x` over ranks.
     pub(super) fn mean_over_ranks(&self, x: f64) -> Result<f64> {
         let world = self.dist.world_size();

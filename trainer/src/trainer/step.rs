@@ -85,6 +85,7 @@ impl<M: Model> Trainer<M> {
         let start_step = self.state.global_step;
         let start = Instant::now();
         self.control = TrainerControl::default();
+        self.add_reporting();
         self.each_callback(|cb, a, s, c| cb.on_train_begin(a, s, c));
         let bar = self.progress_bar(plan.max_steps, start_step);
         if let Some(signal) = self.stop_signal()? {
@@ -258,6 +259,7 @@ impl<M: Model> Trainer<M> {
     /// steps) joins the logged loss, and its gradients come back in the dtype of the
     /// parameters the optimizer updates.
     fn micro_step(&mut self, batch: &Batch, ga: usize, params: &Params) -> Result<Grads> {
+        self.current_flos += self.model.floating_point_ops(batch);
         let out = self.model.forward(batch, Some(&mut self.rng))?;
         let loss = out.loss.ok_or_else(|| {
             Error::Config("the model returned no loss: do the training data have labels?".into())
@@ -360,6 +362,7 @@ impl<M: Model> Trainer<M> {
         // step of the run (kiln restores the total on resume, so this is the whole run's).
         self.total_loss += self.tr_loss;
         self.tr_loss = 0.0;
+        self.store_flos()?;
         let train_loss = self.total_loss / (self.state.global_step.max(1)) as f64;
         let samples = steps as f64 * (plan.batch_size * plan.ga * plan.world) as f64;
         let mut metrics = BTreeMap::from([
