@@ -36,6 +36,8 @@ fn gpt2_args(out: &Path, extra: &[&str]) -> Vec<String> {
             "steps",
             "--eval_steps",
             "2",
+            "--save_strategy",
+            "steps",
         ],
     );
     a.extend(extra.iter().map(|s| s.to_string()));
