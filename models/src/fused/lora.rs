@@ -239,21 +239,29 @@ impl CustomOp3 for LoraLinearOp {
                                 (ws, self.w_as_rhs().t()),
                                 false,
                             )?;
-                            // d(gh · A): the adapter's share, masked like its input.
-                            let mut share = vec![0f32; rows * input];
-                            gemm_with(
-                                (rows, input, rank),
-                                (&mut share, rm(0, input)),
-                                (&gh, rm(0, rank)),
-                                (ps, rm(self.a_off(), input)),
-                                false,
-                            )?;
+                            // d(gh · A): the adapter's share, masked like its input
+                            // (without a mask, accumulated straight onto dx).
                             match &self.mask {
-                                Some(m) => dx
-                                    .iter_mut()
-                                    .zip(share.iter().zip(m.iter()))
-                                    .for_each(|(d, (s, m))| *d += s * m),
-                                None => dx.iter_mut().zip(&share).for_each(|(d, s)| *d += s),
+                                Some(m) => {
+                                    let mut share = vec![0f32; rows * input];
+                                    gemm_with(
+                                        (rows, input, rank),
+                                        (&mut share, rm(0, input)),
+                                        (&gh, rm(0, rank)),
+                                        (ps, rm(self.a_off(), input)),
+                                        false,
+                                    )?;
+                                    dx.iter_mut()
+                                        .zip(share.iter().zip(m.iter()))
+                                        .for_each(|(d, (s, m))| *d += s * m);
+                                }
+                                None => gemm_with(
+                                    (rows, input, rank),
+                                    (&mut dx, rm(0, input)),
+                                    (&gh, rm(0, rank)),
+                                    (ps, rm(self.a_off(), input)),
+                                    true,
+                                )?,
                             }
                         }
                         if want_w {
