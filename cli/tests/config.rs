@@ -48,3 +48,69 @@ fn bf16_and_fp16_are_training_arguments_in_the_run_toml_and_flags() {
         (false.into(), true.into())
     );
 }
+
+#[test]
+fn the_peft_table_and_the_trl_flags_set_the_lora_options() {
+    let toml = "[model]\narchitecture = \"LlamaForCausalLM\"\n[peft]\nr = 4\nlora_alpha = 16\n\
+                target_modules = \"all-linear\"\nrank_pattern = { q_proj = 2 }\nbias = \"lora_only\"\n";
+    let cfg = RunConfig::from_toml(toml, "lora.toml").unwrap();
+    assert!(cfg.peft.enabled());
+    let lora = cfg.peft.lora_config().unwrap();
+    assert_eq!(
+        (lora.r, lora.lora_alpha, lora.bias.as_str()),
+        (4, 16.0, "lora_only")
+    );
+    assert_eq!(
+        lora.rank_and_alpha("model.layers.0.self_attn.q_proj"),
+        (2, 16.0)
+    );
+    assert_eq!(
+        lora.target_modules,
+        Some(kiln_peft::Targets::Pattern("all-linear".into()))
+    );
+    // use_peft = false keeps the table but trains every weight.
+    let off = RunConfig::from_toml("[peft]\nuse_peft = false\nr = 4\n", "off.toml").unwrap();
+    assert!(!off.peft.enabled());
+    // Unknown and bad keys are one line naming the table.
+    for (text, words) in [
+        ("[peft]\nrr = 4\n", "rr"),
+        ("[peft]\nr = 0\n", "positive"),
+        ("[peft]\nbias = \"some\"\n", "bias"),
+        ("[peft]\nuse_peft = 1\n", "use_peft"),
+    ] {
+        let e = RunConfig::from_toml(text, "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(words) && e.contains("bad.toml") && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    // TRL's flags.
+    let mut cfg = RunConfig::default();
+    for (k, v) in [
+        ("use_peft", "true"),
+        ("lora_r", "16"),
+        ("lora_alpha", "32"),
+        ("lora_dropout", "0.05"),
+        ("lora_target_modules", "q_proj, v_proj"),
+        ("lora_modules_to_save", "lm_head"),
+        ("use_rslora", "true"),
+    ] {
+        cfg.set(k, v).unwrap();
+    }
+    let lora = cfg.peft.lora_config().unwrap();
+    assert_eq!(
+        (lora.r, lora.lora_alpha, lora.lora_dropout),
+        (16, 32.0, 0.05)
+    );
+    assert_eq!(
+        lora.target_modules,
+        Some(kiln_peft::Targets::List(vec![
+            "q_proj".into(),
+            "v_proj".into()
+        ]))
+    );
+    assert_eq!(lora.modules_to_save, Some(vec!["lm_head".to_string()]));
+    assert!(lora.use_rslora);
+}
