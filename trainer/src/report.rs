@@ -118,23 +118,13 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The machine's name, as Python's `socket.gethostname()` gives it.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
-}
-
 /// transformers' default TensorBoard folder under `output_dir`:
 /// `runs/<Mon DD_HH-MM-SS>_<host>` in local time.
 pub fn default_logging_dir(output_dir: &Path) -> PathBuf {
     let stamp = jiff::Zoned::now().strftime("%b%d_%H-%M-%S").to_string();
     output_dir
         .join("runs")
-        .join(format!("{stamp}_{}", hostname()))
+        .join(format!("{stamp}_{}", kiln_checkpoint::lock::host_name()))
 }
 
 impl EventWriter {
@@ -144,7 +134,7 @@ impl EventWriter {
         let name = format!(
             "events.out.tfevents.{}.{}.{}.0",
             now() as u64,
-            hostname(),
+            kiln_checkpoint::lock::host_name(),
             std::process::id()
         );
         let path = dir.join(name);

@@ -108,16 +108,57 @@ struct LinearOp {
     transposed: bool,
 }
 
-impl LinearOp {
-    /// The weight as the `[input, output]` right factor of `x · W(ᵀ)`: the transpose of
-    /// a row-major `[output, input]` Linear weight, or Conv1D's row-major weight itself.
-    fn w_as_rhs(&self, input: usize, output: usize) -> Mat {
-        if self.transposed {
-            row_major(output)
-        } else {
-            row_major(input).t()
-        }
+/// The weight as the `[input, output]` right factor of `x · W(ᵀ)`: the transpose of a
+/// row-major `[output, input]` Linear weight, or Conv1D's (`transposed`) row-major
+/// weight itself.
+pub(super) fn weight_rhs(transposed: bool, input: usize, output: usize) -> Mat {
+    if transposed {
+        row_major(output)
+    } else {
+        row_major(input).t()
     }
+}
+
+/// The dense part of a layer's backward, with g = dy `[rows, out]` and x `[rows, in]`:
+/// dx = g·W (Conv1D: g·Wᵀ) into `dx`, dW = gᵀ·x (Conv1D: xᵀ·g) into `dw`; an empty
+/// buffer is an input that takes no part in backprop and is skipped (a frozen weight,
+/// kiln-peft's LoRA base, gets no dW: that gemm is half the layer's backward).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense_grads(
+    transposed: bool,
+    (rows, input, output): (usize, usize, usize),
+    xs: &[f32],
+    ws: &[f32],
+    gs: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) -> Result<()> {
+    let (gm, xm) = (row_major(output), row_major(input));
+    if !dx.is_empty() {
+        let wm = weight_rhs(transposed, input, output);
+        gemm_with(
+            (rows, input, output),
+            (dx, xm),
+            (gs, gm),
+            (ws, wm.t()),
+            false,
+        )?;
+    }
+    if !dw.is_empty() {
+        let dwm = if transposed {
+            row_major(output) // dW [input, output] = xᵀ·g
+        } else {
+            row_major(input).t() // dW [output, input], written as its transpose xᵀ·g
+        };
+        gemm_with(
+            (input, output, rows),
+            (dw, dwm),
+            (xs, xm.t()),
+            (gs, gm),
+            false,
+        )?;
+    }
+    Ok(())
 }
 
 /// A row-major matrix of `cols` columns at the start of its buffer.
@@ -158,7 +199,7 @@ impl CustomOp3 for LinearOp {
             (rows, output, input),
             (&mut dst, row_major(output)),
             (x, row_major(input)),
-            (w, self.w_as_rhs(input, output)),
+            (w, weight_rhs(self.transposed, input, output)),
             true,
         )?;
         let mut shape = l1.shape().dims().to_vec();
@@ -168,10 +209,8 @@ impl CustomOp3 for LinearOp {
         Ok((CpuStorage::F32(dst), Shape::from(shape)))
     }
 
-    /// With g = dy as [rows, out] and x as [rows, in]: dx = g·W (Conv1D: g·Wᵀ),
-    /// dW = gᵀ·x (Conv1D: xᵀ·g), db = Σ rows of g; each only for an input that takes
-    /// part in backprop (a frozen weight, kiln-peft's LoRA base, gets no dW: that gemm
-    /// is half the layer's backward).
+    /// dx, dW ([`dense_grads`]) and db = Σ rows of g, each only for an input that takes
+    /// part in backprop.
     fn bwd(
         &self,
         x: &Tensor,
@@ -186,34 +225,11 @@ impl CustomOp3 for LinearOp {
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         let mut dx = vec![0f32; if want_x { rows * input } else { 0 }];
         let mut dw = vec![0f32; if want_w { input * output } else { 0 }];
-        let wm = self.w_as_rhs(input, output); // W(ᵀ) as the [input, output] right factor
-        let (gm, xm) = (row_major(output), row_major(input));
-        let dwm = if self.transposed {
-            row_major(output) // dW [input, output] = xᵀ·g
-        } else {
-            row_major(input).t() // dW [output, input], written as its transpose xᵀ·g
-        };
         let db = read(x, |xs| {
             read(w, |ws| {
                 read(grad, |gs| {
-                    if want_x {
-                        gemm_with(
-                            (rows, input, output),
-                            (&mut dx, xm),
-                            (gs, gm),
-                            (ws, wm.t()),
-                            false,
-                        )?;
-                    }
-                    if want_w {
-                        gemm_with(
-                            (input, output, rows),
-                            (&mut dw, dwm),
-                            (xs, xm.t()),
-                            (gs, gm),
-                            false,
-                        )?;
-                    }
+                    let sizes = (rows, input, output);
+                    dense_grads(self.transposed, sizes, xs, ws, gs, &mut dx, &mut dw)?;
                     Ok(want_b.then(|| sum_rows(gs, output)))
                 })
             })

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::gemm::{Mat, gemm_with};
+use super::linear::{dense_grads, weight_rhs};
 use super::{fusable, read, slice, sum_rows};
 
 /// The adapter of [`lora_linear`]: `A` `[r, in]`, `B` `[out, r]`, the scaling, and the
@@ -107,15 +108,6 @@ fn rm(off: usize, cols: usize) -> Mat {
 }
 
 impl LoraLinearOp {
-    /// W(ᵀ) as the `[input, output]` right factor of `x · W(ᵀ)`.
-    fn w_as_rhs(&self) -> Mat {
-        if self.transposed {
-            rm(0, self.output)
-        } else {
-            rm(0, self.input).t()
-        }
-    }
-
     /// Offsets of A and B in the packed vector.
     fn a_off(&self) -> usize {
         self.output
@@ -177,7 +169,7 @@ impl CustomOp3 for LoraLinearOp {
             (rows, output, input),
             (&mut dst, rm(0, output)),
             (x, rm(0, input)),
-            (w, self.w_as_rhs()),
+            (w, weight_rhs(self.transposed, input, output)),
             true,
         )?;
         let mut buf = Vec::new();
@@ -231,14 +223,9 @@ impl CustomOp3 for LoraLinearOp {
                             false,
                         )?;
                         gh.iter_mut().for_each(|v| *v *= self.scaling);
+                        let sizes = (rows, input, output);
+                        dense_grads(self.transposed, sizes, xs, ws, gs, &mut dx, &mut dw)?;
                         if want_x {
-                            gemm_with(
-                                (rows, input, output),
-                                (&mut dx, rm(0, input)),
-                                (gs, g),
-                                (ws, self.w_as_rhs().t()),
-                                false,
-                            )?;
                             // d(gh · A): the adapter's share, masked like its input
                             // (without a mask, accumulated straight onto dx).
                             match &self.mask {
@@ -263,20 +250,6 @@ impl CustomOp3 for LoraLinearOp {
                                     true,
                                 )?,
                             }
-                        }
-                        if want_w {
-                            let dwm = if self.transposed {
-                                rm(0, output)
-                            } else {
-                                rm(0, input).t()
-                            };
-                            gemm_with(
-                                (input, output, rows),
-                                (&mut dw, dwm),
-                                (xs, rm(0, input).t()),
-                                (gs, g),
-                                false,
-                            )?;
                         }
                         if want_p {
                             dp[..output].copy_from_slice(&sum_rows(gs, output));
