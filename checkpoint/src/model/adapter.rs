@@ -14,7 +14,7 @@ use kiln_formats::shard::SavedWeights;
 use serde_json::Value;
 
 use super::tied::{Inner, Selection};
-use super::{ModelSave, SaveOptions, SavedModel, write_atomic, write_json};
+use super::{ModelSave, SaveOptions, SavedModel, write_json};
 use crate::{Error, Result};
 
 /// peft's adapter configuration file.
@@ -101,20 +101,7 @@ pub(super) fn save(dir: &Path, model: &ModelSave<'_>, options: &SaveOptions) -> 
         }
     }
 
-    let mut tokenizer_files = Vec::with_capacity(model.tokenizer_files.len());
-    for (name, bytes) in &model.tokenizer_files {
-        let p = dir.join(name);
-        write_atomic(&p, bytes)?;
-        tokenizer_files.push(p);
-    }
-    let training_args = match &model.training_args {
-        Some(a) => {
-            let p = dir.join(super::TRAINING_ARGS_NAME);
-            write_json(&p, a)?;
-            Some(p)
-        }
-        None => None,
-    };
+    let (tokenizer_files, training_args) = super::write_extras(dir, model)?;
     super::sync_dir(dir)?;
     Ok(SavedModel {
         config: config_path,

@@ -298,6 +298,23 @@ pub fn save_pretrained(
     };
     saved.removed.extend(adapter::remove_stale_adapter(dir)?);
 
+    let (tokenizer_files, training_args) = write_extras(dir, model)?;
+    sync_dir(dir)?;
+    Ok(SavedModel {
+        config: config_path,
+        generation_config,
+        weights: saved,
+        dropped_tied,
+        tokenizer_files,
+        training_args,
+    })
+}
+
+/// Writes a save's tokenizer files and `training_args.json`; their paths.
+pub(super) fn write_extras(
+    dir: &Path,
+    model: &ModelSave<'_>,
+) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
     let mut tokenizer_files = Vec::with_capacity(model.tokenizer_files.len());
     for (name, bytes) in &model.tokenizer_files {
         let p = dir.join(name);
@@ -312,15 +329,7 @@ pub fn save_pretrained(
         }
         None => None,
     };
-    sync_dir(dir)?;
-    Ok(SavedModel {
-        config: config_path,
-        generation_config,
-        weights: saved,
-        dropped_tied,
-        tokenizer_files,
-        training_args,
-    })
+    Ok((tokenizer_files, training_args))
 }
 
 /// The tensors a save writes in `format`, in parameter order: for safetensors without
@@ -446,7 +455,7 @@ pub(super) fn write_json(path: &Path, value: &Value) -> Result<()> {
 
 /// Writes `bytes` into a hidden temporary sibling of `path`, syncs it and renames it
 /// over `path` (the folder is synced once, at the end of the save).
-pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
