@@ -35,21 +35,21 @@ pub fn is_adapter(dir: &Path) -> bool {
 /// `base_model_name_or_path` (resolved against the current directory, then against the
 /// adapter's own folder).
 pub fn base_dir(dir: &Path, base: Option<&Path>) -> Result<PathBuf> {
-    if let Some(b) = base {
-        return Ok(b.to_path_buf());
+    match base {
+        Some(b) => Ok(b.to_path_buf()),
+        None => named_base(dir, &ckpt::read_adapter_config(dir)?),
     }
-    let config = ckpt::read_adapter_config(dir)?;
-    let named = config
-        .get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "{}: adapter_config.json names no base_model_name_or_path; give the base model with --base DIR",
-                dir.display()
-            ))
-        })?;
-    let candidates = [PathBuf::from(named), dir.join(named)];
+}
+
+/// The base folder an adapter's config (`config`, of the adapter in `dir`) names.
+fn named_base(dir: &Path, config: &Value) -> Result<PathBuf> {
+    let named = saved_base(config).ok_or_else(|| {
+        Error::Config(format!(
+            "{}: adapter_config.json names no base_model_name_or_path; give the base model with --base DIR",
+            dir.display()
+        ))
+    })?;
+    let candidates = [PathBuf::from(&named), dir.join(&named)];
     candidates
         .into_iter()
         .find(|p| p.join(ckpt::CONFIG_NAME).is_file())
@@ -61,9 +61,13 @@ pub fn base_dir(dir: &Path, base: Option<&Path>) -> Result<PathBuf> {
         })
 }
 
-/// The LoRA options of the adapter in `dir`.
-pub fn read_config(dir: &Path) -> Result<LoraConfig> {
-    LoraConfig::from_adapter_config(&ckpt::read_adapter_config(dir)?)
+/// `base_model_name_or_path`, when the config names one.
+fn saved_base(config: &Value) -> Option<String> {
+    config
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
 /// The number of labels of the classifier head an adapter saved (`modules_to_save`),
@@ -138,12 +142,13 @@ pub fn load_with(
     rng: &mut Rng,
     device: &Device,
 ) -> Result<LoadedAdapter> {
-    let config = read_config(dir)?;
-    let base_dir = base_dir(dir, base)?;
-    let saved = ckpt::read_adapter_config(dir)?
-        .get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let adapter_config = ckpt::read_adapter_config(dir)?;
+    let config = LoraConfig::from_adapter_config(&adapter_config)?;
+    let base_dir = match base {
+        Some(b) => b.to_path_buf(),
+        None => named_base(dir, &adapter_config)?,
+    };
+    let saved = saved_base(&adapter_config);
     let mut overrides = overrides.clone();
     let labels_given = ["num_labels", "id2label"]
         .iter()

@@ -61,11 +61,6 @@ impl LoraAdapter {
         })
     }
 
-    /// The rank.
-    pub fn rank(&self) -> usize {
-        self.a.dims().first().copied().unwrap_or(0)
-    }
-
     /// `B @ A · scaling`, `[out, in]`: what merging adds to an `nn.Linear` weight (its
     /// transpose for `Conv1D`).
     pub fn delta_weight(&self) -> Result<Tensor> {

@@ -41,6 +41,9 @@ pub struct PeftModel<M: Model> {
     adapters: Vec<(DenseLayer, Arc<LoraAdapter>)>,
     /// The base model's own parameters that train (modules to save, biases).
     trainable: HashSet<String>,
+    /// The parameters peft adds to its base (the adapters, the copies of the modules to
+    /// save), which transformers' `floating_point_ops` counts: fixed once built.
+    added_params: usize,
 }
 
 /// What [`PeftModel::counts`] counts, as peft's `print_trainable_parameters` does.
@@ -212,7 +215,9 @@ impl<M: Model> PeftModel<M> {
             resolved,
             adapters,
             trainable,
+            added_params: 0,
         };
+        model.added_params = model.counts().all - model.base_count();
         model.attach()?;
         let trainable = model.trainable.clone();
         model.base.freeze(&|name| !trainable.contains(name))?;
@@ -508,9 +513,8 @@ impl<M: Model> Model for PeftModel<M> {
     /// inside): the base's count plus 6 × tokens × the adapters' parameters and peft's
     /// copies of the modules to save.
     fn floating_point_ops(&self, batch: &Batch) -> f64 {
-        let added = self.counts().all - self.base_count();
         self.base.floating_point_ops(batch)
-            + 6.0 * batch.input_ids.elem_count() as f64 * added as f64
+            + 6.0 * batch.input_ids.elem_count() as f64 * self.added_params as f64
     }
 
     fn no_weight_decay(&self, name: &str) -> bool {
