@@ -24,6 +24,34 @@ fn tiny_causal(config: &str, out: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// The tiny BERT run of `tests/common` into `out` without evaluation, `extra` after.
+fn bert_no_eval(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = tiny_bert_args(out, extra);
+    a.extend(NO_EVAL.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A BERT base folder (2 steps) in `dir/base`, its path.
+fn bert_base(dir: &Path) -> PathBuf {
+    let base = dir.join("base");
+    kiln(bert_no_eval(
+        &base,
+        &["--max_steps", "2", "--save_steps", "2"],
+    ))
+    .expect_success();
+    base
+}
+
+/// The tiny BERT run as a LoRA fine-tune of `base` into `out`, `extra` after.
+fn bert_lora(out: &Path, base: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = tiny_bert_args(
+        out,
+        &["--model", base.to_str().unwrap(), "--use_peft", "true"],
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// Every file of `dir` (recursively) with its bytes.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -56,11 +84,7 @@ fn archs() -> Vec<Arch> {
         Arch {
             name: "bert",
             task: "SEQ_CLS",
-            base_args: |out| {
-                let mut a = tiny_bert_args(out, &["--max_steps", "2", "--save_steps", "2"]);
-                a.extend(NO_EVAL.iter().map(|s| s.to_string()));
-                a
-            },
+            base_args: |out| bert_no_eval(out, &["--max_steps", "2", "--save_steps", "2"]),
             lora: &[
                 "--lora_target_modules",
                 "query,value,dense",
@@ -304,18 +328,12 @@ fn lora_adapters_are_interchangeable_with_peft() {
 #[test]
 fn an_adapter_checkpoint_resumes_bit_for_bit() {
     let work = tempfile::tempdir().unwrap();
-    let base = work.path().join("base");
-    let mut args = tiny_bert_args(&base, &["--max_steps", "2", "--save_steps", "2"]);
-    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
-    kiln(args).expect_success();
+    let base = bert_base(work.path());
     let lora = |out: &Path, extra: &[&str]| {
-        let mut args = tiny_bert_args(
+        let mut args = bert_lora(
             out,
+            &base,
             &[
-                "--model",
-                base.to_str().unwrap(),
-                "--use_peft",
-                "true",
                 "--lora_dropout",
                 "0.1",
                 "--lora_target_modules",
@@ -365,7 +383,7 @@ fn an_adapter_checkpoint_resumes_bit_for_bit() {
     }
     // A full run cannot resume an adapter checkpoint: one line, exit 4, before any step.
     let wrong = work.path().join("wrong");
-    let mut args = tiny_bert_args(
+    let run = kiln(bert_no_eval(
         &wrong,
         &[
             "--model",
@@ -373,19 +391,16 @@ fn an_adapter_checkpoint_resumes_bit_for_bit() {
             "--resume_from_checkpoint",
             ckpt.to_str().unwrap(),
         ],
-    );
-    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
-    let run = kiln(args);
+    ));
     run.expect_code(4);
     kiln_test_support::bin::assert_mentions(run.one_stderr_line(), &["LoRA adapter"], "resume");
     // Continuing to train the saved adapter (init_from an adapter folder) works too.
     let more = work.path().join("more");
-    let mut args = tiny_bert_args(
+    kiln(bert_no_eval(
         &more,
         &["--model", full.to_str().unwrap(), "--max_steps", "1"],
-    );
-    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
-    kiln(args).expect_success();
+    ))
+    .expect_success();
     assert!(more.join("adapter_model.safetensors").is_file());
 }
 
@@ -402,15 +417,11 @@ fn bad_lora_options_are_one_line() {
         (&["--use_peft", "true", "--lora_r", "0"], &["r", "positive"]),
     ];
     for (flags, words) in cases {
-        let mut args = tiny_bert_args(&out, flags);
-        args.extend(NO_EVAL.iter().map(|s| s.to_string()));
-        let run = kiln(args);
+        let run = kiln(bert_no_eval(&out, flags));
         run.expect_error(words);
         assert!(!out.join("adapter_model.safetensors").exists());
     }
-    let mut args = tiny_bert_args(&out, &["--use_peft", "maybe"]);
-    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
-    let run = kiln(args);
+    let run = kiln(bert_no_eval(&out, &["--use_peft", "maybe"]));
     run.expect_code(2);
     kiln_test_support::bin::assert_mentions(
         run.one_stderr_line(),
@@ -422,18 +433,12 @@ fn bad_lora_options_are_one_line() {
 #[test]
 fn the_best_adapter_is_loaded_at_the_end_and_bf16_saves_f32_adapters() {
     let work = tempfile::tempdir().unwrap();
-    let base = work.path().join("base");
-    let mut args = tiny_bert_args(&base, &["--max_steps", "2", "--save_steps", "2"]);
-    args.extend(NO_EVAL.iter().map(|s| s.to_string()));
-    kiln(args).expect_success();
+    let base = bert_base(work.path());
     let lora = |out: &Path, extra: &[&str]| {
-        let mut args = tiny_bert_args(
+        let mut args = bert_lora(
             out,
+            &base,
             &[
-                "--model",
-                base.to_str().unwrap(),
-                "--use_peft",
-                "true",
                 "--learning_rate",
                 "0.05",
                 // At this rate the eval loss rises after step 4: the best checkpoint
