@@ -8,44 +8,30 @@ mod common;
 
 use std::path::Path;
 
-use common::{kiln, last_json_line, repo, run_python};
+use common::{causal_args, kiln, last_json_line, repo, run_python};
 use kiln_test_support::fs::read_json;
 use serde_json::Value;
 
 /// A few steps of the bundled Llama config, shrunk, into `out`.
 fn tiny_llama(out: &Path, extra: &[&str]) {
-    let cfg = repo().join("data/configs/llama-corpus.toml");
-    let mut args: Vec<String> = [
-        "train",
-        cfg.to_str().unwrap(),
-        "--output_dir",
-        out.to_str().unwrap(),
-        "--train_file",
-        repo().join("data/corpus/train.txt").to_str().unwrap(),
-        "--validation_file",
-        repo().join("data/corpus/validation.txt").to_str().unwrap(),
-        "--hidden_size",
-        "32",
-        "--intermediate_size",
-        "48",
-        "--block_size",
-        "32",
-        "--vocab_size",
-        "300",
-        "--max_train_samples",
-        "64",
-        "--max_eval_samples",
-        "8",
-        "--max_steps",
-        "4",
-        "--save_steps",
-        "4",
-        "--disable_tqdm",
-        "true",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = causal_args(
+        "llama-corpus.toml",
+        out,
+        &[
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "48",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "8",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "4",
+        ],
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     kiln(args).expect_success();
 }
