@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::config::{self, ProblemType, TokenIds, check};
 use crate::fused;
 use crate::layers::{
-    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Params, attention,
+    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapVars, Params, Visit, attention,
     dropout, mask_to_bias,
 };
 use crate::loss;
@@ -324,7 +324,7 @@ impl BertForSequenceClassification {
     }
 
     /// Visits every parameter and dense layer, in [`Model::parameters`] order.
-    fn visit(&mut self, f: MapFn<'_>) -> candle_core::Result<()> {
+    fn visit(&mut self, f: Visit<'_>) -> candle_core::Result<()> {
         self.word_embeddings
             .map("bert.embeddings.word_embeddings", f)?;
         self.position_embeddings
@@ -403,7 +403,7 @@ impl BertLayer {
         self.output_norm.forward(&(out + x)?)
     }
 
-    fn map(&mut self, prefix: &str, f: MapFn<'_>) -> candle_core::Result<()> {
+    fn map(&mut self, prefix: &str, f: Visit<'_>) -> candle_core::Result<()> {
         self.query
             .map(&format!("{prefix}.attention.self.query"), f)?;
         self.key.map(&format!("{prefix}.attention.self.key"), f)?;

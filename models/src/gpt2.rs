@@ -11,8 +11,8 @@ use crate::config::{self, TokenIds, check};
 use crate::fused;
 use crate::generation::Greedy;
 use crate::layers::{
-    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapFn, MapVars, Param, Params,
-    attention, dropout, map_var, mask_to_bias, matmul_last, normal,
+    Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapVars, Param, Params, Visit,
+    attention, dropout, mask_to_bias, matmul_last, normal, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -396,7 +396,7 @@ impl Gpt2LMHeadModel {
     }
 
     /// Visits every parameter and dense layer, in [`Model::parameters`] order.
-    fn visit(&mut self, f: MapFn<'_>) -> candle_core::Result<()> {
+    fn visit(&mut self, f: Visit<'_>) -> candle_core::Result<()> {
         self.wte.map("transformer.wte", f)?;
         self.wpe.map("transformer.wpe", f)?;
         for (i, block) in self.blocks.iter_mut().enumerate() {
@@ -404,7 +404,7 @@ impl Gpt2LMHeadModel {
         }
         self.ln_f.map("transformer.ln_f", f)?;
         if let Some(head) = &mut self.lm_head {
-            map_var(head, "lm_head.weight", f)?;
+            visit_param(head, "lm_head.weight", f)?;
         }
         Ok(())
     }
@@ -451,7 +451,7 @@ impl Gpt2LMHeadModel {
 }
 
 impl Block {
-    fn map(&mut self, prefix: &str, f: MapFn<'_>) -> candle_core::Result<()> {
+    fn map(&mut self, prefix: &str, f: Visit<'_>) -> candle_core::Result<()> {
         self.ln_1.map(&format!("{prefix}.ln_1"), f)?;
         self.c_attn.map(&format!("{prefix}.attn.c_attn"), f)?;
         self.attn_c_proj.map(&format!("{prefix}.attn.c_proj"), f)?;

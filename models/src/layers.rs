@@ -71,10 +71,10 @@ pub(crate) trait Visitor {
 }
 
 /// The visitor a model's `visit` takes.
-pub(crate) type MapFn<'a> = &'a mut dyn Visitor;
+pub(crate) type Visit<'a> = &'a mut dyn Visitor;
 
 /// Visits `p` as `name`.
-pub(crate) fn map_var(p: &mut Param, name: &str, f: MapFn<'_>) -> Result<()> {
+pub(crate) fn visit_param(p: &mut Param, name: &str, f: Visit<'_>) -> Result<()> {
     f.param(name, p)
 }
 
@@ -210,10 +210,10 @@ impl Linear {
         }
     }
 
-    pub(crate) fn map(&mut self, prefix: &str, f: MapFn<'_>) -> Result<()> {
-        map_var(&mut self.weight, &format!("{prefix}.weight"), f)?;
+    pub(crate) fn map(&mut self, prefix: &str, f: Visit<'_>) -> Result<()> {
+        visit_param(&mut self.weight, &format!("{prefix}.weight"), f)?;
         if let Some(b) = &mut self.bias {
-            map_var(b, &format!("{prefix}.bias"), f)?;
+            visit_param(b, &format!("{prefix}.bias"), f)?;
         }
         let dims = self.weight.dims();
         let (in_features, out_features) = match self.transposed {
@@ -264,9 +264,9 @@ impl LayerNorm {
         out.push((format!("{prefix}.bias"), self.bias.var().clone()));
     }
 
-    pub(crate) fn map(&mut self, prefix: &str, f: MapFn<'_>) -> Result<()> {
-        map_var(&mut self.weight, &format!("{prefix}.weight"), f)?;
-        map_var(&mut self.bias, &format!("{prefix}.bias"), f)
+    pub(crate) fn map(&mut self, prefix: &str, f: Visit<'_>) -> Result<()> {
+        visit_param(&mut self.weight, &format!("{prefix}.weight"), f)?;
+        visit_param(&mut self.bias, &format!("{prefix}.bias"), f)
     }
 }
 
@@ -326,8 +326,8 @@ impl Embedding {
         out.push((format!("{name}.weight"), self.weight.var().clone()));
     }
 
-    pub(crate) fn map(&mut self, name: &str, f: MapFn<'_>) -> Result<()> {
-        map_var(&mut self.weight, &format!("{name}.weight"), f)
+    pub(crate) fn map(&mut self, name: &str, f: Visit<'_>) -> Result<()> {
+        visit_param(&mut self.weight, &format!("{name}.weight"), f)
     }
 }
 

@@ -18,7 +18,7 @@ pub use rope::RopeParameters;
 use crate::config as shared;
 use crate::fused;
 use crate::layers::{
-    Dense, Embedding, Freeze, Linear, MapFn, MapVars, Param, Params, attention, map_var, normal,
+    Dense, Embedding, Freeze, Linear, MapVars, Param, Params, Visit, attention, normal, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -311,14 +311,14 @@ impl LlamaForCausalLM {
     }
 
     /// Visits every parameter and dense layer, in [`Model::parameters`] order.
-    fn visit(&mut self, f: MapFn<'_>) -> candle_core::Result<()> {
+    fn visit(&mut self, f: Visit<'_>) -> candle_core::Result<()> {
         self.embed_tokens.map("model.embed_tokens", f)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             layer.map(&format!("model.layers.{i}"), f)?;
         }
-        map_var(&mut self.norm.weight, "model.norm.weight", f)?;
+        visit_param(&mut self.norm.weight, "model.norm.weight", f)?;
         if let Some(head) = &mut self.lm_head {
-            map_var(head, "lm_head.weight", f)?;
+            visit_param(head, "lm_head.weight", f)?;
         }
         Ok(())
     }
@@ -369,25 +369,25 @@ impl Layer {
         ));
     }
 
-    fn map(&mut self, prefix: &str, f: MapFn<'_>) -> candle_core::Result<()> {
+    fn map(&mut self, prefix: &str, f: Visit<'_>) -> candle_core::Result<()> {
         let a = format!("{prefix}.self_attn");
         self.q_proj.map(&format!("{a}.q_proj"), f)?;
         self.k_proj.map(&format!("{a}.k_proj"), f)?;
         self.v_proj.map(&format!("{a}.v_proj"), f)?;
         self.o_proj.map(&format!("{a}.o_proj"), f)?;
         if let Some((q, k)) = &mut self.qk_norm {
-            map_var(&mut q.weight, &format!("{a}.q_norm.weight"), f)?;
-            map_var(&mut k.weight, &format!("{a}.k_norm.weight"), f)?;
+            visit_param(&mut q.weight, &format!("{a}.q_norm.weight"), f)?;
+            visit_param(&mut k.weight, &format!("{a}.k_norm.weight"), f)?;
         }
         self.gate_proj.map(&format!("{prefix}.mlp.gate_proj"), f)?;
         self.up_proj.map(&format!("{prefix}.mlp.up_proj"), f)?;
         self.down_proj.map(&format!("{prefix}.mlp.down_proj"), f)?;
-        map_var(
+        visit_param(
             &mut self.input_layernorm.weight,
             &format!("{prefix}.input_layernorm.weight"),
             f,
         )?;
-        map_var(
+        visit_param(
             &mut self.post_attention_layernorm.weight,
             &format!("{prefix}.post_attention_layernorm.weight"),
             f,
