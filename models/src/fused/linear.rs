@@ -119,6 +119,36 @@ pub(super) fn weight_rhs(transposed: bool, input: usize, output: usize) -> Mat {
     }
 }
 
+/// `x · W(ᵀ) + b` as rows of `b.len()` outputs: every row starts as the bias, and one
+/// gemm adds the product onto it.
+pub(super) fn dense_fwd(transposed: bool, x: &[f32], w: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    let output = b.len();
+    let input = w.len() / output;
+    let rows = x.len() / input;
+    let mut dst = Vec::with_capacity(rows * output);
+    for _ in 0..rows {
+        dst.extend_from_slice(b);
+    }
+    let rhs = weight_rhs(transposed, input, output);
+    gemm_with(
+        (rows, output, input),
+        (&mut dst, row_major(output)),
+        (x, row_major(input)),
+        (w, rhs),
+        true,
+    )?;
+    Ok(dst)
+}
+
+/// The shape of a dense layer's output: `x`'s (laid out as `l`) with `output` last.
+pub(super) fn out_shape(l: &Layout, output: usize) -> Shape {
+    let mut shape = l.shape().dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = output;
+    }
+    Shape::from(shape)
+}
+
 /// The dense part of a layer's backward, with g = dy `[rows, out]` and x `[rows, in]`:
 /// dx = g·W (Conv1D: g·Wᵀ) into `dx`, dW = gᵀ·x (Conv1D: xᵀ·g) into `dw`; an empty
 /// buffer is an input that takes no part in backprop and is skipped (a frozen weight,
@@ -187,26 +217,8 @@ impl CustomOp3 for LinearOp {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
         let b = slice(s3, l3, self.name())?;
-        let output = b.len();
-        let input = w.len() / output;
-        let rows = x.len() / input;
-        // dst starts as the bias in every row; gemm adds x · W(ᵀ) onto it.
-        let mut dst = Vec::with_capacity(rows * output);
-        for _ in 0..rows {
-            dst.extend_from_slice(b);
-        }
-        gemm_with(
-            (rows, output, input),
-            (&mut dst, row_major(output)),
-            (x, row_major(input)),
-            (w, weight_rhs(self.transposed, input, output)),
-            true,
-        )?;
-        let mut shape = l1.shape().dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = output;
-        }
-        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+        let dst = dense_fwd(self.transposed, x, w, b)?;
+        Ok((CpuStorage::F32(dst), out_shape(l1, b.len())))
     }
 
     /// dx, dW ([`dense_grads`]) and db = Σ rows of g, each only for an input that takes

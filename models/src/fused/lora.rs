@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::gemm::{Mat, gemm_with};
-use super::linear::{dense_grads, weight_rhs};
+use super::linear::{dense_fwd, dense_grads, out_shape};
 use super::{fusable, read, slice, sum_rows};
 
 /// The adapter of [`lora_linear`]: `A` `[r, in]`, `B` `[out, r]`, the scaling, and the
@@ -161,17 +161,7 @@ impl CustomOp3 for LoraLinearOp {
         let packed = slice(s3, l3, self.name())?;
         let (input, output, rank) = (self.input, self.output, self.rank);
         let rows = x.len() / input;
-        let mut dst = Vec::with_capacity(rows * output);
-        for _ in 0..rows {
-            dst.extend_from_slice(&packed[..output]);
-        }
-        gemm_with(
-            (rows, output, input),
-            (&mut dst, rm(0, output)),
-            (x, rm(0, input)),
-            (w, weight_rhs(self.transposed, input, output)),
-            true,
-        )?;
+        let mut dst = dense_fwd(self.transposed, x, w, &packed[..output])?;
         let mut buf = Vec::new();
         let xd = self.dropped(x, &mut buf);
         let mut h = self.low_rank(xd, packed, rows)?;
@@ -184,11 +174,7 @@ impl CustomOp3 for LoraLinearOp {
             (packed, rm(self.b_off(), rank).t()),
             true,
         )?;
-        let mut shape = l1.shape().dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = output;
-        }
-        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+        Ok((CpuStorage::F32(dst), out_shape(l1, output)))
     }
 
     /// With g = dy `[rows, out]`, gh = s·g·B `[rows, r]`, h = d(x)·Aᵀ:
