@@ -59,6 +59,8 @@ pub enum Kind {
     File(Format),
     /// A Hugging Face shard index (`*.index.json` with a `weight_map`).
     ShardIndex,
+    /// A GGUF file (llama.cpp's format).
+    Gguf,
     /// A folder.
     Directory,
 }
@@ -83,6 +85,9 @@ pub fn detect(path: &Path) -> Result<Kind> {
 
 /// Classifies the first bytes (up to 512) of a file.
 pub fn kind_of_bytes(head: &[u8]) -> Result<Kind> {
+    if head.starts_with(crate::gguf::MAGIC) {
+        return Ok(Kind::Gguf);
+    }
     if head.starts_with(b"PK\x03\x04") {
         return Ok(Kind::File(Format::PyTorch));
     }
@@ -103,7 +108,7 @@ pub fn kind_of_bytes(head: &[u8]) -> Result<Kind> {
         return Err(Error::Unsupported("empty file".into()));
     }
     Err(Error::Unsupported(
-        "not a safetensors file, a PyTorch zip checkpoint nor a shard index".into(),
+        "not a safetensors file, a PyTorch zip checkpoint, a GGUF file nor a shard index".into(),
     ))
 }
 
@@ -145,13 +150,14 @@ pub fn model_weights_path(dir: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Opens a safetensors file, a PyTorch file, a shard index or a model folder as one
+/// Opens a safetensors file, a PyTorch file, a GGUF file, a shard index or a model folder as one
 /// collection, detecting the format from the bytes.
 pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn TensorCollection>> {
     let path = path.as_ref();
     match detect(path)? {
         Kind::Directory => open(model_weights_path(path)?),
         Kind::ShardIndex => Ok(Box::new(ShardedSet::open(path)?)),
+        Kind::Gguf => Ok(Box::new(crate::gguf::GgufFile::open(path)?)),
         Kind::File(Format::Safetensors) => Ok(Box::new(SafetensorsFile::open(path)?)),
         Kind::File(Format::PyTorch) => Ok(Box::new(TorchFile::open(path)?)),
     }

@@ -37,6 +37,9 @@ pub enum Error {
     /// (a global outside the allowlist, such as `os.system`). Nothing was executed.
     #[error("refused: {0}")]
     Forbidden(String),
+    /// A malformed GGUF file.
+    #[error("invalid GGUF: {0}")]
+    Gguf(String),
     /// A malformed shard index or sharded set.
     #[error("invalid shard index: {0}")]
     Index(String),

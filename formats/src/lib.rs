@@ -21,6 +21,8 @@
 //! - [`torch`]: PyTorch zip checkpoints (`pytorch_model.bin`, `*.pt`) read through a
 //!   weights-only pickle reader that never executes anything, and written so that
 //!   `torch.load(weights_only=True)` loads them with and without `mmap`.
+//! - [`gguf`]: llama.cpp's single-file format, read with every offset checked and
+//!   written streaming (F32, F16, BF16, Q8_0).
 //! - [`shard`]: Hugging Face sharding (`model-00001-of-00002.safetensors` plus an index).
 //! - [`detect`]: telling formats apart by their bytes, not their names.
 #![deny(missing_docs)]
@@ -32,6 +34,7 @@ pub mod detect;
 pub mod digest;
 mod dtype;
 mod error;
+pub mod gguf;
 pub mod pyjson;
 pub mod safetensors;
 pub mod shard;

@@ -142,8 +142,15 @@ impl safetensors::View for TensorView<'_> {
 ///
 /// [`tensor`]: TensorCollection::tensor
 pub trait TensorCollection: Send + Sync {
-    /// The file format the tensors are stored in (`None` for tensors in memory).
+    /// The Hugging Face weights format the tensors are stored in (`None` for tensors in
+    /// memory, and for a GGUF file, which no `from_pretrained` folder holds as weights).
     fn format(&self) -> Option<Format>;
+
+    /// The format's lower-case name for people (`safetensors`, `pytorch`, `gguf`;
+    /// `memory` for tensors in memory).
+    fn format_name(&self) -> &'static str {
+        self.format().map(Format::name).unwrap_or("memory")
+    }
 
     /// String metadata (safetensors' `__metadata__`; empty for PyTorch files).
     fn metadata(&self) -> &BTreeMap<String, String>;
