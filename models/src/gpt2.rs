@@ -565,6 +565,79 @@ impl crate::registry::TaskModel for Gpt2LMHeadModel {
     }
 }
 
+/// GPT-2 in GGUF as convert_hf_to_gguf.py writes it (`gpt2`): the Conv1D weights
+/// transposed to `[out, in]`, the causal-mask buffers and the tied `lm_head` left out.
+fn gguf_layout(config: &Value, tensors: &[String]) -> Result<crate::gguf::GgufLayout> {
+    use crate::gguf::{Transform, block, map_names, u32_of};
+    use kiln_formats::gguf::Value as V;
+    let c = Gpt2Config::from_json(config)?;
+    let metadata = vec![
+        (
+            "gpt2.block_count".to_string(),
+            u32_of("n_layer", c.n_layer)?,
+        ),
+        (
+            "gpt2.context_length".to_string(),
+            u32_of("n_positions", c.n_positions)?,
+        ),
+        (
+            "gpt2.embedding_length".to_string(),
+            u32_of("n_embd", c.n_embd)?,
+        ),
+        (
+            "gpt2.feed_forward_length".to_string(),
+            u32_of("n_inner", c.inner_size())?,
+        ),
+        (
+            "gpt2.attention.head_count".to_string(),
+            u32_of("n_head", c.n_head)?,
+        ),
+        (
+            "gpt2.attention.layer_norm_epsilon".to_string(),
+            V::F32(c.layer_norm_epsilon as f32),
+        ),
+    ];
+    let tensors = map_names(tensors, |name| {
+        let name = name.strip_prefix("transformer.").unwrap_or(name);
+        let leaf = |n: &str| Some(Some((n.to_string(), Transform::Copy)));
+        match name {
+            "wte.weight" => return leaf("token_embd.weight"),
+            "wpe.weight" => return leaf("position_embd.weight"),
+            "ln_f.weight" => return leaf("output_norm.weight"),
+            "ln_f.bias" => return leaf("output_norm.bias"),
+            // Tied to wte (GPT2LMHeadModel always ties).
+            "lm_head.weight" => return Some(None),
+            _ => {}
+        }
+        let (n, rest) = block(name, "h")?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        if module == "attn" && matches!(suffix, "bias" | "masked_bias") {
+            return Some(None);
+        }
+        let gguf = match module {
+            "ln_1" => "attn_norm",
+            "attn.c_attn" => "attn_qkv",
+            "attn.c_proj" => "attn_output",
+            "ln_2" => "ffn_norm",
+            "mlp.c_fc" => "ffn_up",
+            "mlp.c_proj" => "ffn_down",
+            _ => return None,
+        };
+        let transform = match (module, suffix) {
+            ("ln_1" | "ln_2", _) | (_, "bias") => Transform::Copy,
+            (_, "weight") => Transform::Transpose,
+            _ => return None,
+        };
+        Some(Some((format!("blk.{n}.{gguf}.{suffix}"), transform)))
+    })?;
+    Ok(crate::gguf::GgufLayout {
+        arch: "gpt2",
+        metadata,
+        tensors,
+        notes: Vec::new(),
+    })
+}
+
 inventory::submit! {
     crate::registry::Architecture::new(
         "GPT2LMHeadModel",
@@ -580,4 +653,5 @@ inventory::submit! {
             Ok((Box::new(model), info))
         },
     )
+    .with_gguf(gguf_layout)
 }

@@ -39,6 +39,7 @@ mod config;
 mod error;
 mod fused;
 mod generation;
+pub mod gguf;
 mod gpt2;
 mod layers;
 mod llama;

@@ -77,6 +77,9 @@ pub struct Architecture {
     pub build: BuildFn,
     /// Loads a model folder.
     pub load: LoadFn,
+    /// How its folders become GGUF (`kiln convert DIR OUT.gguf`); `None` where
+    /// llama.cpp has no such architecture (BERT classifiers).
+    pub gguf: Option<crate::gguf::GgufLayoutFn>,
 }
 
 impl Architecture {
@@ -96,7 +99,14 @@ impl Architecture {
             default_config,
             build,
             load,
+            gguf: None,
         }
+    }
+
+    /// The same, exportable to GGUF through `layout`.
+    pub const fn with_gguf(mut self, layout: crate::gguf::GgufLayoutFn) -> Self {
+        self.gguf = Some(layout);
+        self
     }
 }
 

@@ -30,6 +30,7 @@
 //!   `BertTokenizer` / `GPT2Tokenizer`).
 
 mod files;
+mod gguf;
 mod train;
 mod vocab;
 

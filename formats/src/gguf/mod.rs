@@ -21,6 +21,36 @@ pub use read::{GgufFile, GgufTensorInfo};
 pub use value::{Value, ValueType};
 pub use write::{TensorSpec, write};
 
+/// Reads a float tensor's elements as f32 (F32, F16, BF16, F64), as the converter's
+/// `data_torch.to(torch.float32)` does before quantizing.
+pub fn to_f32(view: &crate::TensorView<'_>) -> crate::Result<Vec<f32>> {
+    use crate::DType;
+    let b = view.data();
+    Ok(match view.dtype() {
+        DType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F64 => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        d => {
+            return Err(crate::Error::Tensor(format!(
+                "{d} is not a float type GGUF export reads"
+            )));
+        }
+    })
+}
+
 /// The four bytes every GGUF file starts with.
 pub const MAGIC: &[u8; 4] = b"GGUF";
 /// The version this module writes (and the newest it reads; 2 reads too).
@@ -212,6 +242,85 @@ impl GgmlType {
             _ => return None,
         })
     }
+}
+
+/// What `--outtype` asks for (llama.cpp's `general.file_type`, `LlamaFileType`): the
+/// type of the 2-D weights; 1-D tensors and norms stay F32 whatever it says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileType {
+    /// Everything F32 (`ALL_F32`).
+    F32,
+    /// 2-D weights F16 (`MOSTLY_F16`, convert_hf_to_gguf.py's default).
+    F16,
+    /// 2-D weights BF16 (`MOSTLY_BF16`).
+    BF16,
+    /// 2-D weights Q8_0, F16 where a row is not whole blocks (`MOSTLY_Q8_0`).
+    Q8_0,
+}
+
+impl FileType {
+    /// The value of `general.file_type`.
+    pub fn id(self) -> u32 {
+        match self {
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::Q8_0 => 7,
+            FileType::BF16 => 32,
+        }
+    }
+
+    /// The type of the weights it quantizes.
+    pub fn weight_type(self) -> GgmlType {
+        match self {
+            FileType::F32 => GgmlType::F32,
+            FileType::F16 => GgmlType::F16,
+            FileType::BF16 => GgmlType::BF16,
+            FileType::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+
+    /// convert_hf_to_gguf.py's `--outtype` spelling (`f32`, `f16`, `bf16`, `q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FileType::F32 => "f32",
+            FileType::F16 => "f16",
+            FileType::BF16 => "bf16",
+            FileType::Q8_0 => "q8_0",
+        }
+    }
+}
+
+impl std::str::FromStr for FileType {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<FileType> {
+        [FileType::F32, FileType::F16, FileType::BF16, FileType::Q8_0]
+            .into_iter()
+            .find(|t| t.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                crate::Error::Argument(format!(
+                    "GGUF outtype {s:?}: kiln writes f32, f16, bf16 or q8_0"
+                ))
+            })
+    }
+}
+
+/// The type llama.cpp's converter stores one tensor as under `file_type`: F32 for 1-D
+/// tensors, norms (`*_norm.weight`), the position table and anything not named
+/// `*.weight` (biases); Q8_0 falls back to F16 where the rows are not whole blocks.
+pub fn storage_type(name: &str, shape: &[usize], file_type: FileType) -> GgmlType {
+    if shape.len() <= 1
+        || name.ends_with("_norm.weight")
+        || name == "position_embd.weight"
+        || !name.ends_with(".weight")
+    {
+        return GgmlType::F32;
+    }
+    let want = file_type.weight_type();
+    if want == GgmlType::Q8_0 && want.nbytes(shape).is_none() {
+        return GgmlType::F16;
+    }
+    want
 }
 
 impl std::fmt::Display for GgmlType {

@@ -5,6 +5,7 @@
 
 mod config;
 mod generate;
+mod gguf;
 mod rope;
 
 use std::path::Path;
@@ -522,6 +523,7 @@ macro_rules! register {
                     Ok((Box::new(model), info))
                 },
             )
+            .with_gguf(gguf::layout)
         }
     };
 }
