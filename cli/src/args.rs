@@ -25,8 +25,9 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Convert between safetensors and PyTorch .bin, file to file or folder to folder;
-    /// or, with --consolidate, a checkpoint's sharded optimizer state into one file.
+    /// Convert between safetensors and PyTorch .bin, file to file or folder to folder; a
+    /// GPT-2 or Llama-family model folder to GGUF (OUTPUT.gguf, --outtype); or, with
+    /// --consolidate, a checkpoint's sharded optimizer state into one file.
     Convert {
         /// Input file, shard index or model folder (with --consolidate: a checkpoint
         /// folder whose optimizer state is sharded, optimizer.rank<r>-of-<w>.*).
@@ -37,11 +38,15 @@ pub(crate) enum Command {
         /// Consolidate the per-rank optimizer shards of a ZeRO-1 checkpoint into one
         /// optimizer.safetensors, writing OUTPUT/checkpoint-<step> (resumable by any
         /// number of processes).
-        #[arg(long, conflicts_with_all = ["to", "max_shard_size"])]
+        #[arg(long, conflicts_with_all = ["to", "max_shard_size", "outtype"])]
         consolidate: bool,
         /// Output format (default: OUTPUT's extension; safetensors for a folder).
         #[arg(long, value_enum)]
         to: Option<ToFormat>,
+        /// GGUF only: the type of the 2-D weights (f32, f16, bf16, q8_0; default f16, as
+        /// convert_hf_to_gguf.py); 1-D tensors and norms stay f32.
+        #[arg(long, value_parser = parse_outtype)]
+        outtype: Option<kiln_formats::gguf::FileType>,
         /// Shard a folder output at this size ("5GB" = 5e9 bytes, "500MB", "1GiB").
         #[arg(long, value_parser = parse_size)]
         max_shard_size: Option<u64>,
@@ -144,6 +149,11 @@ pub(crate) enum Command {
 pub(crate) enum ToFormat {
     Safetensors,
     Bin,
+    Gguf,
+}
+
+fn parse_outtype(s: &str) -> Result<kiln_formats::gguf::FileType, String> {
+    s.parse().map_err(|e: kiln_formats::Error| e.to_string())
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -10,10 +10,13 @@ use crate::args::ToFormat;
 use crate::{CmdResult, Outcome, ok};
 
 fn format_name(c: &dyn TensorCollection) -> &'static str {
-    c.format().map(Format::name).unwrap_or("memory")
+    c.format_name()
 }
 
 pub(crate) fn inspect(path: &std::path::Path, as_json: bool) -> CmdResult {
+    if !path.is_dir() && kiln_formats::detect::detect(path)? == kiln_formats::detect::Kind::Gguf {
+        return ok(crate::gguf::inspect(path, as_json)?);
+    }
     let c = kiln_formats::open(path)?;
     if as_json {
         let tensors: Vec<_> = c
@@ -102,10 +105,43 @@ pub(crate) fn convert_cmd(
     input: &std::path::Path,
     output: &std::path::Path,
     to: Option<ToFormat>,
+    outtype: Option<kiln_formats::gguf::FileType>,
     max_shard_size: Option<u64>,
 ) -> CmdResult {
+    let to_gguf = match to {
+        Some(t) => matches!(t, ToFormat::Gguf),
+        None => output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
+    };
+    if to_gguf {
+        if max_shard_size.is_some() {
+            return Err(crate::error::Error::Usage(
+                "--max_shard_size: kiln writes a GGUF file whole (no split files)".into(),
+            ));
+        }
+        let file_type = outtype.unwrap_or(kiln_formats::gguf::FileType::F16);
+        let done = crate::gguf::export(input, output, file_type)?;
+        let types: Vec<String> = done.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        let mut s = format!(
+            "converted {} to GGUF ({}, outtype {}): {} ({} bytes; tensors: {})\n",
+            input.display(),
+            done.arch,
+            file_type.name(),
+            done.path.display(),
+            done.bytes,
+            types.join(", ")
+        );
+        for n in &done.notes {
+            s += &format!("  note: {n}\n");
+        }
+        return ok(s);
+    }
+    if outtype.is_some() {
+        return Err(crate::error::Error::Usage(
+            "--outtype is for GGUF output (OUTPUT.gguf or --to gguf)".into(),
+        ));
+    }
     let format = to.map(|t| match t {
-        ToFormat::Safetensors => Format::Safetensors,
+        ToFormat::Safetensors | ToFormat::Gguf => Format::Safetensors,
         ToFormat::Bin => Format::PyTorch,
     });
     let done = convert(input, &Target::from_path(output), format, max_shard_size)?;

@@ -25,6 +25,7 @@ mod commands;
 pub mod config;
 mod error;
 mod files;
+pub mod gguf;
 pub mod run;
 
 use std::io::Write;
@@ -136,9 +137,10 @@ pub fn main() -> ExitCode {
             input,
             output,
             to,
+            outtype,
             max_shard_size,
             consolidate: false,
-        } => files::convert_cmd(&input, &output, to, max_shard_size),
+        } => files::convert_cmd(&input, &output, to, outtype, max_shard_size),
         Command::Verify { path } => files::verify(&path),
         Command::Checkpoints { output_dir, json } => files::checkpoints(&output_dir, json),
         Command::Train { args } => commands::train(&args),
