@@ -50,7 +50,78 @@ def safetensors(tensors, metadata=None):
     return struct.pack("<Q", len(h)) + h + data
 
 
+# GGUF value types (gguf-py's GGUFValueType) and the struct codes of the scalars.
+GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_value(ty, v):
+    if ty == 8:
+        b = v.encode()
+        return struct.pack("<Q", len(b)) + b
+    if ty == 9:
+        item_ty, items = v
+        return struct.pack("<IQ", item_ty, len(items)) + b"".join(gguf_value(item_ty, i) for i in items)
+    return struct.pack("<" + GGUF_SCALAR[ty], v)
+
+
+def gguf(kv, tensors, version=3, alignment=32):
+    """A GGUF file: kv = [(key, type, value)], tensors = [(name, row-major shape,
+    ggml type id, bytes)], each tensor's data aligned."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kv))
+    for k, ty, v in kv:
+        out += gguf_value(8, k) + struct.pack("<I", ty) + gguf_value(ty, v)
+    off, data = 0, b""
+    for name, shape, ty, raw in tensors:
+        out += gguf_value(8, name) + struct.pack("<I", len(shape))
+        out += b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        out += struct.pack("<IQ", ty, off)
+        pad = -len(raw) % alignment
+        data += raw + b"\0" * pad
+        off += len(raw) + pad
+    out += b"\0" * (-len(out) % alignment)
+    return out + data
+
+
+def gguf_seeds():
+    f32 = struct.pack("<8f", 0.5, -1.0, 2.0, 1e-8, 3.0, -0.25, 0.0, 7.5)
+    # One Q8_0 block: an f16 scale (1.0) and 32 int8s.
+    q8 = struct.pack("<H", 0x3C00) + bytes(range(0, 64, 2))
+    kv = [
+        ("general.architecture", 8, "llama"),
+        ("general.name", 8, "seed"),
+        ("llama.block_count", 4, 1),
+        ("llama.rope.freq_base", 6, 10000.0),
+        ("llama.attention.layer_norm_rms_epsilon", 6, 1e-6),
+        ("general.file_type", 4, 7),
+        ("tokenizer.ggml.model", 8, "gpt2"),
+        ("tokenizer.ggml.tokens", 9, (8, ["a", "b", "<|endoftext|>"])),
+        ("tokenizer.ggml.token_type", 9, (5, [1, 1, 3])),
+        ("tokenizer.ggml.merges", 9, (8, ["a b"])),
+        ("tokenizer.ggml.add_bos_token", 7, False),
+        ("scalars.u8", 0, 255), ("scalars.i8", 1, -128), ("scalars.u16", 2, 65535),
+        ("scalars.i16", 3, -1), ("scalars.u64", 10, 2**63), ("scalars.i64", 11, -(2**40)),
+        ("scalars.f64", 12, 0.1), ("nested", 9, (9, [(4, [1, 2]), (8, ["x"])])),
+        ("empty", 9, (4, [])),
+    ]
+    tensors = [
+        ("token_embd.weight", [3, 8], 0, f32 * 3),
+        ("blk.0.attn_norm.weight", [8], 0, f32),
+        ("blk.0.ffn_down.weight", [1, 32], 8, q8),
+        ("blk.0.ffn_up.weight", [2, 4], 1, struct.pack("<8H", *([0x3C00, 0xBC00] * 4))),
+        ("blk.0.ffn_gate.weight", [4, 2], 30, struct.pack("<8H", *([0x3F80, 0x4000] * 4))),
+        ("blk.0.attn_q.weight", [1, 1, 2, 32], 2, bytes(18) * 2),
+        ("ids", [4], 24, bytes([1, 2, 255, 128])),
+        ("count", [2], 27, struct.pack("<2q", -5, 2**40)),
+    ]
+    add("gguf", gguf(kv, tensors), "all_types")
+    add("inspect", gguf(kv, tensors), "gguf")
+    add("gguf", gguf(kv[:3], tensors[1:2], version=2), "version2")
+    add("gguf", gguf(kv + [("general.alignment", 4, 64)], tensors[:3], alignment=64), "align64")
+    add("gguf", gguf([], []), "empty")
+
+
 def main():
+    gguf_seeds()
     st = files("tests/fixtures/torch", "*.safetensors") + files("tests/attacks", "*.safetensors")
     st += files("checkpoint/tests/fixtures", "*/*.safetensors")
     pt = files("tests/fixtures/torch", "*.pt") + files("tests/attacks", "*.pt")

@@ -136,11 +136,12 @@ replay_tests!(
     config,
     trainer_state,
     optimizer,
-    inspect
+    inspect,
+    gguf
 );
 
 /// Seeds (`fuzz/make_seeds.py`) that are valid input for their target.
-const VALID_SEEDS: [(&str, &[&str]); 8] = [
+const VALID_SEEDS: [(&str, &[&str]); 9] = [
     ("safetensors", &["st_all_dtypes", "st_shapes", "model"]),
     (
         "pickle",
@@ -162,8 +163,9 @@ const VALID_SEEDS: [(&str, &[&str]); 8] = [
     ("optimizer", &["adamw", "empty"]),
     (
         "inspect",
-        &["harness_index", "optimizer", "all_dtypes", "st_shapes"],
+        &["harness_index", "optimizer", "all_dtypes", "st_shapes", "gguf"],
     ),
+    ("gguf", &["all_types", "version2", "align64", "empty"]),
 ];
 
 #[test]

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_checkpoint::optimizer::OptimizerState;
 use kiln_checkpoint::state::TrainerState;
+use kiln_formats::gguf::{GgufFile, TensorSpec};
 use kiln_formats::safetensors::SafetensorsFile;
 use kiln_formats::shard::ShardedSet;
 use kiln_formats::torch::pickle::{self, Limits};
@@ -32,7 +33,7 @@ use kiln_formats::{DType, TensorCollection, TensorMap, TensorView, pyjson};
 pub type Target = fn(&[u8]) -> bool;
 
 /// The targets, by name, as `fuzz/run.sh` and the corpus folders spell them.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("safetensors", safetensors),
     ("pickle", pickle),
     ("zip", zip),
@@ -41,6 +42,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("trainer_state", trainer_state),
     ("optimizer", optimizer),
     ("inspect", inspect),
+    ("gguf", gguf),
 ];
 
 /// Small limits for the second pass of the pickle target.
@@ -269,6 +271,54 @@ pub fn inspect(data: &[u8]) -> bool {
     let _ = inspect_text(&path, c.as_ref());
     let _ = inspect_json(c.as_ref());
     let _ = c.verify();
+    true
+}
+
+/// 9. GGUF: a file → `GgufFile::open`, every metadata value shown (JSON, summary) and
+///    every tensor read, raw and through `TensorCollection`; then the file re-written
+///    from what was read (`gguf::write`), which must succeed and read back the same.
+pub fn gguf(data: &[u8]) -> bool {
+    let path = input("gguf", "model.gguf", data, Prepared::Nothing);
+    let Ok(f) = GgufFile::open(&path) else {
+        return false;
+    };
+    for (_, v) in f.kv() {
+        let _ = v.to_json().to_string();
+        let _ = v.summary();
+    }
+    read_all(&f, true);
+    let specs: Vec<TensorSpec> = f
+        .gguf_tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    for (t, s) in f.gguf_tensors().iter().zip(&specs) {
+        assert_eq!(s.nbytes().ok(), Some(t.nbytes), "{}", t.name);
+        assert_eq!(f.raw(&t.name).map(<[u8]>::len).ok(), Some(t.nbytes));
+    }
+    // What kiln read, kiln writes (as version 3) and reads back the same.
+    let out = scratch("gguf", Prepared::Nothing).join("rewritten.gguf");
+    let written = kiln_formats::gguf::write(&out, f.kv(), &specs, |i, buf| {
+        buf.extend_from_slice(f.raw(&specs[i].name)?);
+        Ok(())
+    });
+    if let Err(e) = written {
+        panic!("gguf::write refuses what GgufFile::open accepted: {e}");
+    }
+    let back = GgufFile::open(&out).unwrap_or_else(|e| panic!("gguf::write wrote junk: {e}"));
+    assert_eq!(back.gguf_tensors().len(), specs.len());
+    for (k, v) in f.kv() {
+        let b = back.get(k);
+        // NaN != NaN: compare what the values print.
+        assert_eq!(b.map(|b| format!("{b:?}")), Some(format!("{v:?}")), "{k}");
+    }
+    for s in &specs {
+        assert_eq!(back.raw(&s.name).ok(), f.raw(&s.name).ok(), "{}", s.name);
+    }
     true
 }
 
