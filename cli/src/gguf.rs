@@ -141,7 +141,8 @@ fn encode(x: &mut [f32], ty: GgmlType, buf: &mut Vec<u8>) -> kiln_formats::Resul
 }
 
 /// `kiln inspect` of a GGUF file: version, metadata (arrays summarised), tensors with
-/// their GGML types.
+/// their GGML types. Shapes are row-major, as for the other formats kiln inspects (the
+/// torch shape); gguf-dump prints the same dims reversed (GGML's `ne` order).
 pub(crate) fn inspect(path: &Path, as_json: bool) -> Result<String, Error> {
     let f = GgufFile::open(path)?;
     if as_json {
