@@ -58,29 +58,53 @@ fn transformers_and_gguf_py_read_kilns_gguf_files() {
             vec!["--n_embd", "64", "--n_positions", "1024"],
             &["f32", "q8_0"],
         ),
-        ("llama", "llama-corpus.toml", small.to_vec(), &["f32", "f16", "bf16", "q8_0"]),
+        (
+            "llama",
+            "llama-corpus.toml",
+            small.to_vec(),
+            &["f32", "f16", "bf16", "q8_0"],
+        ),
         // Not named "mistral": transformers turns a GGUF "llama" whose general.name holds
         // "mistral" into model_type mistral, which gguf-py 0.19 has no tensor map for, so it
         // refuses every such file (convert_hf_to_gguf.py names it after the folder too).
         (
             "small-m",
             "llama-corpus.toml",
-            [&small[..], &["--architecture", "MistralForCausalLM", "--tie_word_embeddings", "false"]]
-                .concat(),
+            [
+                &small[..],
+                &[
+                    "--architecture",
+                    "MistralForCausalLM",
+                    "--tie_word_embeddings",
+                    "false",
+                ],
+            ]
+            .concat(),
             &["f32"],
         ),
         // 48 columns: down_proj cannot be Q8_0 (blocks of 32) and falls back to F16.
         (
             "qwen2",
             "llama-corpus.toml",
-            vec!["--hidden_size", "32", "--intermediate_size", "48", "--architecture", "Qwen2ForCausalLM"],
+            vec![
+                "--hidden_size",
+                "32",
+                "--intermediate_size",
+                "48",
+                "--architecture",
+                "Qwen2ForCausalLM",
+            ],
             &["f32", "q8_0"],
         ),
         // transformers reads a GGUF Qwen3's head_dim as 128 whatever key_length says.
         (
             "qwen3",
             "llama-corpus.toml",
-            [&small[..], &["--architecture", "Qwen3ForCausalLM", "--head_dim", "128"]].concat(),
+            [
+                &small[..],
+                &["--architecture", "Qwen3ForCausalLM", "--head_dim", "128"],
+            ]
+            .concat(),
             &["f32", "bf16"],
         ),
     ];
@@ -110,14 +134,35 @@ fn transformers_and_gguf_py_read_kilns_gguf_files() {
         assert_eq!(r["same_encoding"], true, "{what}");
         let diff = r["logits_diff"].as_f64().unwrap();
         let scale = r["logits_scale"].as_f64().unwrap();
-        let allowed = if outtype == "f32" { 1e-4 } else { tolerance(outtype) * scale };
-        assert!(diff <= allowed, "{what}: logits differ by {diff} (scale {scale})");
+        let allowed = if outtype == "f32" {
+            1e-4
+        } else {
+            tolerance(outtype) * scale
+        };
+        assert!(
+            diff <= allowed,
+            "{what}: logits differ by {diff} (scale {scale})"
+        );
         println!("{what}: logits diff {diff:.3e} of {scale:.3}");
         // Mistral is a GGUF "llama", as convert_hf_to_gguf.py writes it.
-        let want_type = if *name == "small-m" { "llama" } else { name.as_str() };
+        let want_type = if *name == "small-m" {
+            "llama"
+        } else {
+            name.as_str()
+        };
         assert_eq!(r["config_type"], want_type, "{what}");
-        let keys: Vec<&str> = r["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
-        for k in ["general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "general.file_type"] {
+        let keys: Vec<&str> = r["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        for k in [
+            "general.architecture",
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.pre",
+            "general.file_type",
+        ] {
             assert!(keys.contains(&k), "{what}: no {k}");
         }
     }
@@ -138,7 +183,11 @@ fn inspect_reads_gguf_and_convert_refuses_what_it_cannot_write() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let dir = w.join("llama");
-    train("llama-corpus.toml", &dir, &["--hidden_size", "32", "--intermediate_size", "48"]);
+    train(
+        "llama-corpus.toml",
+        &dir,
+        &["--hidden_size", "32", "--intermediate_size", "48"],
+    );
     let file = w.join("llama.gguf");
     // Default outtype: f16, as convert_hf_to_gguf.py.
     kiln(["convert", dir.to_str().unwrap(), file.to_str().unwrap()]).expect_success();
@@ -152,21 +201,37 @@ fn inspect_reads_gguf_and_convert_refuses_what_it_cannot_write() {
         "token_embd.weight",
         "blk.1.ffn_down.weight",
     ] {
-        assert!(text.stdout.contains(needle), "{needle} not in:\n{}", text.stdout);
+        assert!(
+            text.stdout.contains(needle),
+            "{needle} not in:\n{}",
+            text.stdout
+        );
     }
     let j = kiln(["inspect", file.to_str().unwrap(), "--json"]);
     j.expect_success();
     let v: Value = serde_json::from_str(j.stdout.trim()).unwrap();
     assert_eq!(v["format"], "gguf");
     assert_eq!(v["metadata"]["llama.block_count"], 2);
-    let down = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "blk.0.ffn_down.weight").unwrap();
+    let down = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "blk.0.ffn_down.weight")
+        .unwrap();
     // Row-major (torch's [hidden, intermediate]); GGML's ne order would be [48, 32].
-    assert_eq!((down["type"].as_str(), &down["shape"]), (Some("F16"), &json!([32, 48])));
+    assert_eq!(
+        (down["type"].as_str(), &down["shape"]),
+        (Some("F16"), &json!([32, 48]))
+    );
 
     // A BERT folder has no GGUF form.
     let bert = w.join("bert");
     kiln(common::tiny_bert_args(&bert, &[])).expect_success();
-    let e = kiln(["convert", bert.to_str().unwrap(), w.join("b.gguf").to_str().unwrap()]);
+    let e = kiln([
+        "convert",
+        bert.to_str().unwrap(),
+        w.join("b.gguf").to_str().unwrap(),
+    ]);
     e.expect_error(&["BertForSequenceClassification has no GGUF form"]);
     assert!(!w.join("b.gguf").exists());
     // --outtype without a GGUF output, and an unknown outtype.
@@ -179,7 +244,13 @@ fn inspect_reads_gguf_and_convert_refuses_what_it_cannot_write() {
     ]);
     e.expect_code(2);
     assert!(e.one_stderr_line().contains("--outtype"), "{}", e.stderr);
-    let e = kiln(["convert", dir.to_str().unwrap(), file.to_str().unwrap(), "--outtype", "q4_k"]);
+    let e = kiln([
+        "convert",
+        dir.to_str().unwrap(),
+        file.to_str().unwrap(),
+        "--outtype",
+        "q4_k",
+    ]);
     e.expect_code(2);
     assert!(e.stderr.contains("q4_k"), "{}", e.stderr);
 }

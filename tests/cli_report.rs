@@ -8,48 +8,17 @@ mod common;
 
 use std::path::Path;
 
-use common::{causal_args, kiln, repo};
+use common::{kiln, logged_gpt2_args, repo};
 use kiln_test_support::fs::read_json;
 use kiln_test_support::run_checker;
 use serde_json::{Value, json};
-
-/// A tiny GPT-2 on the bundled corpus: 4 steps of 4 blocks of 32 tokens, logged every
-/// step, evaluated and saved every 2.
-fn gpt2_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = causal_args(
-        "gpt2-corpus.toml",
-        out,
-        &[
-            "--n_embd",
-            "32",
-            "--max_train_samples",
-            "64",
-            "--max_eval_samples",
-            "8",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_steps",
-            "4",
-            "--logging_steps",
-            "1",
-            "--eval_strategy",
-            "steps",
-            "--eval_steps",
-            "2",
-            "--save_strategy",
-            "steps",
-        ],
-    );
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
 
 #[test]
 fn tensorboard_reads_kilns_event_files_as_transformers_writes_them() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("run");
     let logdir = work.path().join("tb");
-    kiln(gpt2_args(
+    kiln(logged_gpt2_args(
         &out,
         &[
             "--report_to",
@@ -66,7 +35,7 @@ fn tensorboard_reads_kilns_event_files_as_transformers_writes_them() {
     );
     // Without logging_dir: transformers' default folder, output_dir/runs/<time>_<host>.
     let default = work.path().join("default");
-    kiln(gpt2_args(
+    kiln(logged_gpt2_args(
         &default,
         &["--report_to", "all", "--max_steps", "1"],
     ))
@@ -137,6 +106,6 @@ fn tensorboard_reads_kilns_event_files_as_transformers_writes_them() {
 fn other_integrations_are_refused_in_one_line() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("run");
-    kiln(gpt2_args(&out, &["--report_to", "wandb"])).expect_error(&["wandb", "tensorboard"]);
+    kiln(logged_gpt2_args(&out, &["--report_to", "wandb"])).expect_error(&["wandb", "tensorboard"]);
     assert!(!out.exists() || kiln_test_support::fs::names(&out).is_empty());
 }

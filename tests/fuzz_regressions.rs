@@ -163,7 +163,13 @@ const VALID_SEEDS: [(&str, &[&str]); 9] = [
     ("optimizer", &["adamw", "empty"]),
     (
         "inspect",
-        &["harness_index", "optimizer", "all_dtypes", "st_shapes", "gguf"],
+        &[
+            "harness_index",
+            "optimizer",
+            "all_dtypes",
+            "st_shapes",
+            "gguf",
+        ],
     ),
     ("gguf", &["all_types", "version2", "align64", "empty"]),
 ];

@@ -111,6 +111,25 @@ pub(crate) enum Command {
         #[arg(long)]
         base: Option<PathBuf>,
     },
+    /// Draw a run's curves from its trainer_state.json (train loss, eval loss and metrics,
+    /// learning rate), with its checkpoints and the best one marked; give several
+    /// output folders to compare runs on one figure.
+    Plot {
+        /// Training output folders (or checkpoint folders, or trainer_state.json files).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The image to write, .png or .svg (default: FIRST_RUN/training_curves.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A log_history key to draw, one panel each (repeat: --metric loss --metric
+        /// grad_norm; default: loss, eval_loss, the other eval_* metrics, learning_rate).
+        #[arg(long = "metric")]
+        metrics: Vec<String>,
+        /// The figure's size in pixels, WIDTHxHEIGHT (default: 1000 wide, 280 high per
+        /// panel).
+        #[arg(long, value_parser = parse_image_size)]
+        size: Option<(u32, u32)>,
+    },
     /// List the checkpoints of a training output folder.
     Checkpoints {
         /// The training run's output_dir.
@@ -154,6 +173,13 @@ pub(crate) enum ToFormat {
 
 fn parse_outtype(s: &str) -> Result<kiln_formats::gguf::FileType, String> {
     s.parse().map_err(|e: kiln_formats::Error| e.to_string())
+}
+
+fn parse_image_size(s: &str) -> Result<(u32, u32), String> {
+    let parsed = s
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    parsed.ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT in pixels (e.g. 1200x900)"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -110,7 +110,9 @@ pub(crate) fn convert_cmd(
 ) -> CmdResult {
     let to_gguf = match to {
         Some(t) => matches!(t, ToFormat::Gguf),
-        None => output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
+        None => output
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
     };
     if to_gguf {
         if max_shard_size.is_some() {

@@ -64,7 +64,10 @@ pub fn export(dir: &Path, out: &Path, file_type: FileType) -> Result<Exported, E
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "model".into());
     let mut metadata = vec![
-        ("general.architecture".to_string(), Value::String(layout.arch.into())),
+        (
+            "general.architecture".to_string(),
+            Value::String(layout.arch.into()),
+        ),
         ("general.type".to_string(), Value::String("model".into())),
         ("general.name".to_string(), Value::String(folder_name)),
     ];
@@ -81,7 +84,9 @@ pub fn export(dir: &Path, out: &Path, file_type: FileType) -> Result<Exported, E
         let shape = match &t.source {
             Source::Computed(v) => vec![v.len()],
             Source::Tensor { name, transform } => {
-                let info = weights.info(name).ok_or_else(|| kiln_formats::Error::NotFound(name.clone()))?;
+                let info = weights
+                    .info(name)
+                    .ok_or_else(|| kiln_formats::Error::NotFound(name.clone()))?;
                 match (transform, info.shape.as_slice()) {
                     (Transform::Transpose, [r, c]) => vec![*c, *r],
                     _ => info.shape.clone(),
@@ -162,7 +167,11 @@ pub(crate) fn inspect(path: &Path, as_json: bool) -> Result<String, Error> {
     }
     let mut s = String::new();
     s += &format!("path:       {}\n", path.display());
-    s += &format!("format:     gguf (version {}, alignment {})\n", f.version(), f.alignment());
+    s += &format!(
+        "format:     gguf (version {}, alignment {})\n",
+        f.version(),
+        f.alignment()
+    );
     s += &format!("tensors:    {}\n", f.gguf_tensors().len());
     let params: u64 = f
         .gguf_tensors()
@@ -170,7 +179,10 @@ pub(crate) fn inspect(path: &Path, as_json: bool) -> Result<String, Error> {
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum();
     s += &format!("parameters: {params}\n");
-    s += &format!("bytes:      {}\n", std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
+    s += &format!(
+        "bytes:      {}\n",
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    );
     let mut hist: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for t in f.gguf_tensors() {
         let e = hist.entry(t.ty.name()).or_default();
@@ -185,7 +197,12 @@ pub(crate) fn inspect(path: &Path, as_json: bool) -> Result<String, Error> {
     for (k, v) in f.kv() {
         s += &format!("  {k} = {}\n", v.summary());
     }
-    let width = f.gguf_tensors().iter().map(|t| t.name.len()).max().unwrap_or(0);
+    let width = f
+        .gguf_tensors()
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(0);
     s += "\n";
     for t in f.gguf_tensors() {
         s += &format!("{:<width$}  {:<6} {:?}\n", t.name, t.ty.name(), t.shape);

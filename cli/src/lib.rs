@@ -15,6 +15,8 @@
 //!   default run;
 //! - [`run`]: whole runs ([`run::train`], [`run::evaluate`], [`run::predict`]) with the
 //!   architecture resolved through the registry;
+//! - [`gguf`]: model folders to GGUF, and GGUF files described;
+//! - [`plot`]: a run's curves drawn from its `trainer_state.json`;
 //! - [`Error`]: every error a command meets, and the exit status it maps to.
 //!
 //! Errors are one line on stderr (`kiln: <file>: <problem>`); output goes to stdout.
@@ -26,6 +28,7 @@ pub mod config;
 mod error;
 mod files;
 pub mod gguf;
+pub mod plot;
 pub mod run;
 
 use std::io::Write;
@@ -142,6 +145,12 @@ pub fn main() -> ExitCode {
             consolidate: false,
         } => files::convert_cmd(&input, &output, to, outtype, max_shard_size),
         Command::Verify { path } => files::verify(&path),
+        Command::Plot {
+            runs,
+            out,
+            metrics,
+            size,
+        } => plot::plot_cmd(&runs, out.as_deref(), &metrics, size),
         Command::Checkpoints { output_dir, json } => files::checkpoints(&output_dir, json),
         Command::Train { args } => commands::train(&args),
         Command::Eval { args } => commands::eval(&args),

@@ -464,6 +464,37 @@ pub fn causal_args(config: &str, out: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// A tiny GPT-2 on the bundled corpus: 4 steps of 4 blocks of 32 tokens, logged every
+/// step, evaluated and saved every 2 steps; `extra` flags after (a later flag wins).
+pub fn logged_gpt2_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = causal_args(
+        "gpt2-corpus.toml",
+        out,
+        &[
+            "--n_embd",
+            "32",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "1",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--save_strategy",
+            "steps",
+        ],
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// The weights of a model folder, owned.
 pub fn weights_of(dir: &Path) -> kiln::formats::TensorMap<'static> {
     let c = kiln::formats::open(dir).unwrap();
