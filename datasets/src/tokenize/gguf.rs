@@ -214,6 +214,9 @@ fn merges(merges: &Json) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Special-token ids by role (`bos`, `eos`, …) and `add_<role>_token` flags.
+type Specials = (Vec<(&'static str, u32)>, Vec<(&'static str, bool)>);
+
 /// The special-token ids and add-flags, by gguf-py's `SpecialVocab` rules: each role's
 /// token from `tokenizer_config.json` (bos falls back to cls, eos to sep) looked up among
 /// the added tokens, else `config.json`'s `<role>_token_id`; `add_bos`/`add_eos` from a
@@ -224,7 +227,7 @@ fn special_tokens(
     config: &Map<String, Json>,
     model_config: &Map<String, Json>,
     vocab_size: usize,
-) -> (Vec<(&'static str, u32)>, Vec<(&'static str, bool)>) {
+) -> Specials {
     let text = |role: &str| config.get(&format!("{role}_token")).and_then(token_text);
     let bos = text("bos").or(text("cls"));
     let eos = text("eos").or(text("sep"));

@@ -36,7 +36,7 @@ pub fn encode_bf16(x: &[f32], out: &mut Vec<u8>) {
 
 /// Appends `x` as Q8_0 blocks; its length must be a multiple of 32.
 pub fn encode_q8_0(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
-    if x.len() % Q8_0_BLOCK != 0 {
+    if !x.len().is_multiple_of(Q8_0_BLOCK) {
         return Err(Error::Tensor(format!(
             "Q8_0 needs a multiple of {Q8_0_BLOCK} elements, got {}",
             x.len()
@@ -56,7 +56,7 @@ pub fn encode_q8_0(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
 
 /// Decodes Q8_0 blocks to f32 (`d · q`), as llama.cpp and transformers do.
 pub fn decode_q8_0(bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % 34 != 0 {
+    if !bytes.len().is_multiple_of(34) {
         return Err(Error::Tensor(format!(
             "Q8_0 data of {} bytes is not whole 34-byte blocks",
             bytes.len()

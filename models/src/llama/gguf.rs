@@ -73,12 +73,12 @@ pub(crate) fn layout(config: &Json, tensors: &[String]) -> Result<GgufLayout> {
             u32_of("head_dim", c.head_size())?,
         ));
     }
-    if let Some(w) = (0..c.num_hidden_layers).find_map(|l| c.window(l)) {
-        if w < c.max_position_embeddings {
-            notes.push(format!(
-                "sliding_window {w}: llama.cpp's {arch} attends over the whole context, so past {w} tokens its outputs differ"
-            ));
-        }
+    if let Some(w) = (0..c.num_hidden_layers).find_map(|l| c.window(l))
+        && w < c.max_position_embeddings
+    {
+        notes.push(format!(
+            "sliding_window {w}: llama.cpp's {arch} attends over the whole context, so past {w} tokens its outputs differ"
+        ));
     }
     let (heads, kv) = (c.num_attention_heads, c.kv_heads());
     let permute = matches!(c.variant, LlamaVariant::Llama | LlamaVariant::Mistral);
