@@ -1,14 +1,14 @@
 //! `report_to tensorboard` through the `kiln` binary, read back by tensorboard's own
 //! `EventAccumulator`: the scalar tags transformers' `TensorBoardCallback` writes, with
 //! the values of `log_history` at the same steps, the arguments and model config as
-//! text; `total_flos` as transformers counts it; other integrations refused in one line.
+//! text; `total_flos` as transformers counts it; a SIGKILLed run's curves kept and its
+//! resumed run's added; other integrations refused in one line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::path::Path;
-
 use common::{kiln, logged_gpt2_args, repo};
+use kiln::checkpoint::scan::{last_checkpoint, parse_step};
 use kiln_test_support::fs::read_json;
 use kiln_test_support::run_checker;
 use serde_json::{Value, json};
@@ -53,29 +53,7 @@ fn tensorboard_reads_kilns_event_files_as_transformers_writes_them() {
     };
     let (scalars, texts) = (&results[0]["scalars"], &results[0]["texts"]);
     let history = read_json(&out.join("trainer_state.json"))["log_history"].clone();
-    let mut checked = 0;
-    for entry in history.as_array().unwrap() {
-        let step = entry["step"].as_u64().unwrap();
-        for (key, value) in entry.as_object().unwrap() {
-            let Some(v) = value.as_f64() else { continue };
-            if key == "step" {
-                continue;
-            }
-            let tag = match key.strip_prefix("eval_") {
-                Some(k) => format!("eval/{k}"),
-                None => format!("train/{key}"),
-            };
-            let points = scalars[&tag]
-                .as_array()
-                .unwrap_or_else(|| panic!("no {tag}"));
-            let found = points.iter().any(|p| {
-                p[0].as_u64() == Some(step)
-                    && (p[1].as_f64().unwrap() - v).abs() <= 1e-6 * v.abs().max(1.0)
-            });
-            assert!(found, "{tag} = {v} at step {step} is not in {points:?}");
-            checked += 1;
-        }
-    }
+    let checked = assert_logged(&history, scalars);
     assert!(checked > 20, "{checked} values checked");
     for tag in [
         "train/loss",
@@ -100,6 +78,107 @@ fn tensorboard_reads_kilns_event_files_as_transformers_writes_them() {
     let state = read_json(&out.join("trainer_state.json"));
     let tokens = 4.0 * 4.0 * 32.0;
     assert_eq!(state["total_flos"].as_f64().unwrap(), 6.0 * tokens * params);
+}
+
+/// Asserts that every number of `log_history` is a scalar of the event files at its
+/// step, under transformers' tag (`eval_loss` → `eval/loss`, `loss` → `train/loss`);
+/// returns how many were checked.
+fn assert_logged(history: &Value, scalars: &Value) -> usize {
+    let mut checked = 0;
+    for entry in history.as_array().unwrap() {
+        let step = entry["step"].as_u64().unwrap();
+        for (key, value) in entry.as_object().unwrap() {
+            let Some(v) = value.as_f64() else { continue };
+            if key == "step" {
+                continue;
+            }
+            let tag = match key.strip_prefix("eval_") {
+                Some(k) => format!("eval/{k}"),
+                None => format!("train/{key}"),
+            };
+            let points = scalars[&tag]
+                .as_array()
+                .unwrap_or_else(|| panic!("no {tag}"));
+            let found = points.iter().any(|p| {
+                p[0].as_u64() == Some(step)
+                    && (p[1].as_f64().unwrap() - v).abs() <= 1e-6 * v.abs().max(1.0)
+            });
+            assert!(found, "{tag} = {v} at step {step} is not in {points:?}");
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// A run killed with SIGKILL keeps the curves it logged (each log is flushed), and its
+/// resumed run writes a second event file beside the first (as transformers does):
+/// TensorBoard, reading the folder, has every value of the final log_history.
+#[test]
+fn a_killed_runs_curves_survive_and_its_resumed_run_adds_a_file() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("run");
+    let tb = work.path().join("tb");
+    let tb_flags = [
+        "--report_to",
+        "tensorboard",
+        "--logging_dir",
+        tb.to_str().unwrap(),
+    ];
+    let endless = ["--max_steps", "1000000", "--save_steps", "2"];
+    let mut child = std::process::Command::new(kiln_test_support::bin::kiln_bin())
+        .args(logged_gpt2_args(
+            &out,
+            &[&endless[..], &tb_flags[..]].concat(),
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while last_checkpoint(&out).ok().flatten().is_none() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("kiln train ended ({status}) before its first checkpoint: {err}");
+        }
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint saved");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(kiln_test_support::fs::names(&tb).len(), 1);
+
+    // Resume the newest checkpoint for 3 more steps, logging into the same folder.
+    let newest = last_checkpoint(&out).unwrap().unwrap();
+    let step = parse_step(newest.file_name().unwrap().to_str().unwrap()).unwrap();
+    let max = (step + 3).to_string();
+    let resume = ["--max_steps", &max, "--save_steps", "2"];
+    let last = ["--resume_from_checkpoint", "last"];
+    kiln(logged_gpt2_args(
+        &out,
+        &[&resume[..], &tb_flags[..], &last[..]].concat(),
+    ))
+    .expect_success();
+    assert_eq!(kiln_test_support::fs::names(&tb).len(), 2);
+
+    let jobs = [json!({"kind": "events", "logdir": tb})];
+    let Some(results) = run_checker(&repo().join("tests/check_report.py"), &jobs, work.path())
+    else {
+        return;
+    };
+    let history = read_json(&out.join("trainer_state.json"))["log_history"].clone();
+    let steps: Vec<u64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("loss").is_some())
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    // The killed run's steps (in the first file only) and the resumed run's.
+    assert_eq!(steps, (1..=step + 3).collect::<Vec<_>>());
+    let checked = assert_logged(&history, &results[0]["scalars"]);
+    assert!(checked >= steps.len() * 3, "{checked} values checked");
+    println!("killed after checkpoint-{step}: {checked} values of log_history in 2 event files");
 }
 
 #[test]
