@@ -141,6 +141,9 @@ pub struct RunConfig {
     pub data: DataArgs,
     /// `[training]`.
     pub training: TrainingArguments,
+    /// transformers arguments that were set but change nothing here, each with why
+    /// (`kiln_trainer::parity`); printed once when the run starts.
+    pub notices: Vec<String>,
 }
 
 fn toml_to_json(v: toml::Value) -> Value {
@@ -213,6 +216,13 @@ impl RunConfig {
                         .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
                 }
                 "training" => {
+                    let mut obj = obj;
+                    for f in kiln_trainer::parity::FIELDS {
+                        if let Some(v) = obj.remove(f.name) {
+                            cfg.note_transformers_field(f, &v)
+                                .map_err(|e| Error::Config(format!("{origin}: [training] {e}")))?;
+                        }
+                    }
                     cfg.training = serde_json::from_value(Value::Object(obj))
                         .map_err(|e| Error::Config(format!("{origin}: [training]: {e}")))?;
                 }
@@ -255,6 +265,12 @@ impl RunConfig {
         if TrainingArguments::has_field(name) {
             return Ok(self.training.set(name, value)?);
         }
+        if let Some(f) = kiln_trainer::parity::field(name) {
+            let v = kiln_trainer::parity::parse(f, value);
+            return self
+                .note_transformers_field(f, &v)
+                .map_err(|e| Error::Config(format!("--{e}")));
+        }
         let data = serde_json::to_value(&self.data).map_err(|e| Error::Config(e.to_string()))?;
         if let Some(current) = data.get(name) {
             let parsed = parse_json_like(current, value);
@@ -282,6 +298,23 @@ impl RunConfig {
                     "unknown flag --{name}: not a training argument, a [data] key nor a key of the model's config"
                 )));
             }
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    /// A transformers argument kiln has no field for: its default passes, a value that
+    /// changes nothing is noted (once per field), a refused one is the error's line.
+    fn note_transformers_field(
+        &mut self,
+        f: &kiln_trainer::parity::Field,
+        v: &Value,
+    ) -> std::result::Result<(), String> {
+        self.notices
+            .retain(|n| !n.starts_with(&format!("{} ", f.name)));
+        if let Some(line) = kiln_trainer::parity::check(f, v)? {
+            self.notices.push(line);
         }
         Ok(())
     }

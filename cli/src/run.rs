@@ -297,7 +297,7 @@ fn train_with(
     dist: Arc<dyn Collective>,
     stop: Option<StopRequest>,
 ) -> Result<RunSummary> {
-    let spec = match cfg.training.device.as_str() {
+    let spec = match cfg.training.device_spec() {
         "cuda" if dist.world_size() > 1 => format!("cuda:{}", dist.local_rank()),
         // NCCL runs on GPUs only: `auto` would put every rank on cuda:0.
         "auto" if dist.name() == "nccl" => format!("cuda:{}", dist.local_rank()),
@@ -306,6 +306,11 @@ fn train_with(
     // A device that cannot do what the run asks, or an architecture that is not
     // registered, is refused before anything is written.
     let selected = select_device(&spec, &cfg.training)?;
+    if !quiet && dist.rank() == 0 {
+        for n in &cfg.notices {
+            eprintln!("note: {n}");
+        }
+    }
     let (architecture, init_config) = resolve_architecture(cfg)?;
     let device = selected.device.clone();
     // The run owns its output_dir from before any work to the end (the model saved):
@@ -480,7 +485,7 @@ pub fn evaluate(cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
     // Evaluation reads no training file; the tokenizer and labels come from the model.
     let mut cfg = cfg.clone();
     cfg.data.train_file = None;
-    let selected = select_device(&cfg.training.device, &cfg.training)?;
+    let selected = select_device(cfg.training.device_spec(), &cfg.training)?;
     let device = selected.device.clone();
     let p = prepare(&cfg)?;
     let mut rng = Rng::seed_from_u64(cfg.training.seed);

@@ -125,6 +125,23 @@ pub struct TrainingArguments {
     pub dataloader_drop_last: bool,
     /// No progress bar (it is also off when stderr is not a terminal).
     pub disable_tqdm: bool,
+    /// The run's name (transformers gives it to its trackers); default `output_dir`
+    /// ([`TrainingArguments::run_name`]). Saved with the arguments.
+    pub run_name: Option<String>,
+    /// Evaluate once before the first step (at the step training starts from, also
+    /// when resuming), as a sanity check of the evaluation.
+    pub eval_on_start: bool,
+    /// Count the training tokens the model took (`all`: every position of
+    /// `input_ids`; `non_padding`: the attention mask's ones; `no`); `true`/`false`
+    /// mean `all`/`no`. The count goes into `num_input_tokens_seen` of every log entry
+    /// and the state, summed over ranks, with `train_tokens_per_second` in train logs.
+    pub include_num_input_tokens_seen: TokensSeen,
+    /// A non-finite training loss is logged as the mean of the logged interval's other
+    /// steps, as transformers does (default true); false logs it as it is. Gradients
+    /// are never affected.
+    pub logging_nan_inf_filter: bool,
+    /// Train on the CPU whatever devices exist (as `device = "cpu"`).
+    pub use_cpu: bool,
     /// Where the logs go besides `trainer_state.json` and the printed lines: `none`
     /// (the default, as in transformers 5), `tensorboard` (event files,
     /// [`crate::report`]) or `all` (every integration kiln has: TensorBoard). A name, a
@@ -206,6 +223,11 @@ impl Default for TrainingArguments {
             ignore_data_skip: false,
             dataloader_drop_last: false,
             disable_tqdm: false,
+            run_name: None,
+            eval_on_start: false,
+            include_num_input_tokens_seen: TokensSeen::No,
+            logging_nan_inf_filter: true,
+            use_cpu: false,
             report_to: Vec::new(),
             logging_dir: None,
             bf16: false,
@@ -230,6 +252,42 @@ pub enum SaveErrorPolicy {
     Stop,
     /// Log the error (`save_error` in `log_history`) and go on training.
     Continue,
+}
+
+/// `include_num_input_tokens_seen`: which training tokens are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokensSeen {
+    /// None (the default).
+    No,
+    /// Every position of `input_ids`, padding included.
+    All,
+    /// The positions the attention mask keeps (all of them without a mask).
+    NonPadding,
+}
+
+impl<'de> Deserialize<'de> for TokensSeen {
+    /// `"no"`, `"all"`, `"non_padding"`, or a boolean (`true` = all), as transformers.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Flag(bool),
+            Name(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Flag(true) => Ok(TokensSeen::All),
+            Given::Flag(false) => Ok(TokensSeen::No),
+            Given::Name(n) => match n.to_ascii_lowercase().as_str() {
+                "no" | "false" => Ok(TokensSeen::No),
+                "all" | "true" => Ok(TokensSeen::All),
+                "non_padding" => Ok(TokensSeen::NonPadding),
+                _ => Err(serde::de::Error::custom(format!(
+                    "include_num_input_tokens_seen {n:?}: give all, non_padding or no (or true/false)"
+                ))),
+            },
+        }
+    }
 }
 
 fn interval_error(name: &str, v: f64) -> Option<String> {
@@ -330,6 +388,16 @@ impl TrainingArguments {
         }
     }
 
+    /// `run_name`, or `output_dir` when it is not set (transformers' default).
+    pub fn run_name(&self) -> &str {
+        self.run_name.as_deref().unwrap_or(&self.output_dir)
+    }
+
+    /// The device to train on: `cpu` with `use_cpu`, else `device`.
+    pub fn device_spec(&self) -> &str {
+        if self.use_cpu { "cpu" } else { &self.device }
+    }
+
     /// The data shuffling seed.
     pub fn shuffle_seed(&self) -> u64 {
         self.data_seed.unwrap_or(self.seed)
@@ -346,6 +414,12 @@ impl TrainingArguments {
         {
             return fail(format!(
                 "report_to {r:?}: kiln reports to tensorboard (event files) only; give tensorboard, all or none"
+            ));
+        }
+        if self.use_cpu && !matches!(self.device.as_str(), "auto" | "cpu") {
+            return fail(format!(
+                "use_cpu is set but device is {:?}; drop one of them",
+                self.device
             ));
         }
         if self.output_dir.trim().is_empty() {
@@ -501,7 +575,6 @@ pub fn resolve_steps(v: f64, max_steps: u64) -> u64 {
     }
 }
 
-/// Parses `text` as a value of the same JSON type as `current`.
 /// `report_to` as a list: a string (`"tensorboard"`, `"none"`, `"a,b"`), a list, or null.
 fn report_to_list<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -533,6 +606,7 @@ impl TrainingArguments {
     }
 }
 
+/// Parses `text` as a value of the same JSON type as `current`.
 fn parse_like(current: &Value, name: &str, text: &str) -> Result<Value> {
     let bad = |what: &str| Error::Config(format!("--{name}: expected {what}, got {text:?}"));
     let t = text.trim();

@@ -10,6 +10,8 @@
 //! - [`adapter`]: what a model offers adapter methods (kiln-peft's LoRA): dense layers
 //!   that carry adapters, and frozen parameters.
 //! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
+//! - [`parity`]: the rest of transformers' `TrainingArguments` fields, each accepted as
+//!   changing nothing here or refused with what to do instead.
 //! - [`precision`]: bf16/fp16 mixed-precision training (f32 master weights, a 16-bit
 //!   working copy, fp16's loss scaler).
 //! - [`report`]: `report_to = "tensorboard"`: TensorBoard event files.
@@ -34,6 +36,7 @@ pub mod callback;
 pub mod data;
 mod error;
 pub mod model;
+pub mod parity;
 pub mod precision;
 pub mod report;
 pub mod rng;

@@ -26,6 +26,7 @@ const NOT_CURVES: &[&str] = &[
     "epoch",
     "total_flos",
     "num_input_tokens_seen",
+    "train_runtime",
     "eval_runtime",
     "eval_samples_per_second",
     "eval_steps_per_second",
@@ -100,7 +101,9 @@ impl Run {
         let history = state
             .log_history
             .into_iter()
-            .filter(|e| !e.contains_key("train_runtime"))
+            // The end-of-training summary (train logs may hold train_runtime too, with
+            // include_num_input_tokens_seen).
+            .filter(|e| !e.contains_key("train_loss"))
             .collect();
         Run {
             name: name.to_string(),

@@ -84,6 +84,10 @@ impl<M: Model> Trainer<M> {
         if let Some(e) = self.state.epoch {
             logs.insert("epoch".into(), py(e));
         }
+        if self.args.include_num_input_tokens_seen != crate::args::TokensSeen::No {
+            let n = self.state.num_input_tokens_seen;
+            logs.insert("num_input_tokens_seen".into(), PyValue::Int(n as i64));
+        }
         let line = log_line(&logs);
         match bar {
             Some(b) => b.println(line),

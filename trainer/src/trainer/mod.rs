@@ -94,6 +94,12 @@ pub struct Trainer<M: Model> {
     scaler: Option<GradScaler>,
     skipped_steps: u64,
     stop: Option<StopRequest>,
+    /// Training tokens of this rank's micro-batches since the last optimizer step
+    /// (`include_num_input_tokens_seen`).
+    tokens_pending: u64,
+    /// When this `train` call started and `num_input_tokens_seen` then: the train
+    /// logs' `train_tokens_per_second`.
+    session: Option<(std::time::Instant, u64)>,
 }
 
 impl<M: Model> std::fmt::Debug for Trainer<M> {
@@ -134,6 +140,8 @@ impl<M: Model> Trainer<M> {
             scaler: None,
             skipped_steps: 0,
             stop: None,
+            tokens_pending: 0,
+            session: None,
         }
     }
 

@@ -60,6 +60,11 @@ impl<M: Model> Trainer<M> {
                 "eval_strategy needs evaluation data (validation_file)".into(),
             ));
         }
+        if self.args.eval_on_start && self.eval_data.is_none() {
+            return Err(Error::Config(
+                "eval_on_start needs evaluation data (validation_file)".into(),
+            ));
+        }
         self.prepare_precision()?;
         let resuming = resume
             .or(self.args.resume_from_checkpoint.as_deref())

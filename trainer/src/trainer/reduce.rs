@@ -48,6 +48,21 @@ impl<M: Model> Trainer<M> {
         Ok(())
     }
 
+    /// Adds every rank's tokens of the optimizer step just taken to
+    /// `num_input_tokens_seen` (one reduction per step, only when counting).
+    pub(super) fn count_tokens_seen(&mut self) -> Result<()> {
+        if self.args.include_num_input_tokens_seen == crate::args::TokensSeen::No {
+            return Ok(());
+        }
+        let mut v = [self.tokens_pending as f64];
+        if self.dist.world_size() > 1 {
+            self.dist.all_reduce_f64(&mut v)?;
+        }
+        self.state.num_input_tokens_seen += v[0] as u64;
+        self.tokens_pending = 0;
+        Ok(())
+    }
+
     /// The mean of `x` over ranks.
     pub(super) fn mean_over_ranks(&self, x: f64) -> Result<f64> {
         let world = self.dist.world_size();

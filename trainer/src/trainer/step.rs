@@ -12,7 +12,7 @@ use super::Trainer;
 use super::checkpointing::Position;
 use super::logging::{py, round_to};
 use super::plan::Plan;
-use crate::args::Strategy;
+use crate::args::{Strategy, TokensSeen};
 use crate::callback::{TrainerControl, default_flow_on_epoch_end, default_flow_on_step_end};
 use crate::data::{BatchSource, epoch_order};
 use crate::model::{Batch, Model};
@@ -95,6 +95,11 @@ impl<M: Model> Trainer<M> {
                 checkpoint: None,
             });
         }
+        self.tokens_pending = 0;
+        self.session = Some((start, self.state.num_input_tokens_seen));
+        if self.args.eval_on_start {
+            self.evaluate_inner(bar.as_ref())?;
+        }
 
         let mut epoch = position.epoch;
         while epoch < plan.num_epochs && !self.control.should_training_stop {
@@ -155,6 +160,7 @@ impl<M: Model> Trainer<M> {
                 continue;
             }
             let (grad_norm, lr) = self.update(&mut grads, plan, params, optimizer)?;
+            self.count_tokens_seen()?;
             self.state.global_step += 1;
             self.state.epoch = Some(epoch as f64 + (i + 1) as f64 / batches.len() as f64);
             let pos = Position {
@@ -260,6 +266,7 @@ impl<M: Model> Trainer<M> {
     /// parameters the optimizer updates.
     fn micro_step(&mut self, batch: &Batch, ga: usize, params: &Params) -> Result<Grads> {
         self.current_flos += self.model.floating_point_ops(batch);
+        self.tokens_pending += tokens_of(batch, self.args.include_num_input_tokens_seen)?;
         let out = self.model.forward(batch, Some(&mut self.rng))?;
         let loss = out.loss.ok_or_else(|| {
             Error::Config("the model returned no loss: do the training data have labels?".into())
@@ -270,7 +277,7 @@ impl<M: Model> Trainer<M> {
             loss
         };
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        if value.is_finite() {
+        if value.is_finite() || !self.args.logging_nan_inf_filter {
             self.tr_loss += value;
         } else {
             // transformers' logging_nan_inf_filter
@@ -422,6 +429,20 @@ impl<M: Model> Trainer<M> {
             if let Some(lr) = lr {
                 logs.insert("learning_rate".into(), py(lr));
             }
+            if let Some((start, tokens)) = self.session
+                && self.args.include_num_input_tokens_seen != TokensSeen::No
+            {
+                // transformers' speed_metrics("train", start_time, num_tokens=…).
+                let runtime = start.elapsed().as_secs_f64();
+                logs.insert("train_runtime".into(), py(round_to(runtime, 4)));
+                if runtime > 0.0 {
+                    let n = (self.state.num_input_tokens_seen - tokens) as f64;
+                    logs.insert(
+                        "train_tokens_per_second".into(),
+                        py(round_to(n / runtime, 3)),
+                    );
+                }
+            }
             self.total_loss += self.tr_loss;
             self.tr_loss = 0.0;
             self.last_logged = self.state.global_step;
@@ -440,4 +461,16 @@ impl<M: Model> Trainer<M> {
         }
         Ok(())
     }
+}
+
+/// The training tokens of `batch` that `include_num_input_tokens_seen` counts.
+fn tokens_of(batch: &Batch, what: TokensSeen) -> Result<u64> {
+    Ok(match (what, &batch.attention_mask) {
+        (TokensSeen::No, _) => 0,
+        (TokensSeen::NonPadding, Some(mask)) => mask
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()? as u64,
+        (TokensSeen::All | TokensSeen::NonPadding, _) => batch.input_ids.elem_count() as u64,
+    })
 }
