@@ -104,7 +104,7 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
         &config,
         base.replace(
             "\n[training]\n",
-            "\n[training]\nlabel_smoothing_factor = 0.1\n",
+            "\n[training]\nneftune_noise_alpha = 5.0\n",
         ),
     )
     .unwrap();
@@ -114,7 +114,7 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
     e.expect_code(1);
     let line = e.one_stderr_line();
     assert!(
-        line.contains("c.toml: [training] label_smoothing_factor 0.1: not implemented"),
+        line.contains("c.toml: [training] neftune_noise_alpha 5.0: not implemented"),
         "{line}"
     );
 }

@@ -142,6 +142,9 @@ pub struct TrainingArguments {
     pub logging_nan_inf_filter: bool,
     /// Train on the CPU whatever devices exist (as `device = "cpu"`).
     pub use_cpu: bool,
+    /// ε of transformers' `LabelSmoother` (0 = off): the training and evaluation loss
+    /// mixes the cross-entropy with the mean over classes ([`crate::smoothing`]).
+    pub label_smoothing_factor: f64,
     /// Where the logs go besides `trainer_state.json` and the printed lines: `none`
     /// (the default, as in transformers 5), `tensorboard` (event files,
     /// [`crate::report`]) or `all` (every integration kiln has: TensorBoard). A name, a
@@ -228,6 +231,7 @@ impl Default for TrainingArguments {
             include_num_input_tokens_seen: TokensSeen::No,
             logging_nan_inf_filter: true,
             use_cpu: false,
+            label_smoothing_factor: 0.0,
             report_to: Vec::new(),
             logging_dir: None,
             bf16: false,
@@ -414,6 +418,12 @@ impl TrainingArguments {
         {
             return fail(format!(
                 "report_to {r:?}: kiln reports to tensorboard (event files) only; give tensorboard, all or none"
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing_factor) {
+            return fail(format!(
+                "label_smoothing_factor must be in [0, 1), got {}",
+                self.label_smoothing_factor
             ));
         }
         if self.use_cpu && !matches!(self.device.as_str(), "auto" | "cpu") {

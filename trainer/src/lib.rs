@@ -16,6 +16,7 @@
 //!   working copy, fp16's loss scaler).
 //! - [`report`]: `report_to = "tensorboard"`: TensorBoard event files.
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
+//! - [`smoothing`]: `label_smoothing_factor`'s loss, as transformers' `LabelSmoother`.
 //! - [`rng`]: kiln's seeded, checkpointable random generator (candle's CPU generator
 //!   cannot be seeded).
 //! - [`stop`]: stopping early on a signal, with a checkpoint ([`stop::StopRequest`]).
@@ -40,6 +41,7 @@ pub mod parity;
 pub mod precision;
 pub mod report;
 pub mod rng;
+pub mod smoothing;
 pub mod stop;
 pub mod trainer;
 pub mod weights;

@@ -151,14 +151,15 @@ impl<M: Model> Trainer<M> {
         let mut batches = 0;
         for chunk in idx.chunks(bs) {
             let batch = data.batch(chunk, &device)?;
-            let out = self.model.forward(&batch, None)?;
-            if let Some(l) = &out.loss {
+            let eps = self.args.label_smoothing_factor;
+            let (loss, logits) = Self::loss_of(&self.model, eps, &batch, None)?;
+            if let Some(l) = &loss {
                 loss_sum +=
                     l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
                 loss_n += chunk.len();
             }
             // f32 logits from a bf16/fp16 model, as transformers hands them to metrics.
-            all_logits.push(crate::precision::upcast(&out.logits)?);
+            all_logits.push(crate::precision::upcast(&logits)?);
             if let Some(l) = batch.labels {
                 all_labels.push(l);
             }

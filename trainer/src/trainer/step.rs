@@ -197,6 +197,28 @@ impl<M: Model> Trainer<M> {
         self.maybe_log_save_evaluate(None, None, optimizer, pos, bar)
     }
 
+    /// The model's output on `batch`, with the loss transformers' `compute_loss` gives:
+    /// the model's own, or with `label_smoothing_factor` the smoothed one computed from
+    /// the logits (the model then runs without labels).
+    pub(super) fn loss_of(
+        model: &M,
+        eps: f64,
+        batch: &Batch,
+        train: Option<&mut crate::rng::Rng>,
+    ) -> Result<(Option<candle_core::Tensor>, candle_core::Tensor)> {
+        let Some(labels) = batch.labels.as_ref().filter(|_| eps > 0.0) else {
+            let out = model.forward(batch, train)?;
+            return Ok((out.loss, out.logits));
+        };
+        let unlabelled = Batch {
+            labels: None,
+            ..batch.clone()
+        };
+        let out = model.forward(&unlabelled, train)?;
+        let loss = crate::smoothing::smoothed_loss(&out.logits, labels, eps)?;
+        Ok((Some(loss), out.logits))
+    }
+
     /// The signal that asked this run to stop, agreed over the ranks (a rank that got
     /// none learns of the others' through one all-reduce per step).
     fn stop_signal(&self) -> Result<Option<i32>> {
@@ -267,10 +289,14 @@ impl<M: Model> Trainer<M> {
     fn micro_step(&mut self, batch: &Batch, ga: usize, params: &Params) -> Result<Grads> {
         self.current_flos += self.model.floating_point_ops(batch);
         self.tokens_pending += tokens_of(batch, self.args.include_num_input_tokens_seen)?;
-        let out = self.model.forward(batch, Some(&mut self.rng))?;
-        let loss = out.loss.ok_or_else(|| {
-            Error::Config("the model returned no loss: do the training data have labels?".into())
-        })?;
+        let eps = self.args.label_smoothing_factor;
+        let loss = Self::loss_of(&self.model, eps, batch, Some(&mut self.rng))?
+            .0
+            .ok_or_else(|| {
+                Error::Config(
+                    "the model returned no loss: do the training data have labels?".into(),
+                )
+            })?;
         let loss = if ga > 1 {
             loss.affine(1.0 / ga as f64, 0.0)?
         } else {
