@@ -3,7 +3,8 @@ from the same initial folder, and the distance between the two results.
 
 Each job: {"init": folder both runs start from, "kiln": kiln's output folder, "out":
 where transformers saves, "rows": JSONL file, "n": rows taken (the first n, as
-max_train_samples), "max_length", "args": TrainingArguments keywords}. A BERT
+max_train_samples), optionally "eval_rows"/"eval_n" the same for evaluation,
+"max_length", "args": TrainingArguments keywords}. A BERT
 classifier on full batches (one batch is every row, so the sampler's order cannot
 matter), DataCollatorWithPadding, dropout off in the folder's config. Returns
 transformers' log_history and the largest difference between its weights and kiln's
@@ -29,13 +30,19 @@ torch.set_num_threads(2)
 def run(job):
     tok = AutoTokenizer.from_pretrained(job["init"])
     model = AutoModelForSequenceClassification.from_pretrained(job["init"], dtype=torch.float32)
-    rows = [json.loads(l) for l in open(job["rows"]) if l.strip()][: job["n"]]
     label2id = model.config.label2id
-    data = [dict(tok(r["text"], truncation=True, max_length=job["max_length"]), labels=label2id[r["label"]])
-            for r in rows]
+
+    def encode(path, n):
+        rows = [json.loads(l) for l in open(path) if l.strip()][:n]
+        return [dict(tok(r["text"], truncation=True, max_length=job["max_length"]), labels=label2id[r["label"]])
+                for r in rows]
+
+    data = encode(job["rows"], job["n"])
+    evals = encode(job["eval_rows"], job["eval_n"]) if "eval_rows" in job else None
     args = TrainingArguments(output_dir=job["out"], save_strategy="no", eval_strategy="no", report_to="none",
                              disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, **job["args"])
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tok))
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals,
+                      data_collator=DataCollatorWithPadding(tok))
     trainer.train()
     trainer.save_model(job["out"])
     ours = load_file(f"{job['out']}/model.safetensors")

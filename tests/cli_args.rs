@@ -2,7 +2,8 @@
 //! those that change nothing here run with one note each, refused ones stop the run in
 //! one line before it writes anything, wrong types are refused as transformers refuses
 //! them; and the fields implemented with transformers' semantics (`eval_on_start`,
-//! `include_num_input_tokens_seen`, `run_name`, `use_cpu`) do what transformers does.
+//! `include_num_input_tokens_seen`, `run_name`, `use_cpu`, `prediction_loss_only`) do
+//! what transformers does (tests/trainer_parity.rs runs some against its Trainer).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -210,6 +211,36 @@ fn eval_on_start_and_tokens_seen_are_logged_as_transformers_logs_them() {
     assert!(
         e.one_stderr_line()
             .contains("use_cpu is set but device is \"cuda\""),
+        "{}",
+        e.stderr
+    );
+
+    // prediction_loss_only: evaluations log the loss, no metric; a metric cannot then
+    // choose the best model.
+    let lo = work.path().join("loss-only");
+    let f = [
+        "--prediction_loss_only",
+        "true",
+        "--metric_for_best_model",
+        "loss",
+    ];
+    kiln(tiny_bert_args(&lo, &f)).expect_success();
+    let evals: Vec<Value> = history(&lo)
+        .into_iter()
+        .filter(|e| e.get("eval_loss").is_some())
+        .collect();
+    assert!(!evals.is_empty());
+    assert!(
+        evals.iter().all(|e| e.get("eval_accuracy").is_none()),
+        "{evals:?}"
+    );
+    let e = kiln(tiny_bert_args(
+        &work.path().join("z"),
+        &["--prediction_loss_only", "true"],
+    ));
+    assert!(
+        e.one_stderr_line()
+            .contains("metric_for_best_model accuracy is a metric"),
         "{}",
         e.stderr
     );

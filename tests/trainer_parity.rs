@@ -1,7 +1,8 @@
 //! kiln's Trainer against transformers' on the same run (tests/check_hf_trainer.py):
 //! from one initial BERT folder (dropout off), full-batch AdamW steps with warmup and
 //! linear decay end at the same weights and log the same losses, with and without
-//! `label_smoothing_factor`; and the smoothed run is far from the plain one, so the
+//! `label_smoothing_factor`, the same `num_input_tokens_seen` (all / non_padding) and
+//! `eval_on_start` evaluation; and the smoothed run is far from the plain one, so the
 //! agreement is not by chance.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -72,8 +73,18 @@ fn full_batch_runs_end_where_transformers_ends() {
     kiln(tiny_bert_args(&init, &[&zero[..], &NO_EVAL[..]].concat())).expect_success();
 
     let cases: [(&str, &[&str]); 2] = [
-        ("plain", &[]),
-        ("smoothed", &["--label_smoothing_factor", "0.1"]),
+        ("plain", &["--include_num_input_tokens_seen", "all"]),
+        (
+            "smoothed",
+            &[
+                "--label_smoothing_factor",
+                "0.1",
+                "--include_num_input_tokens_seen",
+                "non_padding",
+                "--eval_on_start",
+                "true",
+            ],
+        ),
     ];
     let mut jobs = Vec::new();
     for (name, extra) in cases {
@@ -87,8 +98,18 @@ fn full_batch_runs_end_where_transformers_ends() {
                 "warmup_steps": 2, "weight_decay": 0.01, "lr_scheduler_type": "linear",
                 "logging_steps": 1, "seed": 42, "optim": "adamw_torch", "label_smoothing_factor": eps},
         });
+        let tokens = if name == "smoothed" {
+            "non_padding"
+        } else {
+            "all"
+        };
+        job["args"]["include_num_input_tokens_seen"] = json!(tokens);
         if name == "smoothed" {
             job["other"] = json!(w.join("kiln-plain"));
+            job["args"]["eval_on_start"] = json!(true);
+            job["args"]["per_device_eval_batch_size"] = json!(64);
+            job["eval_rows"] = json!(repo().join("cli/bundled/sentiment/validation.jsonl"));
+            job["eval_n"] = json!(32);
         }
         jobs.push(job);
     }
@@ -120,9 +141,53 @@ fn full_batch_runs_end_where_transformers_ends() {
                 "{name}: losses {a:?} vs transformers {b:?}"
             );
         }
+        // Tokens seen, counted alike at every train log (kiln train's final evaluation
+        // is an entry transformers' Trainer.train() does not make); eval_on_start's
+        // entry at step 0.
+        let train_logs = |h: &Value| -> Value {
+            h.as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e.get("loss").is_some())
+                .cloned()
+                .collect()
+        };
+        let (ta, tb) = (
+            series(&train_logs(&ours), "num_input_tokens_seen"),
+            series(&train_logs(&r["log_history"]), "num_input_tokens_seen"),
+        );
+        assert_eq!(ta.len(), STEPS as usize, "{name}: {ta:?}");
+        assert_eq!(ta, tb, "{name}: num_input_tokens_seen");
+        if *name == "smoothed" {
+            let ea = series(&ours, "eval_loss");
+            let eb = series(&r["log_history"], "eval_loss");
+            assert_eq!(
+                (ea.len(), eb.len(), ea[0].0, eb[0].0), // kiln train also evaluates at the end
+                (2, 1, 0, 0),
+                "{ea:?} {eb:?}"
+            );
+            assert!(
+                (ea[0].1 - eb[0].1).abs() < 1e-5,
+                "eval_on_start: {ea:?} vs {eb:?}"
+            );
+            println!(
+                "eval_on_start: eval_loss {} (kiln) vs {} (transformers)",
+                ea[0].1, eb[0].1
+            );
+        }
     }
     // Smoothing changes the run far beyond the agreement above.
     let apart = results[1]["other_diff"].as_f64().unwrap();
     println!("plain and smoothed kiln runs are {apart:.2e} apart");
     assert!(apart > 1e-3, "label smoothing changed nothing ({apart})");
+}
+
+/// (step, value) of every `log_history` entry that holds `key`.
+fn series(history: &Value, key: &str) -> Vec<(u64, f64)> {
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get(key)?.as_f64()?)))
+        .collect()
 }

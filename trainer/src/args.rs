@@ -142,6 +142,9 @@ pub struct TrainingArguments {
     pub logging_nan_inf_filter: bool,
     /// Train on the CPU whatever devices exist (as `device = "cpu"`).
     pub use_cpu: bool,
+    /// Evaluation computes the loss only: `compute_metrics` is not called (as
+    /// transformers, whose prediction step then returns no logits).
+    pub prediction_loss_only: bool,
     /// ε of transformers' `LabelSmoother` (0 = off): the training and evaluation loss
     /// mixes the cross-entropy with the mean over classes ([`crate::smoothing`]).
     pub label_smoothing_factor: f64,
@@ -232,6 +235,7 @@ impl Default for TrainingArguments {
             logging_nan_inf_filter: true,
             use_cpu: false,
             label_smoothing_factor: 0.0,
+            prediction_loss_only: false,
             report_to: Vec::new(),
             logging_dir: None,
             bf16: false,
@@ -519,6 +523,14 @@ impl TrainingArguments {
                 } else {
                     "metric_for_best_model"
                 }
+            ));
+        }
+        if let Some(m) = metric
+            .as_deref()
+            .filter(|m| self.prediction_loss_only && !m.ends_with("loss"))
+        {
+            return fail(format!(
+                "metric_for_best_model {m} is a metric, and prediction_loss_only leaves only the loss; drop one of them"
             ));
         }
         if self.load_best_model_at_end && self.save_strategy != Strategy::Best {

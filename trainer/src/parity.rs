@@ -109,7 +109,6 @@ pub const FIELDS: &[Field] = &[
     f("trackio_space_id", Str, "null", TRACKIO),
     f("trackio_bucket_id", Str, "null", TRACKIO),
     f("trackio_static_space_id", Str, "null", TRACKIO),
-    f("prediction_loss_only", Bool, "false", Refused(NOT_YET)),
     f("eval_do_concat_batches", Bool, "true", Refused("kiln's compute_metrics always gets the evaluation batches concatenated; drop it")),
     f("eval_use_gather_object", Bool, "false", NoEffect("kiln gathers evaluation tensors, never Python objects")),
     f("eval_accumulation_steps", Int, "null", NoEffect("kiln keeps the evaluation logits where the model runs and gathers them once at the end")),

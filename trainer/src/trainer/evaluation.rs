@@ -96,7 +96,11 @@ impl<M: Model> Trainer<M> {
         if let Some(l) = loss {
             metrics.insert("eval_loss".to_string(), l);
         }
-        if let Some(f) = &self.compute_metrics {
+        if let Some(f) = self
+            .compute_metrics
+            .as_ref()
+            .filter(|_| !self.args.prediction_loss_only)
+        {
             for (k, v) in f(&EvalPrediction { logits, labels })? {
                 let key = if k.starts_with("eval_") {
                     k
