@@ -245,3 +245,49 @@ fn eval_on_start_and_tokens_seen_are_logged_as_transformers_logs_them() {
         e.stderr
     );
 }
+
+#[test]
+fn neftune_noises_training_only_and_is_reproducible() {
+    let work = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = work.path().join(name);
+        kiln(logged_gpt2_args(&out, extra)).expect_success();
+        (std::fs::read(out.join("model.safetensors")).unwrap(), out)
+    };
+    let (plain, _) = run("plain", &[]);
+    let (noisy, out) = run("noisy", &["--neftune_noise_alpha", "5"]);
+    let (again, _) = run("again", &["--neftune_noise_alpha", "5"]);
+    assert_ne!(plain, noisy, "NEFTune changed nothing");
+    assert_eq!(noisy, again, "the same seed gives the same noise");
+    // The evaluation at the last step (neftune still on) saw no noise: it equals a
+    // fresh evaluation of the saved model.
+    let h = history(&out);
+    let last = h
+        .iter()
+        .rfind(|e| e["step"] == 4 && e.get("eval_loss").is_some())
+        .unwrap();
+    let e = kiln([
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--validation_file",
+        repo().join("data/corpus/validation.txt").to_str().unwrap(),
+        "--block_size",
+        "32",
+        "--max_eval_samples",
+        "8",
+    ]);
+    e.expect_success();
+    let fresh: Value = serde_json::from_str(e.stdout.trim()).unwrap();
+    assert_eq!(fresh["eval_loss"], last["eval_loss"], "{fresh} vs {last}");
+    let bad = kiln(logged_gpt2_args(
+        &work.path().join("bad"),
+        &["--neftune_noise_alpha", "-1"],
+    ));
+    assert!(
+        bad.one_stderr_line()
+            .contains("neftune_noise_alpha must be > 0"),
+        "{}",
+        bad.stderr
+    );
+}

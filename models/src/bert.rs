@@ -449,7 +449,9 @@ impl Model for BertForSequenceClassification {
             None => Tensor::zeros((b, t), DType::U32, device)?,
         };
         let x = fused::add_trailing(
-            &(self.word_embeddings.forward(ids)?
+            &(self
+                .word_embeddings
+                .forward_train(ids, train.as_deref_mut())?
                 + self.token_type_embeddings.forward(&token_types)?)?,
             &self.position_embeddings.first_rows(t)?,
         )?;
@@ -501,6 +503,11 @@ impl Model for BertForSequenceClassification {
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
         Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
+        self.word_embeddings.set_neftune(alpha);
+        true
     }
 
     fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {

@@ -335,10 +335,12 @@ impl Gpt2LMHeadModel {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let device = ids.device();
-        let mut x = fused::add_trailing(&self.wte.forward(ids)?, &self.wpe.first_rows(t)?)?;
+        let words = self.wte.forward_train(ids, rng.as_deref_mut())?;
+        let mut x = fused::add_trailing(&words, &self.wpe.first_rows(t)?)?;
         if let Some(tt) = token_type_ids {
-            // transformers embeds GPT-2's token types with the word embeddings.
-            x = (x + self.wte.forward(tt)?)?;
+            // transformers embeds GPT-2's token types with the word embeddings (its
+            // NEFTune hook, on wte, noises them too).
+            x = (x + self.wte.forward_train(tt, rng.as_deref_mut())?)?;
         }
         let mut x = dropout(&x, c.embd_pdrop, rng.as_deref_mut())?;
 
@@ -504,6 +506,11 @@ impl Model for Gpt2LMHeadModel {
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
         Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
+        self.wte.set_neftune(alpha);
+        true
     }
 
     fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {

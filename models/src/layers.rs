@@ -274,6 +274,8 @@ impl LayerNorm {
 #[derive(Debug)]
 pub(crate) struct Embedding {
     weight: Param,
+    /// NEFTune's alpha: noise on the output while training ([`Embedding::forward_train`]).
+    neftune: Option<f64>,
 }
 
 impl Embedding {
@@ -292,7 +294,34 @@ impl Embedding {
             data[p * size..(p + 1) * size].fill(0.0);
         }
         let weight = Param::new(Var::from_vec(data, (count, size), device)?);
-        Ok(Embedding { weight })
+        Ok(Embedding {
+            weight,
+            neftune: None,
+        })
+    }
+
+    /// Turns NEFTune's noise on (`Some(alpha)`) or off.
+    pub(crate) fn set_neftune(&mut self, alpha: Option<f64>) {
+        self.neftune = alpha;
+    }
+
+    /// [`Embedding::forward`], plus NEFTune's noise when training (`rng` given) with an
+    /// alpha set, as transformers' `neftune_post_forward_hook`: uniform in `±alpha /
+    /// sqrt(d1 · d2)` of the output's second and third sizes (sequence and hidden).
+    pub(crate) fn forward_train(&self, ids: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let x = self.forward(ids)?;
+        let (Some(alpha), Some(rng)) = (self.neftune, rng) else {
+            return Ok(x);
+        };
+        if x.rank() < 3 {
+            return Ok(x);
+        }
+        let magnitude = alpha / ((x.dim(1)? * x.dim(2)?) as f64).sqrt();
+        let noise: Vec<f32> = (0..x.elem_count())
+            .map(|_| ((2.0 * rng.uniform() - 1.0) * magnitude) as f32)
+            .collect();
+        let noise = Tensor::from_vec(noise, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x + noise
     }
 
     /// The rows of `ids` (any integer dtype, any shape): shape `ids.shape + [size]`.
@@ -447,4 +476,72 @@ pub(crate) fn mask_to_bias(allowed: &Tensor) -> Result<Tensor> {
         .to_dtype(DType::F32)?
         .affine(-1.0, 1.0)?
         .affine(f32::MIN as f64, 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NEFTune's noise: only while training, inside ±alpha/sqrt(seq·hidden), spread
+    /// over that range (uniform: mean ≈ 0, std ≈ bound/√3), the same for the same seed.
+    #[test]
+    fn neftune_noise_is_uniform_within_its_bound_and_only_in_training() {
+        let d = Device::Cpu;
+        let mut emb = Embedding::new(50, 64, 0.02, None, &mut Rng::seed_from_u64(1), &d).unwrap();
+        let ids = Tensor::new(
+            &[[1u32, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]],
+            &d,
+        )
+        .unwrap();
+        let plain = emb.forward(&ids).unwrap();
+        emb.set_neftune(Some(5.0));
+        let eval = emb.forward_train(&ids, None).unwrap();
+        assert_eq!(
+            eval.to_vec3::<f32>().unwrap(),
+            plain.to_vec3::<f32>().unwrap()
+        );
+        let noisy = emb
+            .forward_train(&ids, Some(&mut Rng::seed_from_u64(7)))
+            .unwrap();
+        let again = emb
+            .forward_train(&ids, Some(&mut Rng::seed_from_u64(7)))
+            .unwrap();
+        assert_eq!(
+            noisy.to_vec3::<f32>().unwrap(),
+            again.to_vec3::<f32>().unwrap()
+        );
+        let noise: Vec<f32> = (noisy - &plain)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bound = 5.0 / ((8 * 64) as f64).sqrt();
+        let max = noise.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
+        assert!(
+            max <= bound * (1.0 + 1e-5) && max > 0.95 * bound,
+            "max {max}, bound {bound}"
+        );
+        let n = noise.len() as f64;
+        let mean = noise.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let std = (noise
+            .iter()
+            .map(|&x| (x as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        assert!(mean.abs() < 0.05 * bound, "mean {mean}");
+        assert!(
+            (std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.05,
+            "std {std}"
+        );
+        emb.set_neftune(None);
+        let off = emb
+            .forward_train(&ids, Some(&mut Rng::seed_from_u64(7)))
+            .unwrap();
+        assert_eq!(
+            off.to_vec3::<f32>().unwrap(),
+            plain.to_vec3::<f32>().unwrap()
+        );
+    }
 }

@@ -325,6 +325,9 @@ impl Model for Box<dyn TaskModel> {
     fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {
         (**self).freeze(frozen)
     }
+    fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
+        (**self).set_neftune_noise_alpha(alpha)
+    }
     fn floating_point_ops(&self, batch: &Batch) -> f64 {
         (**self).floating_point_ops(batch)
     }

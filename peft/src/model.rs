@@ -524,6 +524,11 @@ impl<M: Model> Model for PeftModel<M> {
             None => self.base.no_weight_decay(name),
         }
     }
+
+    /// The base's input embeddings (transformers hooks a PEFT model's the same way).
+    fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
+        self.base.set_neftune_noise_alpha(alpha)
+    }
 }
 
 impl<M: TaskModel> TaskModel for PeftModel<M> {

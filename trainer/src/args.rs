@@ -142,6 +142,10 @@ pub struct TrainingArguments {
     pub logging_nan_inf_filter: bool,
     /// Train on the CPU whatever devices exist (as `device = "cpu"`).
     pub use_cpu: bool,
+    /// NEFTune: while training, uniform noise of `±alpha / sqrt(seq · hidden)` on the
+    /// input embeddings' output ([`crate::Model::set_neftune_noise_alpha`]); off in
+    /// evaluation and after training, as transformers turns its hook off.
+    pub neftune_noise_alpha: Option<f64>,
     /// Evaluation computes the loss only: `compute_metrics` is not called (as
     /// transformers, whose prediction step then returns no logits).
     pub prediction_loss_only: bool,
@@ -236,6 +240,7 @@ impl Default for TrainingArguments {
             use_cpu: false,
             label_smoothing_factor: 0.0,
             prediction_loss_only: false,
+            neftune_noise_alpha: None,
             report_to: Vec::new(),
             logging_dir: None,
             bf16: false,
@@ -423,6 +428,12 @@ impl TrainingArguments {
             return fail(format!(
                 "report_to {r:?}: kiln reports to tensorboard (event files) only; give tensorboard, all or none"
             ));
+        }
+        if let Some(a) = self
+            .neftune_noise_alpha
+            .filter(|a| !(a.is_finite() && *a > 0.0))
+        {
+            return fail(format!("neftune_noise_alpha must be > 0, got {a}"));
         }
         if !(0.0..1.0).contains(&self.label_smoothing_factor) {
             return fail(format!(

@@ -195,6 +195,15 @@ pub trait Model: Send {
         ))
     }
 
+    /// NEFTune (`neftune_noise_alpha`): while training, add uniform noise in
+    /// `±alpha / sqrt(seq · hidden)` to the input embeddings' output, drawn from the
+    /// training generator; `None` turns it off. Returns whether the model takes it
+    /// (the default: no).
+    fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
+        let _ = alpha;
+        false
+    }
+
     /// Freezes the parameters (as [`Model::parameters`] names them) that `frozen`
     /// accepts and unfreezes the others: a frozen parameter is a constant of the
     /// forward pass, so no gradient is computed for it. The default refuses.

@@ -63,7 +63,7 @@ const fn f(name: &'static str, kind: Kind, default: &'static str, otherwise: Dis
 }
 
 use Disposition::{NoEffect, Refused};
-use Kind::{Bool, Dict, Float, Int, List, Str};
+use Kind::{Bool, Dict, Int, List, Str};
 
 const LOADER: Disposition = NoEffect(
     "kiln builds batches in the training process, in a fixed order; there are no loader workers",
@@ -99,7 +99,6 @@ pub const FIELDS: &[Field] = &[
     f("use_liger_kernel", Bool, "false", Refused("Liger's kernels are Triton for torch; kiln fuses its own ops; drop it")),
     f("liger_kernel_config", Dict, "null", Refused("Liger's kernels are Triton for torch; kiln fuses its own ops; drop it")),
     f("use_cache", Bool, "false", NoEffect("kiln's models keep no key/value cache while training")),
-    f("neftune_noise_alpha", Float, "null", Refused(NOT_YET)),
     f("torch_empty_cache_steps", Int, "null", NoEffect("there is no torch caching allocator to empty")),
     f("auto_find_batch_size", Bool, "false", Refused("not implemented in kiln: give per_device_train_batch_size")),
     f("log_on_each_node", Bool, "true", NoEffect("only the main process of a kiln run prints log lines")),

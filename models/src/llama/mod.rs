@@ -249,7 +249,7 @@ impl LlamaForCausalLM {
         let scale = 1.0 / (d as f64).sqrt();
         let full = self.bias(start, t, None, attention_mask, device)?;
         let mut sliding: Option<Tensor> = None;
-        let mut x = self.embed_tokens.forward(ids)?;
+        let mut x = self.embed_tokens.forward_train(ids, rng.as_deref_mut())?;
         for (n, layer) in self.layers.iter().enumerate() {
             let bias = match c.window(n) {
                 None => &full,
@@ -424,6 +424,11 @@ impl Model for LlamaForCausalLM {
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
         Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
+        self.embed_tokens.set_neftune(alpha);
+        true
     }
 
     fn freeze(&mut self, frozen: &dyn Fn(&str) -> bool) -> kiln_trainer::Result<()> {

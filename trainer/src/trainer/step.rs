@@ -43,6 +43,22 @@ impl<M: Model> Trainer<M> {
     /// Trains; `resume` is `"last"` or a checkpoint folder (overriding
     /// `resume_from_checkpoint`).
     pub fn train(&mut self, resume: Option<&str>) -> Result<TrainOutput> {
+        let alpha = self.args.neftune_noise_alpha;
+        if alpha.is_some() && !self.model.set_neftune_noise_alpha(alpha) {
+            return Err(Error::Config(
+                "neftune_noise_alpha: this model does not implement Model::set_neftune_noise_alpha"
+                    .into(),
+            ));
+        }
+        let out = self.train_run(resume);
+        // As transformers: NEFTune is off again once training ends.
+        if alpha.is_some() {
+            self.model.set_neftune_noise_alpha(None);
+        }
+        out
+    }
+
+    fn train_run(&mut self, resume: Option<&str>) -> Result<TrainOutput> {
         let (train, resume_dir) = self.prepare_run(resume)?;
         let plan = self.plan(train.len())?;
         let vars: Vec<Var> = self.parameters().into_iter().map(|(_, v)| v).collect();
