@@ -223,4 +223,12 @@ impl BatchSource for CollatedDataset {
             .collect::<Result<Vec<_>>>()?;
         Ok(self.collator.collate(&examples, device)?)
     }
+
+    fn lengths(&self) -> Option<Vec<usize>> {
+        Some(
+            (0..self.dataset.len())
+                .map(|i| self.dataset.get(i).map_or(0, |e| e.input_ids.len()))
+                .collect(),
+        )
+    }
 }

@@ -142,6 +142,13 @@ pub struct TrainingArguments {
     pub logging_nan_inf_filter: bool,
     /// Train on the CPU whatever devices exist (as `device = "cpu"`).
     pub use_cpu: bool,
+    /// The order of training examples: `random` (a seeded shuffle each epoch, the
+    /// default), `sequential` (the data's order), or `group_by_length` (transformers'
+    /// `LengthGroupedSampler` over the shuffle: batches of similar lengths,
+    /// [`crate::data::length_grouped`]).
+    pub train_sampling_strategy: SamplingStrategy,
+    /// transformers 4's spelling of `train_sampling_strategy = "group_by_length"`.
+    pub group_by_length: bool,
     /// NEFTune: while training, uniform noise of `±alpha / sqrt(seq · hidden)` on the
     /// input embeddings' output ([`crate::Model::set_neftune_noise_alpha`]); off in
     /// evaluation and after training, as transformers turns its hook off.
@@ -241,6 +248,8 @@ impl Default for TrainingArguments {
             label_smoothing_factor: 0.0,
             prediction_loss_only: false,
             neftune_noise_alpha: None,
+            train_sampling_strategy: SamplingStrategy::Random,
+            group_by_length: false,
             report_to: Vec::new(),
             logging_dir: None,
             bf16: false,
@@ -265,6 +274,20 @@ pub enum SaveErrorPolicy {
     Stop,
     /// Log the error (`save_error` in `log_history`) and go on training.
     Continue,
+}
+
+/// `train_sampling_strategy`: the order training examples are drawn in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingStrategy {
+    /// Shuffled each epoch.
+    Random,
+    /// In the data's order.
+    Sequential,
+    /// Shuffled, then grouped by length.
+    GroupByLength,
+    /// transformers' batch rebalancing (refused: not implemented).
+    BatchRebalance,
 }
 
 /// `include_num_input_tokens_seen`: which training tokens are counted.
@@ -411,6 +434,15 @@ impl TrainingArguments {
         if self.use_cpu { "cpu" } else { &self.device }
     }
 
+    /// The sampling strategy, `group_by_length` counting as `group_by_length`.
+    pub fn sampling(&self) -> SamplingStrategy {
+        if self.group_by_length {
+            SamplingStrategy::GroupByLength
+        } else {
+            self.train_sampling_strategy
+        }
+    }
+
     /// The data shuffling seed.
     pub fn shuffle_seed(&self) -> u64 {
         self.data_seed.unwrap_or(self.seed)
@@ -428,6 +460,14 @@ impl TrainingArguments {
             return fail(format!(
                 "report_to {r:?}: kiln reports to tensorboard (event files) only; give tensorboard, all or none"
             ));
+        }
+        if self.train_sampling_strategy == SamplingStrategy::BatchRebalance {
+            return fail(
+                "train_sampling_strategy batch_rebalance is not implemented in kiln yet; use random, sequential or group_by_length".into(),
+            );
+        }
+        if self.group_by_length && self.train_sampling_strategy == SamplingStrategy::Sequential {
+            return fail("group_by_length and train_sampling_strategy sequential contradict each other; drop one".into());
         }
         if let Some(a) = self
             .neftune_noise_alpha

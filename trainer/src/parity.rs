@@ -133,8 +133,7 @@ pub const FIELDS: &[Field] = &[
     f("dataloader_in_order", Bool, "true", LOADER),
     f("remove_unused_columns", Bool, "true", Refused("kiln's batches hold only what its models take; drop it")),
     f("label_names", List, "null", Refused("kiln's models take their labels from [data] label_column; drop it")),
-    f("train_sampling_strategy", Str, "\"random\"", Refused("kiln samples in random order only (group_by_length and sequential are not implemented yet); drop it")),
-    f("length_column_name", Str, "\"length\"", NoEffect("it is read only by the group_by_length sampler, which kiln does not have yet")),
+    f("length_column_name", Str, "\"length\"", NoEffect("kiln's datasets keep no extra columns: group_by_length counts each example's input_ids, as transformers does without that column")),
     f("ddp_find_unused_parameters", Bool, "null", DDP),
     f("ddp_broadcast_buffers", Bool, "null", DDP),
     f("ddp_static_graph", Bool, "null", DDP),
@@ -232,6 +231,7 @@ pub const KILN_ONLY: &[&str] = &[
     "warmup_ratio",
     "save_safetensors",
     "logging_dir",
+    "group_by_length",
     "device",
     "async_save",
     "on_save_error",
@@ -269,7 +269,7 @@ pub fn markdown() -> String {
          before any work with the line shown.\n\n\
          kiln's own fields (`device`, `async_save`, `on_save_error`, `save_on_signal`, \
          `zero_stage`) and transformers 4's `overwrite_output_dir`, `warmup_ratio`, \
-         `save_safetensors` and `logging_dir` are implemented too.\n\n\
+         `save_safetensors`, `logging_dir` and `group_by_length` are implemented too.\n\n\
          | field | in kiln | default | otherwise |\n|---|---|---|---|\n",
     );
     for name in implemented() {

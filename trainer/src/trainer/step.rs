@@ -12,9 +12,9 @@ use super::Trainer;
 use super::checkpointing::Position;
 use super::logging::{py, round_to};
 use super::plan::Plan;
-use crate::args::{Strategy, TokensSeen};
+use crate::args::{SamplingStrategy, Strategy, TokensSeen};
 use crate::callback::{TrainerControl, default_flow_on_epoch_end, default_flow_on_step_end};
-use crate::data::{BatchSource, epoch_order};
+use crate::data::{BatchSource, epoch_order, length_grouped};
 use crate::model::{Batch, Model};
 use crate::{Error, Result};
 
@@ -157,7 +157,22 @@ impl<M: Model> Trainer<M> {
         skip: usize,
         bar: Option<&indicatif::ProgressBar>,
     ) -> Result<()> {
-        let order = epoch_order(plan.n, self.args.shuffle_seed(), epoch);
+        let order = match self.args.sampling() {
+            SamplingStrategy::Sequential => (0..plan.n).collect(),
+            SamplingStrategy::GroupByLength => {
+                let lengths = train.lengths().ok_or_else(|| {
+                    Error::Config(
+                        "group_by_length: the training data cannot give its examples' lengths"
+                            .into(),
+                    )
+                })?;
+                let shuffled = epoch_order(plan.n, self.args.shuffle_seed(), epoch);
+                let group =
+                    self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps;
+                length_grouped(&shuffled, &lengths, group)
+            }
+            _ => epoch_order(plan.n, self.args.shuffle_seed(), epoch),
+        };
         let order = kiln_dist::shard_indices(&order, plan.rank, plan.world);
         let batches: Vec<&[usize]> = order
             .chunks(plan.batch_size)
