@@ -57,9 +57,34 @@ def run(job):
     return result
 
 
+def run_sft(job):
+    """A causal LM fine-tuned by TRL's SFTTrainer on prompt/completion rows (kiln's
+    tokenization of them is checked against TRL's in datasets/tests/sft_interop.rs)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(job["init"])
+    model = AutoModelForCausalLM.from_pretrained(job["init"], dtype=torch.float32)
+    rows = [json.loads(l) for l in open(job["rows"]) if l.strip()][: job["n"]]
+    args = SFTConfig(output_dir=job["out"], save_strategy="no", eval_strategy="no", report_to="none",
+                     disable_tqdm=True, use_cpu=True, bf16=False, dataloader_num_workers=0, **job["args"])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    trainer.save_model(job["out"])
+    ours = load_file(f"{job['out']}/model.safetensors")
+    theirs = load_file(f"{job['kiln']}/model.safetensors")
+    diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    result = {"log_history": trainer.state.log_history, "max_diff": diff, "missing": sorted(set(ours) ^ set(theirs))}
+    if "other" in job:
+        other = load_file(f"{job['other']}/model.safetensors")
+        result["other_diff"] = max(float((theirs[k] - other[k]).abs().max()) for k in theirs)
+    return result
+
+
 def main():
     jobs = json.load(open(sys.argv[1]))
-    print(json.dumps({"results": [run(j) for j in jobs]}))
+    print(json.dumps({"results": [run_sft(j) if j.get("kind") == "sft" else run(j) for j in jobs]}))
 
 
 if __name__ == "__main__":

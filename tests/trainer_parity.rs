@@ -191,3 +191,98 @@ fn series(history: &Value, key: &str) -> Vec<(u64, f64)> {
         .filter_map(|e| Some((e["step"].as_u64()?, e.get(key)?.as_f64()?)))
         .collect()
 }
+
+/// A tiny Llama fine-tuned on prompt/completion rows (completion-only loss: each row
+/// has its own number of label tokens) with gradient accumulation: 2 micro-batches of
+/// 8 rows per step. The loss is the mean over the 16 rows' label tokens, as TRL's
+/// SFTTrainer (transformers' `num_items_in_batch`) has it, so the run equals one of
+/// full batches of 16 and ends where TRL ends.
+#[test]
+fn accumulated_causal_lm_loss_is_the_token_mean_of_the_whole_batch() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let config = repo().join("data/configs/llama-sft.toml");
+    let base = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "train".to_string(),
+            config.display().to_string(),
+            "--output_dir".into(),
+            out.display().to_string(),
+            "--train_file".into(),
+            repo().join("data/sft/train.jsonl").display().to_string(),
+            "--disable_tqdm".into(),
+            "true".into(),
+        ];
+        a.extend(NO_EVAL.iter().map(|s| s.to_string()));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        kiln(a).expect_success();
+    };
+    let init = w.join("init");
+    base(
+        &init,
+        &[
+            "--learning_rate",
+            "0",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+        ],
+    );
+    let run = |name: &str, batch: &str, ga: &str| {
+        let out = w.join(name);
+        let flags = [
+            "--model_name_or_path",
+            init.to_str().unwrap(),
+            "--max_train_samples",
+            "16",
+            "--per_device_train_batch_size",
+            batch,
+            "--gradient_accumulation_steps",
+            ga,
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "3e-3",
+            "--warmup_steps",
+            "1",
+            "--lr_scheduler_type",
+            "linear",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+        ];
+        base(&out, &flags);
+        out
+    };
+    let accumulated = run("accumulated", "8", "2");
+    let full = run("full", "16", "1");
+    let job = json!({
+        "kind": "sft", "init": init, "kiln": accumulated, "other": full, "out": w.join("trl"),
+        "rows": repo().join("data/sft/train.jsonl"), "n": 16,
+        "args": {"max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+            "learning_rate": 3e-3, "warmup_steps": 1, "lr_scheduler_type": "linear", "weight_decay": 0.01,
+            "logging_steps": 1, "seed": 42, "optim": "adamw_torch", "max_length": 64},
+    });
+    let Some(results) = run_checker(&repo().join("tests/check_hf_trainer.py"), &[job], w) else {
+        return;
+    };
+    let r = &results[0];
+    assert_eq!(r["missing"], json!([]));
+    let (diff, apart) = (
+        r["max_diff"].as_f64().unwrap(),
+        r["other_diff"].as_f64().unwrap(),
+    );
+    println!(
+        "accumulated: weights within {diff:.2e} of TRL's, {apart:.2e} of kiln's full-batch run"
+    );
+    assert!(apart < 1e-5, "accumulation changed the run by {apart}");
+    assert!(diff < 1e-5, "weights differ from TRL's by {diff}");
+    let ours = read_json(&accumulated.join("trainer_state.json"))["log_history"].clone();
+    let (a, b) = (series(&ours, "loss"), series(&r["log_history"], "loss"));
+    assert_eq!(a.len(), 3, "{a:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() <= 1e-4, "losses {a:?} vs TRL {b:?}");
+    }
+}

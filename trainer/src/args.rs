@@ -153,6 +153,10 @@ pub struct TrainingArguments {
     /// input embeddings' output ([`crate::Model::set_neftune_noise_alpha`]); off in
     /// evaluation and after training, as transformers turns its hook off.
     pub neftune_noise_alpha: Option<f64>,
+    /// A causal LM's loss with gradient accumulation or several processes is the mean
+    /// over every label token of the accumulated batch on all ranks, as transformers 5
+    /// normalises by `num_items_in_batch` (default true); false: over this rank's only.
+    pub average_tokens_across_devices: bool,
     /// Evaluation computes the loss only: `compute_metrics` is not called (as
     /// transformers, whose prediction step then returns no logits).
     pub prediction_loss_only: bool,
@@ -247,6 +251,7 @@ impl Default for TrainingArguments {
             use_cpu: false,
             label_smoothing_factor: 0.0,
             prediction_loss_only: false,
+            average_tokens_across_devices: true,
             neftune_noise_alpha: None,
             train_sampling_strategy: SamplingStrategy::Random,
             group_by_length: false,

@@ -85,7 +85,6 @@ const DDP: Disposition = NoEffect(
 pub const FIELDS: &[Field] = &[
     f("optim_args", Str, "null", Refused("kiln's optimizers take adam_beta1, adam_beta2, adam_epsilon and weight_decay; give those")),
     f("optim_target_modules", List, "null", Refused("GaLore, APOLLO and the other optimizers that take target modules are not in kiln; use optim adamw or sgd")),
-    f("average_tokens_across_devices", Bool, "true", NoEffect("kiln averages the loss per micro-batch either way, as transformers does for models that take no num_items_in_batch; the token-weighted average transformers gives causal LMs is not implemented yet")),
     f("bf16_full_eval", Bool, "false", Refused("not implemented in kiln yet: with bf16 the evaluation runs in bf16 already; drop it")),
     f("fp16_full_eval", Bool, "false", Refused("not implemented in kiln yet: with fp16 the evaluation runs in fp16 already; drop it")),
     f("tf32", Bool, "null", NoEffect("kiln never computes f32 products in TF32")),

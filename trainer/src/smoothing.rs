@@ -5,8 +5,9 @@
 //! With ε the factor, over the positions whose label is not -100:
 //! `(1 - ε) · mean(-log p[label]) + ε · mean(-Σ log p) / classes`. A causal LM's labels
 //! are shifted as its own loss shifts them (logits of position t against label t + 1).
-//! The mean is over this micro-batch; with gradient accumulation the trainer divides
-//! by the number of micro-batches, as it does for the model's own loss.
+//! The mean is over this micro-batch; with gradient accumulation the trainer weighs it
+//! as it weighs the model's own loss (a causal LM's by its label tokens, so the
+//! denominator is the accumulated batch's, as transformers' `num_items_in_batch`).
 
 use candle_core::{D, DType, Tensor};
 
@@ -55,6 +56,21 @@ pub fn smoothed_loss(logits: &Tensor, labels: &Tensor, epsilon: f64) -> Result<T
     let loss = (nll.affine((1.0 - epsilon) / n, 0.0)?
         + smooth.affine(epsilon / (n * classes as f64), 0.0)?)?;
     Ok(loss)
+}
+
+/// The label tokens a causal LM's loss averages over: positions 1.. of `labels`
+/// `[batch, seq]` that are not -100 (transformers' `num_items_in_batch` count).
+pub fn label_tokens(labels: &Tensor) -> Result<f64> {
+    let seq = labels.dim(1)?;
+    if seq < 2 {
+        return Ok(0.0);
+    }
+    let shifted = labels.narrow(1, 1, seq - 1)?.to_dtype(DType::I64)?;
+    Ok(shifted
+        .ne(-100i64)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?)
 }
 
 #[cfg(test)]

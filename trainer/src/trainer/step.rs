@@ -182,9 +182,23 @@ impl<M: Model> Trainer<M> {
         self.each_callback(|cb, a, s, c| cb.on_epoch_begin(a, s, c));
         let device = self.device();
         let mut grads: Grads = Vec::new();
-        for (i, idx) in batches.iter().enumerate().skip(skip) {
-            let batch = train.batch(idx, &device)?;
-            let local = self.micro_step(&batch, plan.ga, params)?;
+        // The micro-batches of the accumulation group being taken, with their loss
+        // weights ([`Trainer::loss_weights`]), fetched when the group starts.
+        let mut group: std::collections::VecDeque<(Batch, f64)> = Default::default();
+        for i in skip..batches.len() {
+            if group.is_empty() {
+                let end = ((i / plan.ga + 1) * plan.ga).min(batches.len());
+                let fetched = batches[i..end]
+                    .iter()
+                    .map(|idx| train.batch(idx, &device))
+                    .collect::<Result<Vec<_>>>()?;
+                let weights = self.loss_weights(&fetched, plan.world)?;
+                group = fetched.into_iter().zip(weights).collect();
+            }
+            let Some((batch, weight)) = group.pop_front() else {
+                unreachable!("a group holds a micro-batch for every index it spans")
+            };
+            let local = self.micro_step(&batch, weight, params)?;
             Optimizer::accumulate(&mut grads, local)?;
             let sync = (i + 1) % plan.ga == 0 || i + 1 == batches.len();
             if !sync {
@@ -314,12 +328,60 @@ impl<M: Model> Trainer<M> {
         })
     }
 
-    /// Forward and backward of one micro-batch: its loss (divided by the accumulation
-    /// steps) joins the logged loss, and its gradients come back in the dtype of the
-    /// parameters the optimizer updates.
-    fn micro_step(&mut self, batch: &Batch, ga: usize, params: &Params) -> Result<Grads> {
+    /// The weight of each micro-batch's mean loss in its accumulation group's loss, as
+    /// transformers 5 normalises it. A causal LM's loss is the mean over every label
+    /// token of the group (transformers' `num_items_in_batch`): micro-batch j weighs
+    /// `n_j / N`, its label tokens over the group's, with N summed over the ranks and
+    /// the weight times the ranks (whose gradients are averaged) when
+    /// `average_tokens_across_devices`. Other models' losses are averaged over the
+    /// group's micro-batches (`1 / len`), where transformers 5.25 — which takes any
+    /// model whose forward has `**kwargs` as normalising itself — leaves a classifier's
+    /// loss undivided, so its logged loss and gradients with accumulation are that many
+    /// times kiln's.
+    pub(super) fn loss_weights(&self, group: &[Batch], world: usize) -> Result<Vec<f64>> {
+        let token_labels: Option<Vec<&candle_core::Tensor>> = group
+            .iter()
+            .map(|b| {
+                b.labels
+                    .as_ref()
+                    .filter(|l| l.rank() == 2 && matches!(l.dtype(), candle_core::DType::I64))
+            })
+            .collect();
+        let Some(token_labels) = token_labels else {
+            return Ok(vec![1.0 / group.len() as f64; group.len()]);
+        };
+        let counts = token_labels
+            .into_iter()
+            .map(crate::smoothing::label_tokens)
+            .collect::<Result<Vec<f64>>>()?;
+        let mut total = [counts.iter().sum::<f64>()];
+        let across = self.args.average_tokens_across_devices && world > 1;
+        if across {
+            self.dist.all_reduce_f64(&mut total)?;
+        }
+        let factor = if across { world as f64 } else { 1.0 };
+        Ok(counts
+            .iter()
+            .map(|n| {
+                if total[0] > 0.0 {
+                    n * factor / total[0]
+                } else {
+                    0.0
+                }
+            })
+            .collect())
+    }
+
+    /// Forward and backward of one micro-batch: its loss (times its weight in the
+    /// accumulation group, [`Trainer::loss_weights`]) joins the logged loss, and its
+    /// gradients come back in the dtype of the parameters the optimizer updates. A
+    /// micro-batch of weight 0 (no label token) is counted but not run.
+    fn micro_step(&mut self, batch: &Batch, weight: f64, params: &Params) -> Result<Grads> {
         self.current_flos += self.model.floating_point_ops(batch);
         self.tokens_pending += tokens_of(batch, self.args.include_num_input_tokens_seen)?;
+        if weight == 0.0 {
+            return Ok(vec![None; params.vars.len()]);
+        }
         let eps = self.args.label_smoothing_factor;
         let loss = Self::loss_of(&self.model, eps, batch, Some(&mut self.rng))?
             .0
@@ -328,8 +390,8 @@ impl<M: Model> Trainer<M> {
                     "the model returned no loss: do the training data have labels?".into(),
                 )
             })?;
-        let loss = if ga > 1 {
-            loss.affine(1.0 / ga as f64, 0.0)?
+        let loss = if weight != 1.0 {
+            loss.affine(weight, 0.0)?
         } else {
             loss
         };
