@@ -105,7 +105,7 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
         &config,
         base.replace(
             "\n[training]\n",
-            "\n[training]\nneftune_noise_alpha = 5.0\n",
+            "\n[training]\nrestore_callback_states_from_checkpoint = true\n",
         ),
     )
     .unwrap();
@@ -115,7 +115,9 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
     e.expect_code(1);
     let line = e.one_stderr_line();
     assert!(
-        line.contains("c.toml: [training] neftune_noise_alpha 5.0: not implemented"),
+        line.contains(
+            "c.toml: [training] restore_callback_states_from_checkpoint true: not implemented"
+        ),
         "{line}"
     );
 }
