@@ -12,7 +12,7 @@ use crate::config::{self, ProblemType, TokenIds, check};
 use crate::fused;
 use crate::layers::{
     Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapVars, Params, Visit, attention,
-    dropout, mask_to_bias,
+    checkpointed, dropout, mask_to_bias, run_layer,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -217,7 +217,7 @@ impl BertConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct BertLayer {
     query: Linear,
     key: Linear,
@@ -241,6 +241,8 @@ pub struct BertForSequenceClassification {
     token_type_embeddings: Embedding,
     embeddings_norm: LayerNorm,
     layers: Vec<BertLayer>,
+    /// Activation checkpointing: every how many layers one is checkpointed.
+    checkpoint_every: Option<usize>,
     pooler: Linear,
     classifier: Linear,
     /// The problem type the first labels decided, when the config leaves it open
@@ -290,6 +292,7 @@ impl BertForSequenceClassification {
             token_type_embeddings,
             embeddings_norm,
             layers,
+            checkpoint_every: None,
             pooler,
             classifier,
             problem_type: OnceLock::new(),
@@ -367,17 +370,24 @@ impl BertForSequenceClassification {
     }
 }
 
+/// What a BERT layer's forward pass takes from the config.
+#[derive(Clone, Copy, Debug)]
+struct LayerSpec {
+    heads: usize,
+    scale: f64,
+    attention_dropout: f64,
+    hidden_dropout: f64,
+    activation: Activation,
+}
+
 impl BertLayer {
     fn forward(
         &self,
         x: &Tensor,
         bias: &Tensor,
-        config: &BertConfig,
-        activation: Activation,
+        spec: LayerSpec,
         mut rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
-        let heads = config.num_attention_heads;
-        let scale = 1.0 / ((config.hidden_size / heads) as f64).sqrt();
         let q = self.query.forward(x, rng.as_deref_mut())?;
         let k = self.key.forward(x, rng.as_deref_mut())?;
         let v = self.value.forward(x, rng.as_deref_mut())?;
@@ -385,21 +395,23 @@ impl BertLayer {
             &q,
             &k,
             &v,
-            heads,
-            heads,
+            spec.heads,
+            spec.heads,
             bias,
-            scale,
-            config.attention_probs_dropout_prob,
+            spec.scale,
+            spec.attention_dropout,
             rng.as_deref_mut(),
         )?;
         let attended = self
             .attention_output
             .forward(&context, rng.as_deref_mut())?;
-        let attended = dropout(&attended, config.hidden_dropout_prob, rng.as_deref_mut())?;
+        let attended = dropout(&attended, spec.hidden_dropout, rng.as_deref_mut())?;
         let x = self.attention_norm.forward(&(attended + x)?)?;
-        let inner = activation.forward(&self.intermediate.forward(&x, rng.as_deref_mut())?)?;
+        let inner = spec
+            .activation
+            .forward(&self.intermediate.forward(&x, rng.as_deref_mut())?)?;
         let out = self.output.forward(&inner, rng.as_deref_mut())?;
-        let out = dropout(&out, config.hidden_dropout_prob, rng)?;
+        let out = dropout(&out, spec.hidden_dropout, rng)?;
         self.output_norm.forward(&(out + x)?)
     }
 
@@ -463,8 +475,21 @@ impl Model for BertForSequenceClassification {
             Some(mask) => mask_to_bias(&mask.reshape((b, 1, 1, t))?)?,
             None => Tensor::zeros((1, 1, 1, t), DType::F32, device)?,
         };
-        for layer in &self.layers {
-            x = layer.forward(&x, &bias, c, self.activation, train.as_deref_mut())?;
+        let spec = LayerSpec {
+            heads: c.num_attention_heads,
+            scale: 1.0 / ((c.hidden_size / c.num_attention_heads) as f64).sqrt(),
+            attention_dropout: c.attention_probs_dropout_prob,
+            hidden_dropout: c.hidden_dropout_prob,
+            activation: self.activation,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (layer, bias) = (layer.clone(), bias.clone());
+            x = run_layer(
+                &x,
+                train.as_deref_mut(),
+                checkpointed(self.checkpoint_every, i),
+                move |x, rng| layer.forward(x, &bias, spec, rng),
+            )?;
         }
         let pooled = self
             .pooler
@@ -507,6 +532,11 @@ impl Model for BertForSequenceClassification {
 
     fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
         self.word_embeddings.set_neftune(alpha);
+        true
+    }
+
+    fn set_activation_checkpointing(&mut self, every_n_layers: Option<usize>) -> bool {
+        self.checkpoint_every = every_n_layers;
         true
     }
 

@@ -12,7 +12,7 @@ use crate::fused;
 use crate::generation::Greedy;
 use crate::layers::{
     Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapVars, Param, Params, Visit,
-    attention, dropout, mask_to_bias, matmul_last, normal, visit_param,
+    attention, checkpointed, dropout, mask_to_bias, matmul_last, normal, run_layer, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -218,7 +218,7 @@ impl Gpt2Config {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Block {
     ln_1: LayerNorm,
     c_attn: Linear,
@@ -245,9 +245,22 @@ pub struct Gpt2LMHeadModel {
     wte: Embedding,
     wpe: Embedding,
     blocks: Vec<Block>,
+    /// Activation checkpointing: every how many blocks one is checkpointed.
+    checkpoint_every: Option<usize>,
     ln_f: LayerNorm,
     /// `lm_head.weight` `[vocab, n_embd]` when not tied.
     lm_head: Option<Param>,
+}
+
+/// What a block's forward pass takes from the config.
+#[derive(Clone, Copy, Debug)]
+struct BlockSpec {
+    heads: usize,
+    embd: usize,
+    scale: f64,
+    attention_dropout: f64,
+    residual_dropout: f64,
+    activation: Activation,
 }
 
 impl Gpt2LMHeadModel {
@@ -298,6 +311,7 @@ impl Gpt2LMHeadModel {
             wte,
             wpe,
             blocks,
+            checkpoint_every: None,
             ln_f,
             lm_head,
         })
@@ -355,42 +369,29 @@ impl Gpt2LMHeadModel {
         };
         let bias = mask_to_bias(&allowed)?;
 
-        let heads = c.n_head;
-        let e = c.n_embd;
         for (i, block) in self.blocks.iter().enumerate() {
             let mut scale = 1.0;
             if c.scale_attn_weights {
-                scale /= ((e / heads) as f64).sqrt();
+                scale /= ((c.n_embd / c.n_head) as f64).sqrt();
             }
             if c.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
-            let h = block.ln_1.forward(&x)?;
-            let qkv = block.c_attn.forward(&h, rng.as_deref_mut())?;
-            let (q, k, v) = (
-                qkv.narrow(2, 0, e)?,
-                qkv.narrow(2, e, e)?,
-                qkv.narrow(2, 2 * e, e)?,
-            );
-            let context = attention(
-                &q,
-                &k,
-                &v,
-                heads,
-                heads,
-                &bias,
+            let spec = BlockSpec {
+                heads: c.n_head,
+                embd: c.n_embd,
                 scale,
-                c.attn_pdrop,
+                attention_dropout: c.attn_pdrop,
+                residual_dropout: c.resid_pdrop,
+                activation: self.activation,
+            };
+            let (block, bias) = (block.clone(), bias.clone());
+            x = run_layer(
+                &x,
                 rng.as_deref_mut(),
+                checkpointed(self.checkpoint_every, i),
+                move |x, rng| block.forward(x, &bias, spec, rng),
             )?;
-            let attended = block.attn_c_proj.forward(&context, rng.as_deref_mut())?;
-            x = (x + dropout(&attended, c.resid_pdrop, rng.as_deref_mut())?)?;
-            let h = block.ln_2.forward(&x)?;
-            let inner = self
-                .activation
-                .forward(&block.c_fc.forward(&h, rng.as_deref_mut())?)?;
-            let out = block.mlp_c_proj.forward(&inner, rng.as_deref_mut())?;
-            x = (x + dropout(&out, c.resid_pdrop, rng.as_deref_mut())?)?;
         }
         let x = self.ln_f.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(self.wte.weight());
@@ -453,6 +454,42 @@ impl Gpt2LMHeadModel {
 }
 
 impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        spec: BlockSpec,
+        mut rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let e = spec.embd;
+        let h = self.ln_1.forward(x)?;
+        let qkv = self.c_attn.forward(&h, rng.as_deref_mut())?;
+        let (q, k, v) = (
+            qkv.narrow(2, 0, e)?,
+            qkv.narrow(2, e, e)?,
+            qkv.narrow(2, 2 * e, e)?,
+        );
+        let context = attention(
+            &q,
+            &k,
+            &v,
+            spec.heads,
+            spec.heads,
+            bias,
+            spec.scale,
+            spec.attention_dropout,
+            rng.as_deref_mut(),
+        )?;
+        let attended = self.attn_c_proj.forward(&context, rng.as_deref_mut())?;
+        let x = (x + dropout(&attended, spec.residual_dropout, rng.as_deref_mut())?)?;
+        let h = self.ln_2.forward(&x)?;
+        let inner = spec
+            .activation
+            .forward(&self.c_fc.forward(&h, rng.as_deref_mut())?)?;
+        let out = self.mlp_c_proj.forward(&inner, rng.as_deref_mut())?;
+        x + dropout(&out, spec.residual_dropout, rng)?
+    }
+
     fn map(&mut self, prefix: &str, f: Visit<'_>) -> candle_core::Result<()> {
         self.ln_1.map(&format!("{prefix}.ln_1"), f)?;
         self.c_attn.map(&format!("{prefix}.attn.c_attn"), f)?;
@@ -506,6 +543,11 @@ impl Model for Gpt2LMHeadModel {
         f: &mut dyn FnMut(&str, &Var) -> candle_core::Result<Var>,
     ) -> kiln_trainer::Result<()> {
         Ok(self.visit(&mut MapVars(f))?)
+    }
+
+    fn set_activation_checkpointing(&mut self, every_n_layers: Option<usize>) -> bool {
+        self.checkpoint_every = every_n_layers;
+        true
     }
 
     fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {

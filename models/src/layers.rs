@@ -127,7 +127,7 @@ pub(crate) fn zeros(shape: &[usize], device: &Device) -> Result<Var> {
 /// A dense layer: torch's `nn.Linear` (weight `[out, in]`) or GPT-2's `Conv1D`
 /// (weight `[in, out]`), with a bias, and optionally an adapter whose output is added
 /// ([`kiln_trainer::adapter`]).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Linear {
     weight: Param,
     bias: Option<Param>,
@@ -234,7 +234,7 @@ impl Linear {
 pub(crate) use crate::fused::written_out::matmul_last;
 
 /// `nn.LayerNorm`: weight one, bias zero.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct LayerNorm {
     weight: Param,
     bias: Param,
@@ -417,6 +417,28 @@ impl Activation {
 /// 1 / (1 + e^-x).
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     x.neg()?.exp()?.affine(1.0, 1.0)?.recip()
+}
+
+/// Whether layer `index` is checkpointed when every `every`-th one is
+/// ([`kiln_trainer::model::Model::set_activation_checkpointing`]).
+pub(crate) fn checkpointed(every: Option<usize>, index: usize) -> bool {
+    every.is_some_and(|n| index.is_multiple_of(n))
+}
+
+/// Runs one repeated layer, `forward(x, rng)`: through
+/// [`kiln_trainer::recompute::checkpoint`] when `checkpoint` is set (which runs it
+/// plainly in evaluation, without `rng`).
+pub(crate) fn run_layer(
+    x: &Tensor,
+    rng: Option<&mut Rng>,
+    checkpoint: bool,
+    forward: impl Fn(&Tensor, Option<&mut Rng>) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if checkpoint {
+        kiln_trainer::recompute::checkpoint(x, rng, forward)
+    } else {
+        forward(x, rng)
+    }
 }
 
 /// Inverted dropout with a mask from `rng`; the identity without one (evaluation) or

@@ -328,6 +328,9 @@ impl Model for Box<dyn TaskModel> {
     fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
         (**self).set_neftune_noise_alpha(alpha)
     }
+    fn set_activation_checkpointing(&mut self, every_n_layers: Option<usize>) -> bool {
+        (**self).set_activation_checkpointing(every_n_layers)
+    }
     fn floating_point_ops(&self, batch: &Batch) -> f64 {
         (**self).floating_point_ops(batch)
     }

@@ -529,6 +529,11 @@ impl<M: Model> Model for PeftModel<M> {
     fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
         self.base.set_neftune_noise_alpha(alpha)
     }
+
+    /// The base's layers, with their adapters.
+    fn set_activation_checkpointing(&mut self, every_n_layers: Option<usize>) -> bool {
+        self.base.set_activation_checkpointing(every_n_layers)
+    }
 }
 
 impl<M: TaskModel> TaskModel for PeftModel<M> {

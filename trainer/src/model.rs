@@ -204,6 +204,15 @@ pub trait Model: Send {
         false
     }
 
+    /// Activation checkpointing (`activation_checkpointing`): while training, run
+    /// every `n`-th repeated layer (layers 0, n, 2n, …) through
+    /// [`crate::recompute::checkpoint`], so that backward recomputes its activations;
+    /// `None` turns it off. Returns whether the model takes it (the default: no).
+    fn set_activation_checkpointing(&mut self, every_n_layers: Option<usize>) -> bool {
+        let _ = every_n_layers;
+        false
+    }
+
     /// Freezes the parameters (as [`Model::parameters`] names them) that `frozen`
     /// accepts and unfreezes the others: a frozen parameter is a constant of the
     /// forward pass, so no gradient is computed for it. The default refuses.

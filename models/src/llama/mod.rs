@@ -19,7 +19,8 @@ pub use rope::RopeParameters;
 use crate::config as shared;
 use crate::fused;
 use crate::layers::{
-    Dense, Embedding, Freeze, Linear, MapVars, Param, Params, Visit, attention, normal, visit_param,
+    Dense, Embedding, Freeze, Linear, MapVars, Param, Params, Visit, attention, checkpointed,
+    normal, run_layer, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -29,7 +30,7 @@ use kiln_trainer::rng::Rng;
 use kiln_trainer::weights::{LoadInfo, LoadRules};
 
 /// transformers' `LlamaRMSNorm` (weight one).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct RmsNorm {
     weight: Param,
     eps: f64,
@@ -48,7 +49,7 @@ impl RmsNorm {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Layer {
     q_proj: Linear,
     k_proj: Linear,
@@ -82,6 +83,8 @@ pub struct LlamaForCausalLM {
     stored_dtype: Option<DType>,
     embed_tokens: Embedding,
     layers: Vec<Layer>,
+    /// Activation checkpointing: every how many layers one is checkpointed.
+    checkpoint_every: Option<usize>,
     norm: RmsNorm,
     /// `lm_head.weight` `[vocab, hidden]` when not tied.
     lm_head: Option<Param>,
@@ -147,6 +150,7 @@ impl LlamaForCausalLM {
             stored_dtype: None,
             embed_tokens,
             layers,
+            checkpoint_every: None,
             norm,
             lm_head,
         })
@@ -260,51 +264,28 @@ impl LlamaForCausalLM {
                     sliding.as_ref().unwrap_or(&full)
                 }
             };
-            let hidden = layer.input_layernorm.forward(&x)?;
-            let mut q = layer.q_proj.forward(&hidden, rng.as_deref_mut())?;
-            let mut k = layer.k_proj.forward(&hidden, rng.as_deref_mut())?;
-            let v = layer.v_proj.forward(&hidden, rng.as_deref_mut())?;
-            if let Some((q_norm, k_norm)) = &layer.qk_norm {
-                let (b, t, _) = q.dims3()?;
-                q = q_norm
-                    .forward(&q.reshape((b, t, h, d))?)?
-                    .reshape((b, t, h * d))?;
-                k = k_norm
-                    .forward(&k.reshape((b, t, kv, d))?)?
-                    .reshape((b, t, kv * d))?;
-            }
-            let q = fused::rope(&q, &cos, &sin, d)?;
-            let k = fused::rope(&k, &cos, &sin, d)?;
-            let (k, v) = match cache.as_deref_mut().and_then(|c| c.get_mut(n)) {
-                Some(slot) => {
-                    let (k, v) = match slot.take() {
-                        Some((pk, pv)) => {
-                            (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
-                        }
-                        None => (k, v),
-                    };
-                    *slot = Some((k.clone(), v.clone()));
-                    (k, v)
-                }
-                None => (k, v),
-            };
-            let context = attention(
-                &q,
-                &k,
-                &v,
-                h,
-                kv,
-                bias,
+            let inputs = LayerInputs {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                bias: bias.clone(),
+                heads: h,
+                kv_heads: kv,
+                head_dim: d,
                 scale,
-                c.attention_dropout,
-                rng.as_deref_mut(),
-            )?;
-            x = (x + layer.o_proj.forward(&context, rng.as_deref_mut())?)?;
-            let hidden = layer.post_attention_layernorm.forward(&x)?;
-            let gate = layer.gate_proj.forward(&hidden, rng.as_deref_mut())?;
-            let up = layer.up_proj.forward(&hidden, rng.as_deref_mut())?;
-            let gated = fused::silu_mul(&gate, &up)?;
-            x = (x + layer.down_proj.forward(&gated, rng.as_deref_mut())?)?;
+                dropout: c.attention_dropout,
+            };
+            x = match cache.as_deref_mut().and_then(|c| c.get_mut(n)) {
+                Some(slot) => layer.forward(&x, &inputs, Some(slot), rng.as_deref_mut())?,
+                None => {
+                    let layer = layer.clone();
+                    run_layer(
+                        &x,
+                        rng.as_deref_mut(),
+                        checkpointed(self.checkpoint_every, n),
+                        move |x, rng| layer.forward(x, &inputs, None, rng),
+                    )?
+                }
+            };
         }
         let x = self.norm.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(self.embed_tokens.weight());
@@ -346,7 +327,77 @@ impl LlamaForCausalLM {
     }
 }
 
+/// What a layer's forward pass takes besides its input: the rotary tables, the
+/// attention bias and the attention's sizes.
+#[derive(Clone, Debug)]
+struct LayerInputs {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    dropout: f64,
+}
+
 impl Layer {
+    /// The layer's output for `x`; with `cache` (generation) the keys and values of
+    /// the positions seen so far are read from it and extended.
+    fn forward(
+        &self,
+        x: &Tensor,
+        inputs: &LayerInputs,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let (h, kv, d) = (inputs.heads, inputs.kv_heads, inputs.head_dim);
+        let (cos, sin) = (&inputs.cos, &inputs.sin);
+        let hidden = self.input_layernorm.forward(x)?;
+        let mut q = self.q_proj.forward(&hidden, rng.as_deref_mut())?;
+        let mut k = self.k_proj.forward(&hidden, rng.as_deref_mut())?;
+        let v = self.v_proj.forward(&hidden, rng.as_deref_mut())?;
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            let (b, t, _) = q.dims3()?;
+            q = q_norm
+                .forward(&q.reshape((b, t, h, d))?)?
+                .reshape((b, t, h * d))?;
+            k = k_norm
+                .forward(&k.reshape((b, t, kv, d))?)?
+                .reshape((b, t, kv * d))?;
+        }
+        let q = fused::rope(&q, cos, sin, d)?;
+        let k = fused::rope(&k, cos, sin, d)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let context = attention(
+            &q,
+            &k,
+            &v,
+            h,
+            kv,
+            &inputs.bias,
+            inputs.scale,
+            inputs.dropout,
+            rng.as_deref_mut(),
+        )?;
+        let x = (x + self.o_proj.forward(&context, rng.as_deref_mut())?)?;
+        let hidden = self.post_attention_layernorm.forward(&x)?;
+        let gate = self.gate_proj.forward(&hidden, rng.as_deref_mut())?;
+        let up = self.up_proj.forward(&hidden, rng.as_deref_mut())?;
+        let gated = fused::silu_mul(&gate, &up)?;
+        x + self.down_proj.forward(&gated, rng)?
+    }
+
     fn visit(&self, prefix: &str, out: &mut Params) {
         let a = format!("{prefix}.self_attn");
         self.q_proj.push(&format!("{a}.q_proj"), out);
@@ -428,6 +479,11 @@ impl Model for LlamaForCausalLM {
 
     fn set_neftune_noise_alpha(&mut self, alpha: Option<f64>) -> bool {
         self.embed_tokens.set_neftune(alpha);
+        true
+    }
+
+    fn set_activation_checkpointing(&mut self, every_n_layers: Option<usize>) -> bool {
+        self.checkpoint_every = every_n_layers;
         true
     }
 
