@@ -30,13 +30,13 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
         "4",
         "--full_determinism",
         "true",
-        "--do_train",
+        "--ddp_find_unused_parameters",
         "true",
         // transformers' defaults: silent.
         "--push_to_hub",
         "false",
-        "--gradient_checkpointing",
-        "none",
+        "--auto_find_batch_size",
+        "false",
         "--dataloader_pin_memory",
         "true",
     ];
@@ -53,7 +53,7 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
         notes[1]
             .contains("full_determinism true changes nothing here: kiln is always deterministic")
     );
-    assert!(notes[2].contains("do_train true changes nothing here"));
+    assert!(notes[2].contains("ddp_find_unused_parameters true changes nothing here"));
 
     for (flag, value, words) in [
         (
@@ -62,16 +62,20 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
             "push_to_hub true: kiln does not push to the Hub",
         ),
         (
-            "--gradient_checkpointing",
+            "--auto_find_batch_size",
             "true",
-            "gradient_checkpointing true: not implemented in kiln yet",
+            "auto_find_batch_size true: not implemented in kiln: give per_device_train_batch_size",
         ),
         (
             "--deepspeed",
             "ds.json",
             "deepspeed ds.json: kiln's ZeRO stage 1 is zero_stage = 1",
         ),
-        ("--do_predict", "true", "run kiln predict"),
+        (
+            "--fsdp",
+            "full_shard",
+            "fsdp full_shard: kiln shards only the optimizer state",
+        ),
         (
             "--dataloader_num_workers",
             "four",
@@ -103,10 +107,7 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
     let base = std::fs::read_to_string(repo().join("cli/bundled/bert-sentiment.toml")).unwrap();
     std::fs::write(
         &config,
-        base.replace(
-            "\n[training]\n",
-            "\n[training]\nrestore_callback_states_from_checkpoint = true\n",
-        ),
+        base.replace("\n[training]\n", "\n[training]\nbf16_full_eval = true\n"),
     )
     .unwrap();
     let mut args = tiny_bert_args(&work.path().join("cfg"), &[]);
@@ -115,9 +116,7 @@ fn arguments_that_change_nothing_run_with_a_note_and_refused_ones_stop_in_one_li
     e.expect_code(1);
     let line = e.one_stderr_line();
     assert!(
-        line.contains(
-            "c.toml: [training] restore_callback_states_from_checkpoint true: not implemented"
-        ),
+        line.contains("c.toml: [training] bf16_full_eval true: not implemented in kiln yet"),
         "{line}"
     );
 }

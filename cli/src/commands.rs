@@ -76,15 +76,25 @@ pub(crate) fn train(args: &[String]) -> CmdResult {
         return ok(String::new());
     }
     let dir = summary.output_dir.display().to_string();
-    let mut s = format!(
-        "trained {} for {} steps (training loss {:.4})\n",
-        summary.architecture, summary.train.global_step, summary.train.training_loss
-    );
+    let mut s = String::new();
+    if let Some(train) = &summary.train {
+        s += &format!(
+            "trained {} for {} steps (training loss {:.4})\n",
+            summary.architecture, train.global_step, train.training_loss
+        );
+    }
     if let Some(eval) = &summary.eval {
         s += &format!(
             "eval: {}\n",
             serde_json::to_string(eval).unwrap_or_default()
         );
+    }
+    if summary.predicted {
+        s += &format!("predictions written to {dir}/predict_results.txt\n");
+    }
+    if summary.train.is_none() {
+        // do_train false: the model was not trained, so not saved either.
+        return ok(s);
     }
     let causal = kiln_trainer::Task::for_architecture(&summary.architecture)
         == Some(kiln_trainer::Task::CausalLm);

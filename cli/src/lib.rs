@@ -29,6 +29,7 @@ mod error;
 mod files;
 pub mod gguf;
 pub mod plot;
+mod results;
 pub mod run;
 
 use std::io::Write;

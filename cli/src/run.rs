@@ -16,10 +16,11 @@ use kiln_data::tokenize::{Tokenizer, TokenizerKind, TokenizerTrainer};
 use kiln_data::{CollatedDataset, Collator, Dataset, Labels, RawData};
 use kiln_dist::Collective;
 use kiln_models::registry::{self, Architecture, TaskModel};
+use kiln_trainer::args::LogLevel;
 use kiln_trainer::model::{Batch, Model};
 use kiln_trainer::rng::Rng;
 use kiln_trainer::stop::StopRequest;
-use kiln_trainer::{Task, TrainOutput, Trainer, TrainingArguments, accuracy};
+use kiln_trainer::{BatchSource, Task, TrainOutput, Trainer, TrainingArguments, accuracy};
 use serde_json::{Value, json};
 
 use crate::config::RunConfig;
@@ -45,10 +46,12 @@ fn select_device(spec: &str, args: &TrainingArguments) -> Result<kiln_backend::S
 pub struct RunSummary {
     /// Where the model was saved.
     pub output_dir: PathBuf,
-    /// The training result.
-    pub train: TrainOutput,
-    /// The final evaluation, when there is validation data.
+    /// The training result (`None` when `do_train` was not among the stages set).
+    pub train: Option<TrainOutput>,
+    /// The final evaluation, when there is validation data (or `do_eval`).
     pub eval: Option<BTreeMap<String, f64>>,
+    /// Whether `predict_results.txt` was written (`do_predict`).
+    pub predicted: bool,
     /// The architecture trained.
     pub architecture: String,
     /// This process's rank (0 alone).
@@ -61,6 +64,7 @@ struct Prepared {
     tokenizer: Tokenizer,
     train: Option<Arc<CollatedDataset>>,
     eval: Option<Arc<CollatedDataset>>,
+    test: Option<Arc<CollatedDataset>>,
     labels: Option<Labels>,
 }
 
@@ -167,6 +171,7 @@ fn prepare_with(
         architecture,
         train: wrap(data.train),
         eval: wrap(data.validation),
+        test: wrap(data.test),
         labels: data.labels,
         tokenizer,
     })
@@ -306,12 +311,17 @@ fn train_with(
     // A device that cannot do what the run asks, or an architecture that is not
     // registered, is refused before anything is written.
     let selected = select_device(&spec, &cfg.training)?;
-    if !quiet && dist.rank() == 0 {
-        for n in &cfg.notices {
-            eprintln!("note: {n}");
+    let main = dist.rank() == 0;
+    let say = |level: LogLevel, line: &str| {
+        if !quiet && main && cfg.training.prints(level, true) {
+            eprintln!("{line}");
         }
+    };
+    for n in cfg.notices.iter().chain(&cfg.training.notes()) {
+        say(LogLevel::Warning, &format!("note: {n}"));
     }
     let (architecture, init_config) = resolve_architecture(cfg)?;
+    let stages = Stages::of(cfg, architecture.task)?;
     let device = selected.device.clone();
     // The run owns its output_dir from before any work to the end (the model saved):
     // rank 0 holds the lock, or with save_on_each_node the first process of each node.
@@ -357,10 +367,8 @@ fn train_with(
                 &mut rng,
                 &device,
             )?;
-            if !quiet && dist.rank() == 0 {
-                for note in &loaded.notes {
-                    eprintln!("note: {note}");
-                }
+            for note in &loaded.notes {
+                say(LogLevel::Info, &format!("note: {note}"));
             }
             loaded.model
         }
@@ -377,20 +385,12 @@ fn train_with(
         }
         _ => model,
     };
-    if let Some(c) = counts
-        && !quiet
-        && dist.rank() == 0
-    {
-        eprintln!("{c}");
+    if let Some(c) = counts {
+        say(LogLevel::Info, &c.to_string());
     }
     let rank = dist.rank();
-    let train = p
-        .train
-        .clone()
-        .ok_or_else(|| Error::Config("[data] needs train_file".into()))?;
     let mut trainer = Trainer::new(model, cfg.training.clone())
         .with_backend(selected.backend)
-        .with_train_dataset(train)
         .with_tokenizer(p.tokenizer.files()?)
         .with_quiet(quiet)
         .with_collective(dist);
@@ -400,30 +400,125 @@ fn train_with(
     if p.architecture.task == Task::SequenceClassification {
         trainer = trainer.with_compute_metrics(accuracy);
     }
+    if let Some(train) = p.train.clone() {
+        trainer = trainer.with_train_dataset(train);
+    }
     if let Some(eval) = p.eval.clone() {
         trainer = trainer.with_eval_dataset(eval);
     }
-    let out = match trainer.train(None) {
-        Ok(out) => out,
-        // Only rank 0 holds the files; the others' copies are the same weights.
-        Err(e) if rank != 0 => return Err(e.into()),
-        // Stopped on a signal: the checkpoint of the step reached is saved.
-        Err(e @ kiln_trainer::Error::Stopped { .. }) => return Err(e.into()),
-        Err(e) => return Err(emergency_save(&trainer, e)),
+    let out = match stages.train {
+        false => None,
+        true => match trainer.train(None) {
+            Ok(out) => Some(out),
+            // Only rank 0 holds the files; the others' copies are the same weights.
+            Err(e) if rank != 0 => return Err(e.into()),
+            // Stopped on a signal: the checkpoint of the step reached is saved.
+            Err(e @ kiln_trainer::Error::Stopped { .. }) => return Err(e.into()),
+            Err(e) => return Err(emergency_save(&trainer, e)),
+        },
     };
-    let eval = match p.eval {
-        Some(_) => Some(trainer.evaluate()?),
-        None => None,
+    let eval = match stages.eval {
+        true => Some(trainer.evaluate()?),
+        false => None,
     };
-    let output_dir = trainer.save_model(None)?;
-    trainer.save_state()?;
+    let output_dir = PathBuf::from(&cfg.training.output_dir);
+    if let Some(out) = &out {
+        trainer.save_model(None)?;
+        trainer.save_state()?;
+        if main {
+            let mut metrics = out.metrics.clone();
+            if let Some(train) = &p.train {
+                metrics.insert("train_samples".into(), train.len() as f64);
+            }
+            crate::results::save_metrics(&output_dir, "train", &metrics)?;
+        }
+    }
+    if let (Some(metrics), true) = (&eval, main) {
+        let mut metrics = metrics.clone();
+        if let Some(eval) = &p.eval {
+            metrics.insert("eval_samples".into(), eval.len() as f64);
+        }
+        // run_clm.py's perplexity.
+        if let (Task::CausalLm, Some(loss)) = (p.architecture.task, metrics.get("eval_loss")) {
+            metrics.insert("perplexity".into(), loss.exp());
+        }
+        crate::results::save_metrics(&output_dir, "eval", &metrics)?;
+    }
+    if stages.predict {
+        let test = p
+            .test
+            .clone()
+            .ok_or_else(|| Error::Config("do_predict needs test_file".into()))?;
+        let logits = trainer.predict(test.as_ref())?.logits;
+        if main {
+            let rows = logits
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(kiln_models::Error::from)?;
+            crate::results::save_predictions(&output_dir, &trainer.model().config(), &rows)?;
+        }
+    }
     Ok(RunSummary {
         output_dir,
         train: out,
         eval,
+        predicted: stages.predict,
         architecture: p.architecture.name.to_string(),
         rank,
     })
+}
+
+/// The stages of `kiln train`, as transformers' example scripts read `do_train`,
+/// `do_eval` and `do_predict`: none set means train, then evaluate when there is
+/// validation data (kiln's default run); otherwise the stages set (`do_eval` also
+/// when `eval_strategy` is not `no`, as transformers sets it).
+#[derive(Clone, Copy, Debug)]
+struct Stages {
+    train: bool,
+    eval: bool,
+    predict: bool,
+}
+
+impl Stages {
+    /// Checked against the data before any work: a stage needs its file.
+    fn of(cfg: &RunConfig, task: Task) -> Result<Stages> {
+        let a = &cfg.training;
+        let chosen = a.do_train || a.do_eval || a.do_predict;
+        let has_eval = cfg.data.validation_file.is_some();
+        let stages = match chosen {
+            false => Stages {
+                train: true,
+                eval: has_eval,
+                predict: false,
+            },
+            true => Stages {
+                train: a.do_train,
+                eval: a.do_eval || a.eval_strategy != kiln_trainer::args::Strategy::No,
+                predict: a.do_predict,
+            },
+        };
+        if stages.train && cfg.data.train_file.is_none() {
+            return Err(Error::Config("[data] needs train_file".into()));
+        }
+        if stages.eval && !has_eval {
+            return Err(Error::Config(
+                "do_eval (or an eval_strategy other than no) needs validation_file".into(),
+            ));
+        }
+        if stages.predict {
+            if task != Task::SequenceClassification {
+                return Err(Error::Config(
+                    "do_predict writes the classes a classifier predicts for test_file; for a causal LM, \
+                     evaluate test_file with kiln eval --validation_file, or generate with kiln predict"
+                        .into(),
+                ));
+            }
+            if cfg.data.test_file.is_none() {
+                return Err(Error::Config("do_predict needs test_file".into()));
+            }
+        }
+        Ok(stages)
+    }
 }
 
 /// `init_from` is an adapter folder: its `adapter_config.json` decides the LoRA

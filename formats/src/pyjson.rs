@@ -156,8 +156,14 @@ pub fn dumps(value: &Value) -> String {
 
 /// Renders a [`PyValue`] as `json.dumps(value, indent=2, sort_keys=True)` does.
 pub fn dumps_py(value: &PyValue) -> String {
+    dumps_py_indent(value, 2)
+}
+
+/// Renders a [`PyValue`] as `json.dumps(value, indent=width, sort_keys=True)` does
+/// (transformers' `save_metrics` writes `*_results.json` with `indent=4`).
+pub fn dumps_py_indent(value: &PyValue, width: usize) -> String {
     let mut out = String::new();
-    write_value(&mut out, value, 0);
+    write_value(&mut out, value, 0, width);
     out
 }
 
@@ -213,14 +219,14 @@ pub fn float_repr(x: f64) -> String {
     }
 }
 
-fn indent(out: &mut String, level: usize) {
+fn indent(out: &mut String, level: usize, width: usize) {
     out.push('\n');
-    for _ in 0..level {
-        out.push_str("  ");
+    for _ in 0..level * width {
+        out.push(' ');
     }
 }
 
-fn write_value(out: &mut String, value: &PyValue, level: usize) {
+fn write_value(out: &mut String, value: &PyValue, level: usize, width: usize) {
     match value {
         PyValue::Null => out.push_str("null"),
         PyValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -238,10 +244,10 @@ fn write_value(out: &mut String, value: &PyValue, level: usize) {
                 if i > 0 {
                     out.push(',');
                 }
-                indent(out, level + 1);
-                write_value(out, item, level + 1);
+                indent(out, level + 1, width);
+                write_value(out, item, level + 1, width);
             }
-            indent(out, level);
+            indent(out, level, width);
             out.push(']');
         }
         PyValue::Dict(map) => {
@@ -254,12 +260,12 @@ fn write_value(out: &mut String, value: &PyValue, level: usize) {
                 if i > 0 {
                     out.push(',');
                 }
-                indent(out, level + 1);
+                indent(out, level + 1, width);
                 write_json_string(out, k, true);
                 out.push_str(": ");
-                write_value(out, v, level + 1);
+                write_value(out, v, level + 1, width);
             }
-            indent(out, level);
+            indent(out, level, width);
             out.push('}');
         }
     }

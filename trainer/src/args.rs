@@ -179,6 +179,59 @@ pub struct TrainingArguments {
     /// defaults): f32 master weights, forward and backward in f16 (evaluation too), a
     /// step whose gradients overflow is skipped. Needs a device that offers f16.
     pub fp16: bool,
+    /// Activation checkpointing: backward recomputes each transformer layer's
+    /// activations instead of keeping them from the forward pass ([`crate::recompute`]):
+    /// less memory for one more forward pass of every layer, the same gradients bit for
+    /// bit. `None` means false (or `gradient_checkpointing`, when that is set).
+    pub activation_checkpointing: Option<bool>,
+    /// Its options: `every_n_layers` (checkpoint layers 0, n, 2n, …; default 1),
+    /// `offload` (changes nothing on the CPU, refused elsewhere), and the options of
+    /// torch's `checkpoint` (`use_reentrant`, `preserve_rng_state`, `determinism_check`,
+    /// `debug`), which change nothing here ([`TrainingArguments::checkpoint_every`]).
+    pub activation_checkpointing_kwargs: Map<String, Value>,
+    /// transformers 4's name of `activation_checkpointing`, read when that is not set.
+    pub gradient_checkpointing: Option<bool>,
+    /// transformers 4's name of `activation_checkpointing_kwargs`, read when that is
+    /// empty.
+    pub gradient_checkpointing_kwargs: Map<String, Value>,
+    /// `kiln train` trains (as transformers' example scripts read it). When none of
+    /// `do_train`, `do_eval`, `do_predict` is set, `kiln train` trains and evaluates
+    /// on the validation data if there is some; when one is set, it runs the stages set.
+    /// The Trainer itself does not read them, as transformers' does not.
+    pub do_train: bool,
+    /// `kiln train` evaluates the final model on the validation data (also set by an
+    /// `eval_strategy` other than `no`, as transformers sets it) and writes
+    /// `eval_results.json`.
+    pub do_eval: bool,
+    /// `kiln train` predicts the classes of `test_file`'s rows with the final model and
+    /// writes `predict_results.txt` (`index<TAB>prediction`, as `run_classification.py`).
+    pub do_predict: bool,
+    /// How much the main process prints ([`LogLevel`]; `passive`: informational lines
+    /// and up).
+    pub log_level: LogLevel,
+    /// How much the other processes of a multi-process run print (`passive` and the
+    /// default: warnings and up), each line prefixed with the rank.
+    pub log_level_replica: LogLevel,
+    /// Move what an evaluation predicted to host memory every N batches instead of
+    /// keeping it on the device to the end (transformers' `eval_accumulation_steps`); on
+    /// the CPU it is in host memory already. Must be at least 1.
+    pub eval_accumulation_steps: Option<usize>,
+    /// The batch entries that hold labels (transformers' default for kiln's models:
+    /// `["labels"]`, the only one their batches have). As in transformers, an
+    /// evaluation has labels only when every name given is one the batches hold: any
+    /// other list (`[]`, `["label"]`) evaluates without labels (no `eval_loss`, metrics
+    /// without labels). Training is unaffected. A name, a comma-separated list or a list.
+    #[serde(deserialize_with = "optional_names")]
+    pub label_names: Option<Vec<String>>,
+    /// On resume, give the callbacks the state the checkpoint saved for them
+    /// (`stateful_callbacks`: early stopping's patience, threshold and counter), as
+    /// transformers does; false (the default) starts them afresh, and says so when the
+    /// checkpoint holds such a state.
+    pub restore_callback_states_from_checkpoint: bool,
+    /// Leave out the memory metrics (default true); false adds transformers'
+    /// `*_mem_cpu_alloc_delta` / `*_mem_cpu_peaked_delta` to the training summary and to
+    /// what `evaluate` returns ([`crate::memory`]).
+    pub skip_memory_metrics: bool,
     /// kiln: the device (`auto`, `cpu`, `cuda`, `cuda:N`, `metal`).
     pub device: String,
     /// kiln: write checkpoints in the background (training stalls only for the copy to
@@ -259,6 +312,19 @@ impl Default for TrainingArguments {
             logging_dir: None,
             bf16: false,
             fp16: false,
+            activation_checkpointing: None,
+            activation_checkpointing_kwargs: Map::new(),
+            gradient_checkpointing: None,
+            gradient_checkpointing_kwargs: Map::new(),
+            do_train: false,
+            do_eval: false,
+            do_predict: false,
+            log_level: LogLevel::Passive,
+            log_level_replica: LogLevel::Warning,
+            eval_accumulation_steps: None,
+            label_names: None,
+            restore_callback_states_from_checkpoint: false,
+            skip_memory_metrics: true,
             device: "auto".into(),
             async_save: true,
             on_save_error: SaveErrorPolicy::Stop,
@@ -279,6 +345,28 @@ pub enum SaveErrorPolicy {
     Stop,
     /// Log the error (`save_error` in `log_history`) and go on training.
     Continue,
+}
+
+/// `log_level` / `log_level_replica`: transformers' names of Python's logging levels.
+/// kiln's informational lines ("resuming from …", "loading best model from …") are
+/// `info`, its warnings and notes about the arguments `warning`; the log entries
+/// themselves are printed at every level, as transformers' progress callbacks print them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything.
+    Debug,
+    /// Informational lines and up.
+    Info,
+    /// Warnings and up.
+    Warning,
+    /// Errors only.
+    Error,
+    /// Errors only (kiln has no level above errors).
+    Critical,
+    /// Leave the level as it is: info on the main process (kiln's lines), warning on
+    /// the others.
+    Passive,
 }
 
 /// `train_sampling_strategy`: the order training examples are drawn in.
@@ -448,9 +536,123 @@ impl TrainingArguments {
         }
     }
 
+    /// Whether a line of `level` is printed by the main process (`main`) or another one.
+    pub fn prints(&self, level: LogLevel, main: bool) -> bool {
+        let threshold = match (main, self.log_level, self.log_level_replica) {
+            (true, LogLevel::Passive, _) => LogLevel::Info,
+            (true, l, _) => l,
+            (false, _, LogLevel::Passive) => LogLevel::Warning,
+            (false, _, l) => l,
+        };
+        level >= threshold.min(LogLevel::Error)
+    }
+
+    /// Whether evaluations see the batches' labels: `label_names` unset, or naming
+    /// only `labels`.
+    pub fn evaluation_has_labels(&self) -> bool {
+        self.label_names
+            .as_ref()
+            .is_none_or(|n| !n.is_empty() && n.iter().all(|n| n == "labels"))
+    }
+
     /// The data shuffling seed.
     pub fn shuffle_seed(&self) -> u64 {
         self.data_seed.unwrap_or(self.seed)
+    }
+
+    /// Activation checkpointing as transformers resolves it (`activation_checkpointing`,
+    /// else `gradient_checkpointing`, with the matching kwargs): `Some(n)` to
+    /// checkpoint every n-th layer, `None` when off. Options kiln cannot honour are
+    /// refused with what to do instead.
+    pub fn checkpoint_every(&self) -> Result<Option<usize>> {
+        let on = self
+            .activation_checkpointing
+            .or(self.gradient_checkpointing)
+            .unwrap_or(false);
+        let (name, kwargs) = self.checkpointing_kwargs();
+        let mut every = 1;
+        for (key, value) in kwargs {
+            let bad = |what: &str| {
+                Err(Error::Config(format!(
+                    "{name} {key}: expected {what}, got {value}"
+                )))
+            };
+            match key.as_str() {
+                "every_n_layers" => match value.as_u64() {
+                    Some(n) if n >= 1 => every = n as usize,
+                    _ => return bad("a whole number of at least 1"),
+                },
+                "offload" => match value.as_bool() {
+                    Some(false) => {}
+                    Some(true) if self.device_spec() == "cpu" => {}
+                    Some(true) => {
+                        return Err(Error::Config(format!(
+                            "{name} offload: kiln keeps the checkpointed layers' inputs on the device; \
+                             drop offload (on the CPU it changes nothing)"
+                        )));
+                    }
+                    None => return bad("true or false"),
+                },
+                "use_reentrant" | "preserve_rng_state" | "debug" => {
+                    if !value.is_boolean() {
+                        return bad("true or false");
+                    }
+                }
+                "determinism_check" => {
+                    if !value.is_string() {
+                        return bad("a string");
+                    }
+                }
+                _ => {
+                    return Err(Error::Config(format!(
+                        "{name}: unknown option {key:?}; kiln takes every_n_layers, offload, \
+                         use_reentrant, preserve_rng_state, determinism_check and debug"
+                    )));
+                }
+            }
+        }
+        Ok(on.then_some(every))
+    }
+
+    /// The checkpointing options in force and the name they were given under.
+    fn checkpointing_kwargs(&self) -> (&'static str, &Map<String, Value>) {
+        if self.activation_checkpointing_kwargs.is_empty()
+            && !self.gradient_checkpointing_kwargs.is_empty()
+        {
+            (
+                "gradient_checkpointing_kwargs",
+                &self.gradient_checkpointing_kwargs,
+            )
+        } else {
+            (
+                "activation_checkpointing_kwargs",
+                &self.activation_checkpointing_kwargs,
+            )
+        }
+    }
+
+    /// One line for each option that is set but changes nothing here, saying why
+    /// (`kiln train` prints them when the run starts).
+    pub fn notes(&self) -> Vec<String> {
+        let (name, kwargs) = self.checkpointing_kwargs();
+        kwargs
+            .iter()
+            .filter_map(|(key, value)| {
+                let why = match key.as_str() {
+                    "use_reentrant" | "debug" | "determinism_check" => {
+                        "kiln has one recomputation, which needs none of torch's checkpoint variants"
+                    }
+                    "preserve_rng_state" => {
+                        "kiln always replays the dropout generator, so recomputed layers draw the same masks"
+                    }
+                    "offload" if value.as_bool() == Some(true) => {
+                        "on the CPU the checkpointed inputs are in host memory already"
+                    }
+                    _ => return None,
+                };
+                Some(format!("{name} {key} {value} changes nothing here: {why}"))
+            })
+            .collect()
     }
 
     /// Checks everything that can be checked without the data; each message says what
@@ -507,6 +709,9 @@ impl TrainingArguments {
         if self.ddp_timeout == 0 || self.ddp_bucket_cap_mb == Some(0) {
             return fail("ddp_timeout and ddp_bucket_cap_mb must be at least 1".into());
         }
+        if self.eval_accumulation_steps == Some(0) {
+            return fail("eval_accumulation_steps must be at least 1".into());
+        }
         if self.gradient_accumulation_steps == 0 {
             return fail("gradient_accumulation_steps must be at least 1".into());
         }
@@ -542,6 +747,7 @@ impl TrainingArguments {
         }
         self.optim_kind()?;
         self.mixed_precision()?;
+        self.checkpoint_every()?;
         Schedule::from_name(
             &self.lr_scheduler_type,
             &self.lr_scheduler_kwargs,
@@ -682,6 +888,28 @@ impl TrainingArguments {
             .iter()
             .any(|r| r == "tensorboard" || r == "all")
     }
+}
+
+/// An optional list of names: null, a list, or a string (comma-separated).
+fn optional_names<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => None,
+        Some(OneOrMany::One(s)) => Some(
+            s.split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
+        ),
+        Some(OneOrMany::Many(v)) => Some(v),
+    })
 }
 
 /// Parses `text` as a value of the same JSON type as `current`.

@@ -273,12 +273,24 @@ impl TrainerCallback for EarlyStoppingCallback {
         ))
     }
 
+    /// As transformers re-creates the callback: the saved arguments (patience,
+    /// threshold) and the counter.
     fn load_state(&mut self, state: &PyValue) {
-        if let PyValue::Dict(d) = state
-            && let Some(PyValue::Dict(attrs)) = d.get("attributes")
-            && let Some(c) = attrs
-                .get("early_stopping_patience_counter")
-                .and_then(PyValue::as_i64)
+        let PyValue::Dict(d) = state else {
+            return;
+        };
+        let value = |table: &str, key: &str| match d.get(table) {
+            Some(PyValue::Dict(t)) => t.get(key).cloned(),
+            _ => None,
+        };
+        if let Some(p) = value("args", "early_stopping_patience").and_then(|v| v.as_i64()) {
+            self.patience = p.max(0) as u64;
+        }
+        if let Some(t) = value("args", "early_stopping_threshold").and_then(|v| v.as_f64()) {
+            self.threshold = t;
+        }
+        if let Some(c) =
+            value("attributes", "early_stopping_patience_counter").and_then(|v| v.as_i64())
         {
             self.counter = c.max(0) as u64;
         }

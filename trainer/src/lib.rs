@@ -12,8 +12,10 @@
 //! - [`args`]: `TrainingArguments` with transformers' names, defaults and validation.
 //! - [`parity`]: the rest of transformers' `TrainingArguments` fields, each accepted as
 //!   changing nothing here or refused with what to do instead.
+//! - `memory`: the memory metrics of `skip_memory_metrics = false`.
 //! - [`precision`]: bf16/fp16 mixed-precision training (f32 master weights, a 16-bit
 //!   working copy, fp16's loss scaler).
+//! - [`recompute`]: activation checkpointing, layers recomputed in backward.
 //! - [`report`]: `report_to = "tensorboard"`: TensorBoard event files.
 //! - [`callback`]: `TrainerCallback`, the default flow, early stopping.
 //! - [`smoothing`]: `label_smoothing_factor`'s loss, as transformers' `LabelSmoother`.
@@ -36,9 +38,11 @@ pub mod args;
 pub mod callback;
 pub mod data;
 mod error;
+mod memory;
 pub mod model;
 pub mod parity;
 pub mod precision;
+pub mod recompute;
 pub mod report;
 pub mod rng;
 pub mod smoothing;

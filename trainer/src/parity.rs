@@ -70,7 +70,6 @@ const LOADER: Disposition = NoEffect(
 );
 const HUB: Disposition =
     Refused("kiln does not push to the Hub; upload output_dir with `hf upload`");
-const NOT_YET: &str = "not implemented in kiln yet; drop it";
 const COMPILE: Disposition = Refused(
     "there is no torch graph to compile: kiln's models are compiled Rust with fused ops; drop it",
 );
@@ -88,10 +87,6 @@ pub const FIELDS: &[Field] = &[
     f("bf16_full_eval", Bool, "false", Refused("not implemented in kiln yet: with bf16 the evaluation runs in bf16 already; drop it")),
     f("fp16_full_eval", Bool, "false", Refused("not implemented in kiln yet: with fp16 the evaluation runs in fp16 already; drop it")),
     f("tf32", Bool, "null", NoEffect("kiln never computes f32 products in TF32")),
-    f("activation_checkpointing", Bool, "null", Refused(NOT_YET)),
-    f("activation_checkpointing_kwargs", Dict, "null", Refused(NOT_YET)),
-    f("gradient_checkpointing", Bool, "null", Refused(NOT_YET)),
-    f("gradient_checkpointing_kwargs", Dict, "null", Refused(NOT_YET)),
     f("torch_compile", Bool, "false", COMPILE),
     f("torch_compile_backend", Str, "null", COMPILE),
     f("torch_compile_mode", Str, "null", COMPILE),
@@ -101,15 +96,12 @@ pub const FIELDS: &[Field] = &[
     f("torch_empty_cache_steps", Int, "null", NoEffect("there is no torch caching allocator to empty")),
     f("auto_find_batch_size", Bool, "false", Refused("not implemented in kiln: give per_device_train_batch_size")),
     f("log_on_each_node", Bool, "true", NoEffect("only the main process of a kiln run prints log lines")),
-    f("log_level", Str, "\"passive\"", NoEffect("kiln prints the same lines at every level (Python logging levels do not apply)")),
-    f("log_level_replica", Str, "\"warning\"", NoEffect("the other processes of a kiln run print errors only")),
     f("project", Str, "\"huggingface\"", TRACKIO),
     f("trackio_space_id", Str, "null", TRACKIO),
     f("trackio_bucket_id", Str, "null", TRACKIO),
     f("trackio_static_space_id", Str, "null", TRACKIO),
     f("eval_do_concat_batches", Bool, "true", Refused("kiln's compute_metrics always gets the evaluation batches concatenated; drop it")),
     f("eval_use_gather_object", Bool, "false", NoEffect("kiln gathers evaluation tensors, never Python objects")),
-    f("eval_accumulation_steps", Int, "null", NoEffect("kiln keeps the evaluation logits where the model runs and gathers them once at the end")),
     f("include_for_metrics", List, "[]", Refused("kiln's EvalPrediction holds the logits and labels only; drop it")),
     f("batch_eval_metrics", Bool, "false", Refused("kiln's compute_metrics is called once on the whole evaluation set; drop it")),
     f("enable_jit_checkpoint", Bool, "false", NoEffect("kiln already saves a checkpoint on SIGTERM and SIGINT (save_on_signal, default true)")),
@@ -120,7 +112,6 @@ pub const FIELDS: &[Field] = &[
     f("hub_strategy", Str, "\"every_save\"", HUB),
     f("hub_always_push", Bool, "false", HUB),
     f("hub_revision", Str, "null", HUB),
-    f("restore_callback_states_from_checkpoint", Bool, "false", Refused(NOT_YET)),
     f("full_determinism", Bool, "false", NoEffect("kiln is always deterministic: the same arguments and seed give the same bits")),
     f("accelerator_config", Dict, "null", Refused("kiln does not run through accelerate; drop it")),
     f("parallelism_config", Dict, "null", Refused("kiln is data-parallel over the processes of mpirun (zero_stage = 1 shards the optimizer); drop it")),
@@ -131,7 +122,6 @@ pub const FIELDS: &[Field] = &[
     f("dataloader_multiprocessing_context", Str, "null", LOADER),
     f("dataloader_in_order", Bool, "true", LOADER),
     f("remove_unused_columns", Bool, "true", Refused("kiln's batches hold only what its models take; drop it")),
-    f("label_names", List, "null", Refused("kiln's models take their labels from [data] label_column; drop it")),
     f("length_column_name", Str, "\"length\"", NoEffect("kiln's datasets keep no extra columns: group_by_length counts each example's input_ids, as transformers does without that column")),
     f("ddp_find_unused_parameters", Bool, "null", DDP),
     f("ddp_broadcast_buffers", Bool, "null", DDP),
@@ -141,10 +131,6 @@ pub const FIELDS: &[Field] = &[
     f("fsdp_config", Dict, "null", Refused("kiln shards only the optimizer state (zero_stage = 1); drop it")),
     f("deepspeed", Dict, "null", Refused("kiln's ZeRO stage 1 is zero_stage = 1; DeepSpeed's stages 2 and 3 and offloading are not offered")),
     f("debug", Str, "\"\"", Refused("torch's underflow/overflow and TPU debugging aids are not in kiln; drop it")),
-    f("skip_memory_metrics", Bool, "true", Refused("kiln does not log memory metrics yet; drop it")),
-    f("do_train", Bool, "false", NoEffect("transformers' Trainer does not read it either: kiln train always trains")),
-    f("do_eval", Bool, "false", NoEffect("transformers' Trainer does not read it either: kiln train evaluates when it has validation data")),
-    f("do_predict", Bool, "false", Refused("kiln train does not predict; run kiln predict --model OUTPUT_DIR afterwards")),
     f("local_rank", Int, "-1", NoEffect("kiln takes each process's rank from its launcher (mpirun)")),
 ];
 
@@ -314,7 +300,7 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        assert!(check(field("label_names").unwrap(), &json!(["a", 1])).is_err());
+        assert!(check(field("include_for_metrics").unwrap(), &json!(["a", 1])).is_err());
     }
 
     #[test]

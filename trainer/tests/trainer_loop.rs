@@ -358,3 +358,42 @@ fn a_malformed_state_file_is_an_error_naming_it_not_a_restart() {
         assert!(steps_saved(out.path()).is_empty(), "{name}: nothing saved");
     }
 }
+
+/// `restore_callback_states_from_checkpoint`: a resumed run's early stopping continues
+/// from the saved counter (and the saved patience, as transformers re-creates the
+/// callback from its saved arguments); without it, the callback starts afresh.
+#[test]
+fn callback_states_are_restored_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let flat = |a: &mut kiln_trainer::TrainingArguments| {
+        a.eval_strategy = Strategy::Steps;
+        a.eval_steps = Some(1.0);
+        a.save_steps = 1.0;
+        a.metric_for_best_model = Some("loss".into());
+        a.learning_rate = 0.0; // nothing improves after the first evaluation
+    };
+    let first = trainer(dir.path(), |a| {
+        flat(a);
+        a.max_steps = 2;
+    })
+    .with_callback(EarlyStoppingCallback::new(3, 0.0))
+    .train(None)
+    .unwrap();
+    assert_eq!(first.global_step, 2);
+    let resumed = |restore: bool, patience: u64| {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), copy.path());
+        let mut t = trainer(copy.path(), |a| {
+            flat(a);
+            a.max_steps = 10;
+            a.restore_callback_states_from_checkpoint = restore;
+        })
+        .with_callback(EarlyStoppingCallback::new(patience, 0.0));
+        t.train(Some("last")).unwrap().global_step
+    };
+    // Saved at step 2 with one evaluation without improvement: two more stop the run.
+    assert_eq!(resumed(true, 3), 4);
+    assert_eq!(resumed(true, 6), 4);
+    // Afresh: three evaluations from step 3 on.
+    assert_eq!(resumed(false, 3), 5);
+}

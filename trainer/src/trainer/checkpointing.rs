@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::Trainer;
 use super::logging::{py, round_to};
 use super::plan::Plan;
-use crate::args::SaveErrorPolicy;
+use crate::args::{LogLevel, SaveErrorPolicy};
 use crate::model::Model;
 use crate::precision::GradScaler;
 use crate::rng::{Rng, RngState};
@@ -360,13 +360,61 @@ impl<M: Model> Trainer<M> {
     /// training goes on; earlier checkpoints are untouched by the commit protocol.
     fn save_failed(&mut self, e: &Error, bar: Option<&indicatif::ProgressBar>) {
         let msg = e.to_string();
-        self.say(&format!(
-            "warning: checkpoint save failed, training continues: {msg}"
-        ));
+        self.say_at(
+            LogLevel::Warning,
+            &format!("warning: checkpoint save failed, training continues: {msg}"),
+        );
         self.log(
             BTreeMap::from([("save_error".to_string(), PyValue::Str(msg))]),
             bar,
         );
+    }
+
+    /// The callbacks' saved states (`stateful_callbacks`, but `TrainerControl`, whose
+    /// flags the loop resets anyway), given back with
+    /// `restore_callback_states_from_checkpoint`, as transformers' `_load_callback_state`;
+    /// otherwise one line names the callbacks that start afresh.
+    fn restore_callbacks(&mut self, dir: &Path) {
+        let saved = |name: &str| name != "TrainerControl";
+        if self.args.restore_callback_states_from_checkpoint {
+            for cb in &mut self.callbacks {
+                if let Some(s) = self.state.stateful_callbacks.get(cb.name()) {
+                    cb.load_state(s);
+                }
+            }
+            let absent: Vec<&str> = self
+                .state
+                .stateful_callbacks
+                .keys()
+                .map(String::as_str)
+                .filter(|n| saved(n) && !self.callbacks.iter().any(|c| c.name() == *n))
+                .collect();
+            if !absent.is_empty() {
+                self.say_at(LogLevel::Warning, &format!(
+                    "note: {} holds the state of callbacks this run does not have ({}); ignored",
+                    dir.display(),
+                    absent.join(", ")
+                ));
+            }
+            return;
+        }
+        let fresh: Vec<&str> = self
+            .callbacks
+            .iter()
+            .map(|c| c.name())
+            .filter(|n| saved(n) && self.state.stateful_callbacks.contains_key(*n))
+            .collect();
+        if !fresh.is_empty() {
+            self.say_at(
+                LogLevel::Warning,
+                &format!(
+                    "note: {} starts afresh, as restore_callback_states_from_checkpoint is false; \
+                 set it to true to continue from the state {} saved",
+                    fresh.join(", "),
+                    dir.display()
+                ),
+            );
+        }
     }
 
     pub(super) fn restore(
@@ -403,12 +451,15 @@ impl<M: Model> Trainer<M> {
             optimizer.load_state(&opt)?;
         }
         if resume.rng.is_none() && self.dist.world_size() > 1 {
-            eprintln!(
-                "kiln: rank {}: {} has no RNG state for this rank (it was saved by fewer \
-                 processes); this rank's dropout continues from a fresh generator",
-                self.dist.rank(),
-                dir.display()
-            );
+            // Every rank says it (the main process too), so not through say_at's prefix.
+            if self.args.prints(LogLevel::Warning, self.dist.is_main()) {
+                eprintln!(
+                    "kiln: rank {}: {} has no RNG state for this rank (it was saved by fewer \
+                     processes); this rank's dropout continues from a fresh generator",
+                    self.dist.rank(),
+                    dir.display()
+                );
+            }
         }
         if let (Some(scaler), Some(state)) = (&mut self.scaler, &resume.scaler) {
             *scaler = GradScaler::from_state(state).map_err(|e| Error::Resume {
@@ -432,11 +483,7 @@ impl<M: Model> Trainer<M> {
                 reason: e.to_string(),
             })?;
         }
-        for cb in &mut self.callbacks {
-            if let Some(s) = self.state.stateful_callbacks.get(cb.name()) {
-                cb.load_state(s);
-            }
-        }
+        self.restore_callbacks(dir);
         let step = self.state.global_step;
         self.last_logged = step;
         self.saved_steps.push(step);

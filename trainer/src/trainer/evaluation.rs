@@ -75,9 +75,21 @@ impl<M: Model> Trainer<M> {
         Ok(better)
     }
 
-    /// Evaluates on the evaluation data; metrics are prefixed `eval_` and logged.
+    /// Evaluates on the evaluation data; metrics are prefixed `eval_` and logged (the
+    /// memory metrics of `skip_memory_metrics = false` are returned, not logged, as
+    /// transformers does).
     pub fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
-        self.evaluate_inner(None)
+        self.memory.start("eval");
+        match self.evaluate_inner(None) {
+            Ok(mut metrics) => {
+                self.memory.stop("eval", &mut metrics);
+                Ok(metrics)
+            }
+            Err(e) => {
+                self.memory.cancel();
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn evaluate_inner(
@@ -153,8 +165,19 @@ impl<M: Model> Trainer<M> {
         let mut all_logits = Vec::new();
         let mut all_labels = Vec::new();
         let mut batches = 0;
+        let labelled = self.args.evaluation_has_labels();
+        // eval_accumulation_steps: what was predicted goes to host memory every N
+        // batches (on the CPU it is there already).
+        let offload_every = self
+            .args
+            .eval_accumulation_steps
+            .filter(|_| !device.is_cpu());
+        let mut offloaded = false;
         for chunk in idx.chunks(bs) {
-            let batch = data.batch(chunk, &device)?;
+            let mut batch = data.batch(chunk, &device)?;
+            if !labelled {
+                batch.labels = None;
+            }
             let eps = self.args.label_smoothing_factor;
             let (loss, logits) = Self::loss_of(&self.model, eps, &batch, None)?;
             if let Some(l) = &loss {
@@ -168,6 +191,15 @@ impl<M: Model> Trainer<M> {
                 all_labels.push(l);
             }
             batches += 1;
+            if offload_every.is_some_and(|n| batches % n == 0) {
+                to_host(&mut all_logits)?;
+                to_host(&mut all_labels)?;
+                offloaded = true;
+            }
+        }
+        if offloaded {
+            to_host(&mut all_logits)?;
+            to_host(&mut all_labels)?;
         }
         let logits = concat_padded(&all_logits)?;
         let labels = if all_labels.len() == all_logits.len() && !all_labels.is_empty() {
@@ -230,6 +262,14 @@ impl<M: Model> Trainer<M> {
         };
         Ok((concat_padded(&logits)?, labels))
     }
+}
+
+/// Moves the tensors to host memory.
+fn to_host(ts: &mut [Tensor]) -> Result<()> {
+    for t in ts.iter_mut().filter(|t| !t.device().is_cpu()) {
+        *t = t.to_device(&Device::Cpu)?;
+    }
+    Ok(())
 }
 
 /// Tensors (or their absence) as bytes for a gather: per tensor a presence byte, the

@@ -89,9 +89,11 @@ impl<M: Model> Trainer<M> {
             logs.insert("num_input_tokens_seen".into(), PyValue::Int(n as i64));
         }
         let line = log_line(&logs);
+        // At every log level, as transformers' progress callbacks print the logs.
         match bar {
             Some(b) => b.println(line),
-            None => self.say(&line),
+            None if !self.quiet && self.dist.is_main() => eprintln!("{line}"),
+            None => {}
         }
         let mut entry = logs.clone();
         entry.insert("step".into(), PyValue::Int(self.state.global_step as i64));

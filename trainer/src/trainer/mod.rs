@@ -54,9 +54,10 @@ use kiln_checkpoint::state::TrainerState;
 use kiln_dist::Collective;
 use kiln_optim::{Hyper, Optimizer};
 
-use crate::args::TrainingArguments;
+use crate::args::{LogLevel, TrainingArguments};
 use crate::callback::{TrainerCallback, TrainerControl};
 use crate::data::BatchSource;
+use crate::memory::MemoryTracker;
 use crate::model::Model;
 use crate::precision::{GradScaler, MixedPrecision};
 use crate::rng::Rng;
@@ -100,6 +101,10 @@ pub struct Trainer<M: Model> {
     /// When this `train` call started and `num_input_tokens_seen` then: the train
     /// logs' `train_tokens_per_second`.
     session: Option<(std::time::Instant, u64)>,
+    /// `skip_memory_metrics = false`: the stages' memory, and the line saying why it
+    /// cannot be measured here (said when training starts).
+    memory: MemoryTracker,
+    memory_note: Option<String>,
 }
 
 impl<M: Model> std::fmt::Debug for Trainer<M> {
@@ -115,6 +120,7 @@ impl<M: Model> Trainer<M> {
     /// A trainer for `model` with `args`.
     pub fn new(model: M, args: TrainingArguments) -> Self {
         let rng = Rng::seed_from_u64(args.seed);
+        let (memory, memory_note) = MemoryTracker::new(!args.skip_memory_metrics);
         Trainer {
             model,
             args,
@@ -142,6 +148,8 @@ impl<M: Model> Trainer<M> {
             stop: None,
             tokens_pending: 0,
             session: None,
+            memory,
+            memory_note,
         }
     }
 
@@ -272,9 +280,22 @@ impl<M: Model> Trainer<M> {
         PathBuf::from(&self.args.output_dir)
     }
 
+    /// Prints an informational line (`log_level`).
     fn say(&self, line: &str) {
-        if !self.quiet && self.dist.is_main() {
+        self.say_at(LogLevel::Info, line);
+    }
+
+    /// Prints a line of `level` if this process's level (`log_level` on the main
+    /// process, `log_level_replica` on the others, prefixed with the rank) lets it.
+    fn say_at(&self, level: LogLevel, line: &str) {
+        let main = self.dist.is_main();
+        if self.quiet || !self.args.prints(level, main) {
+            return;
+        }
+        if main {
             eprintln!("{line}");
+        } else {
+            eprintln!("kiln: rank {}: {line}", self.dist.rank());
         }
     }
 

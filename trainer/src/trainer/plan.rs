@@ -157,7 +157,10 @@ impl<M: Model> Trainer<M> {
             Some("last") | Some("true") => {
                 let (sound, passed_over) = kiln_checkpoint::scan::last_sound_checkpoint(&out)?;
                 for e in &passed_over {
-                    self.say(&format!("not resuming from it: {e}; left in place"));
+                    self.say_at(
+                        crate::args::LogLevel::Warning,
+                        &format!("not resuming from it: {e}; left in place"),
+                    );
                 }
                 sound.map(Some).ok_or_else(|| {
                     Error::Config(format!(

@@ -43,17 +43,35 @@ impl<M: Model> Trainer<M> {
     /// Trains; `resume` is `"last"` or a checkpoint folder (overriding
     /// `resume_from_checkpoint`).
     pub fn train(&mut self, resume: Option<&str>) -> Result<TrainOutput> {
-        let alpha = self.args.neftune_noise_alpha;
-        if alpha.is_some() && !self.model.set_neftune_noise_alpha(alpha) {
+        let every = self.args.checkpoint_every()?;
+        if every.is_some() && !self.model.set_activation_checkpointing(every) {
             return Err(Error::Config(
-                "neftune_noise_alpha: this model does not implement Model::set_neftune_noise_alpha"
+                "activation_checkpointing: this model does not implement Model::set_activation_checkpointing"
                     .into(),
             ));
         }
-        let out = self.train_run(resume);
+        if let Some(note) = self.memory_note.take() {
+            self.say_at(crate::args::LogLevel::Warning, &format!("note: {note}"));
+        }
+        self.memory.start("train");
+        let alpha = self.args.neftune_noise_alpha;
+        let out = if alpha.is_some() && !self.model.set_neftune_noise_alpha(alpha) {
+            Err(Error::Config(
+                "neftune_noise_alpha: this model does not implement Model::set_neftune_noise_alpha"
+                    .into(),
+            ))
+        } else {
+            self.train_run(resume)
+        };
         // As transformers: NEFTune is off again once training ends.
         if alpha.is_some() {
             self.model.set_neftune_noise_alpha(None);
+        }
+        if every.is_some() {
+            self.model.set_activation_checkpointing(None);
+        }
+        if out.is_err() {
+            self.memory.cancel();
         }
         out
     }
@@ -408,7 +426,7 @@ impl<M: Model> Trainer<M> {
         };
         // Gradients of what the model computed with (the 16-bit working copy in mixed
         // precision), in the dtype of the parameters the optimizer updates.
-        let store = loss.backward()?;
+        let store = crate::recompute::backward(&loss)?;
         params
             .sources
             .iter()
@@ -504,8 +522,12 @@ impl<M: Model> Trainer<M> {
             ("total_flos".to_string(), self.state.total_flos),
             ("train_loss".to_string(), train_loss),
         ]);
+        self.memory.stop("train", &mut metrics);
         self.log(
-            metrics.iter().map(|(k, v)| (k.clone(), py(*v))).collect(),
+            metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), metric_value(k, *v)))
+                .collect(),
             None,
         );
         metrics.insert("epoch".into(), self.state.epoch.unwrap_or(0.0));
@@ -579,6 +601,15 @@ impl<M: Model> Trainer<M> {
             self.each_callback(|cb, a, s, c| cb.on_save(a, s, c));
         }
         Ok(())
+    }
+}
+
+/// A summary metric as transformers logs it: memory metrics are whole bytes.
+pub(super) fn metric_value(key: &str, v: f64) -> kiln_formats::pyjson::PyValue {
+    if key.contains("_mem_") {
+        kiln_formats::pyjson::PyValue::Int(v as i64)
+    } else {
+        py(v)
     }
 }
 
