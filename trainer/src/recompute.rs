@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor, Var,
+    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    TensorId, Var,
 };
 
 use crate::rng::Rng;
@@ -34,7 +35,7 @@ pub type Block = dyn Fn(&Tensor, Option<&mut Rng>) -> Result<Tensor> + Send + Sy
 thread_local! {
     /// The parameters' gradients of the blocks recomputed by the backward pass that
     /// [`backward`] runs on this thread.
-    static KEPT: RefCell<Option<Vec<GradStore>>> = const { RefCell::new(None) };
+    static KEPT: RefCell<Option<Vec<(TensorId, Tensor)>>> = const { RefCell::new(None) };
 }
 
 /// `block(x, rng)`, checkpointed when training (`rng` given): nothing inside the block
@@ -92,8 +93,12 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     KEPT.with(|k| *k.borrow_mut() = Some(Vec::new()));
     let _reset = Reset;
     let mut grads = loss.backward()?;
-    for kept in KEPT.with(|k| k.borrow_mut().take()).unwrap_or_default() {
-        grads.extend(kept)?;
+    for (id, grad) in KEPT.with(|k| k.borrow_mut().take()).unwrap_or_default() {
+        let sum = match grads.get_id(id) {
+            Some(g) => g.add(&grad)?,
+            None => grad,
+        };
+        grads.insert_id(id, sum);
     }
     Ok(grads)
 }
@@ -158,11 +163,21 @@ impl CustomOp1 for Checkpoint {
         let mut rng = self.replay.clone();
         let out = (self.block)(input.as_tensor(), Some(&mut rng))?;
         // The gradient of sum(out · g) with respect to out is exactly g.
-        let mut grads = (out * grad_res.detach())?.sum_all()?.backward()?;
+        let root = (out * grad_res.detach())?.sum_all()?;
+        let mut grads = root.backward()?;
         let input_grad = grads.remove(input.as_tensor());
+        // The block's parameters' gradients, detached: a gradient candle computed from
+        // an activation would otherwise keep the recomputed graph alive to the end.
+        let params: Vec<(TensorId, Tensor)> = root
+            .sorted_nodes()
+            .into_iter()
+            .filter(|t| t.is_variable())
+            .filter_map(|t| Some((t.id(), grads.get(t)?.detach())))
+            .collect();
+        drop(grads);
         KEPT.with(|k| match k.borrow_mut().as_mut() {
             Some(kept) => {
-                kept.push(grads);
+                kept.extend(params);
                 Ok(())
             }
             None => Err(candle_core::Error::Msg(
