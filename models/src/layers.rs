@@ -566,4 +566,61 @@ mod tests {
             plain.to_vec3::<f32>().unwrap()
         );
     }
+
+    /// Side by side with transformers' own hook (`neftune_post_forward_hook`, in the
+    /// venv): the same bound, and kiln's noise has transformers' distribution — every
+    /// percentile within 5% of the bound (the noise itself cannot match: torch draws it
+    /// from its own generator).
+    #[test]
+    fn neftune_noise_is_distributed_as_transformers_noise() {
+        let (b, t, d, alpha) = (4usize, 64usize, 64usize, 5.0);
+        let work = tempfile::tempdir().unwrap();
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check_neftune.py");
+        let job = serde_json::json!({"shape": [b, t, d], "alpha": alpha, "seed": 0});
+        let Some(results) = kiln_test_support::run_checker(&script, &[job], work.path()) else {
+            return;
+        };
+        let hf = &results[0];
+        let dev = Device::Cpu;
+        let mut emb = Embedding::new(8, d, 0.02, None, &mut Rng::seed_from_u64(1), &dev).unwrap();
+        let ids = Tensor::zeros((b, t), DType::U32, &dev).unwrap();
+        let plain = emb.forward(&ids).unwrap();
+        emb.set_neftune(Some(alpha));
+        let noisy = emb
+            .forward_train(&ids, Some(&mut Rng::seed_from_u64(3)))
+            .unwrap();
+        let mut noise: Vec<f64> = (noisy - plain)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        noise.sort_by(f64::total_cmp);
+        let bound = alpha / ((t * d) as f64).sqrt();
+        assert!((hf["bound"].as_f64().unwrap() - bound).abs() < 1e-12);
+        let theirs: Vec<f64> = hf["quantiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q.as_f64().unwrap())
+            .collect();
+        let n = noise.len() - 1;
+        for (k, q) in theirs.iter().enumerate() {
+            // torch.quantile's linear interpolation.
+            let pos = k as f64 / 100.0 * n as f64;
+            let (lo, frac) = (pos.floor() as usize, pos.fract());
+            let ours = noise[lo] + frac * (noise[(lo + 1).min(n)] - noise[lo]);
+            assert!(
+                (ours - q).abs() < 0.05 * bound,
+                "percentile {k}: kiln {ours}, transformers {q} (bound {bound})"
+            );
+        }
+        let max = noise[0].abs().max(noise[n].abs());
+        assert!(max <= bound * (1.0 + 1e-5));
+        assert!(hf["max_abs"].as_f64().unwrap() <= bound * (1.0 + 1e-5));
+    }
 }
