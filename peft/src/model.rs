@@ -31,6 +31,11 @@ pub const PREFIX: &str = "base_model.model.";
 /// peft's `SEQ_CLS` heads, added to `modules_to_save` for sequence classification.
 const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 
+/// Head names peft (0.22) adds for sequence classification whatever the model has
+/// (DistilBERT's `pre_classifier` besides these): in an adapter's `modules_to_save`,
+/// they may name no module, as peft matches them where they exist.
+const PEFT_CLASSIFIER_NAMES: [&str; 3] = ["classifier", "score", "pre_classifier"];
+
 /// A model with LoRA adapters (see the module docs).
 #[derive(Debug)]
 pub struct PeftModel<M: Model> {
@@ -124,7 +129,7 @@ impl<M: Model> PeftModel<M> {
         let mut modules = config.modules_to_save.clone().unwrap_or_default();
         for m in &modules {
             // peft adds (and saves) both SEQ_CLS head names, whichever the model has.
-            let added_head = task_type == "SEQ_CLS" && SEQ_CLS_HEADS.contains(&m.as_str());
+            let added_head = task_type == "SEQ_CLS" && PEFT_CLASSIFIER_NAMES.contains(&m.as_str());
             if !added_head && !param_names.iter().any(|p| in_module(p, m)) {
                 return Err(Error::Config(format!(
                     "modules_to_save {m:?} names no module of {architecture}"
