@@ -49,7 +49,8 @@ fn a_flipped_byte_is_named_and_resume_falls_back_past_it() {
 
     for name in [
         "model.safetensors",
-        "optimizer.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
         "trainer_state.json",
         "rng_state.json",
         "scheduler.json",

@@ -5,6 +5,8 @@
 //! - [`state`]: `trainer_state.json` in transformers' `TrainerState` schema, written
 //!   byte-compatibly (sorted keys, indent 2, Python float text).
 //! - [`optimizer`]: optimizer state stored by parameter name.
+//! - [`torch_state`]: transformers' `optimizer.pt`, `scheduler.pt` and `scaler.pt`,
+//!   written and read.
 //! - [`training`]: a whole `checkpoint-<step>` folder: model, optimizer, scheduler, RNG,
 //!   data position and trainer state.
 //! - [`commit`]: the commit protocol (hidden temp folder, fsync, rename) and the
@@ -28,6 +30,7 @@ pub mod optimizer;
 pub mod rotate;
 pub mod scan;
 pub mod state;
+pub mod torch_state;
 pub mod training;
 
 pub use error::{Error, Result};

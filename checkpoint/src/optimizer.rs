@@ -195,6 +195,18 @@ impl OptimizerState {
                         x.extend(y.iter().cloned());
                         joined.push(k.clone());
                     }
+                    // The parameter order: shards hold consecutive parameters, merged
+                    // in rank order.
+                    (Some(serde_json::Value::Array(x)), serde_json::Value::Array(y))
+                        if k == "params" =>
+                    {
+                        x.extend(
+                            y.iter()
+                                .filter(|n| !x.contains(n))
+                                .cloned()
+                                .collect::<Vec<_>>(),
+                        );
+                    }
                     (Some(x), y) if x == y => {}
                     (Some(x), y) => {
                         return Err(Error::Invalid(format!(
@@ -230,11 +242,14 @@ impl OptimizerState {
     }
 
     /// Keeps only the parameters for which `keep` is true (re-splitting consolidated
-    /// state for one rank); a `no_decay` list in the JSON is filtered the same way.
+    /// state for one rank); the `no_decay` and `params` lists in the JSON are filtered
+    /// the same way.
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.slots.retain(|param, _| keep(param));
-        if let Some(serde_json::Value::Array(list)) = self.meta.get_mut("no_decay") {
-            list.retain(|v| v.as_str().is_some_and(&mut keep));
+        for key in ["no_decay", "params"] {
+            if let Some(serde_json::Value::Array(list)) = self.meta.get_mut(key) {
+                list.retain(|v| v.as_str().is_some_and(&mut keep));
+            }
         }
     }
 

@@ -500,10 +500,11 @@ pub struct Verified {
 ///
 /// Tensor files: every `*.safetensors`, the PyTorch weights (`pytorch_model*.bin`,
 /// `adapter_model.bin`) and shard indexes (`*.index.json`, whose shards are then read
-/// once, through the index). Other files, such as `training_args.bin`, `optimizer.pt`,
-/// `optimizer.bin` (accelerate FSDP), `scheduler.pt` or `rng_state.pth`, are pickles of
-/// general objects rather than flat state dicts: they are checked for presence and
-/// size only, through the manifest.
+/// once, through the index). transformers' `optimizer.pt`, `scheduler.pt` and
+/// `scaler.pt` are parsed and checked against the weights ([`crate::torch_state`]).
+/// Other files, such as `training_args.bin`, `optimizer.bin` (accelerate FSDP) or
+/// `rng_state.pth`, are pickles of general objects: they are checked for presence
+/// and size only, through the manifest.
 pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
     let completeness = completeness(dir)?;
     if let Completeness::Incomplete(reason) = completeness {
@@ -554,8 +555,67 @@ pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
         verified.tensors += collection.tensors().len();
         verified.tensor_files.push(path.clone());
     }
+    verify_torch_state(dir, &files, &mut verified)?;
     verified.bytes = dir_bytes(dir)?;
     Ok(verified)
+}
+
+/// The training state of transformers' layout, parsed with the weights-only reader:
+/// `scheduler.pt` and `scaler.pt` must be torch's state dicts, and `optimizer.pt` a
+/// state kiln's optimizers can continue whose moments have shapes of the folder's
+/// weights (as many parameters as weights when every weight is trained).
+/// `rng_state*.pth` holds numpy objects outside torch's default allowlist: it is
+/// checked for presence and digest only.
+fn verify_torch_state(dir: &Path, files: &[PathBuf], verified: &mut Verified) -> Result<()> {
+    use crate::torch_state::{
+        OPTIMIZER_PT_NAME, SCALER_PT_NAME, SCHEDULER_PT_NAME, TorchOptimizer, TorchScheduler,
+        load_scaler_pt,
+    };
+    for path in files {
+        match file_name(path) {
+            SCHEDULER_PT_NAME => {
+                TorchScheduler::load(path)?;
+            }
+            SCALER_PT_NAME => {
+                load_scaler_pt(path)?;
+            }
+            OPTIMIZER_PT_NAME => {
+                let opt = TorchOptimizer::load(path)?;
+                let weights = kiln_formats::open(dir).in_file(dir)?;
+                let mut shapes: Vec<Vec<usize>> =
+                    weights.tensors().iter().map(|t| t.shape.clone()).collect();
+                let params: usize = opt.groups.iter().map(|g| g.params.len()).sum();
+                if params > shapes.len() {
+                    return Err(Error::json(
+                        path,
+                        format!(
+                            "its groups hold {params} parameters, the folder has {} weights",
+                            shapes.len()
+                        ),
+                    ));
+                }
+                for (index, s) in &opt.state {
+                    let shape = s.exp_avg.shape().to_vec();
+                    let found = shapes.iter().position(|w| *w == shape);
+                    if s.exp_avg_sq.shape() != shape.as_slice() || found.is_none() {
+                        return Err(Error::json(
+                            path,
+                            format!(
+                                "the state of parameter {index} (shape {shape:?}) fits no weight of the folder"
+                            ),
+                        ));
+                    }
+                    if let Some(i) = found {
+                        shapes.swap_remove(i);
+                    }
+                }
+                verified.tensors += 2 * opt.state.len();
+                verified.tensor_files.push(path.clone());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Checks every file against the digest the manifest recorded when it was written, in

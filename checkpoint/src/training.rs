@@ -3,10 +3,10 @@
 //! | file | written by | holds |
 //! |---|---|---|
 //! | `config.json`, weights, tokenizer files, `training_args.json` | main process | the model folder ([`model`](crate::model)) |
-//! | `optimizer.safetensors` | main process | optimizer state by parameter name ([`optimizer`](crate::optimizer)) |
-//! | `optimizer.rank<r>-of-<w>.safetensors`, instead, with sharded optimizer state (ZeRO-1) | every rank | that rank's part of the optimizer state |
-//! | `scheduler.json` | main process | the learning-rate schedule's state |
-//! | `scaler.json` | main process, fp16 runs | the loss scaler's state (torch's `GradScaler.state_dict()` keys) |
+//! | `optimizer.pt` | main process | the optimizer state as torch's `state_dict()`, numbered as transformers numbers the parameters ([`torch_state`](crate::torch_state)) |
+//! | `optimizer.rank<r>-of-<w>.safetensors`, instead, with sharded optimizer state (ZeRO-1) | every rank | that rank's part of the optimizer state, by parameter name ([`optimizer`](crate::optimizer)); transformers cannot resume it |
+//! | `scheduler.json`, `scheduler.pt` | main process | the learning-rate schedule's state: kiln's, and `LambdaLR.state_dict()` |
+//! | `scaler.json`, `scaler.pt` | main process, fp16 runs | the loss scaler's state (torch's `GradScaler.state_dict()` keys), as JSON and as torch saves it |
 //! | `data_state.json` | main process | the data loader's position (epoch, batches taken, seed) |
 //! | `rng_state.json`, or `rng_state_<rank>.json` with several processes | every rank | that rank's generator state |
 //! | `trainer_state.json` | main process, last | transformers' `TrainerState` ([`state`](crate::state)) |
@@ -14,11 +14,12 @@
 //!
 //! A [`CheckpointSnapshot`] owns everything (tensors copied to host memory), so it can
 //! be handed to a background writer ([`async_save`](crate::async_save)) while training
-//! goes on. transformers' names are kept where kiln writes the same content
-//! (`trainer_state.json`, the model files); kiln's own state files are JSON or
-//! safetensors with their own names, because transformers' `optimizer.pt`,
-//! `scheduler.pt` and `rng_state.pth` hold torch and numpy objects whose meaning only
-//! torch's implementation defines.
+//! goes on. A checkpoint holds what transformers' `Trainer.train(resume_from_checkpoint=…)`
+//! reads (the model files, `trainer_state.json`, `optimizer.pt`, `scheduler.pt`,
+//! `scaler.pt`), and kiln's own small files beside them for exact resume (its
+//! generator's state, the data position, the schedule's step count). transformers'
+//! `rng_state.pth` is not written (its resume skips a missing one): torch's generators
+//! are not kiln's. Older kiln checkpoints with `optimizer.safetensors` still resume.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,10 @@ use crate::model::{ModelSave, SaveOptions, save_pretrained};
 use crate::optimizer::{OPTIMIZER_NAME, OptimizerState, load_optimizer, sharded_optimizer_name};
 use crate::scan::{Completeness, completeness};
 use crate::state::{TRAINER_STATE_NAME, TrainerState};
+use crate::torch_state::{
+    OPTIMIZER_PT_NAME, SCALER_PT_NAME, SCHEDULER_PT_NAME, TorchOptimizer, TorchScheduler,
+    load_scaler_pt, rng_state_pth_name, save_scaler_pt,
+};
 use crate::{Error, Result};
 
 /// The scheduler state file.
@@ -82,6 +87,8 @@ pub struct CheckpointSnapshot {
     /// writes `optimizer.rank<r>-of-<w>.safetensors`; otherwise the main process writes
     /// `optimizer.safetensors`.
     pub optimizer_sharded: bool,
+    /// The schedule as torch's `LambdaLR` holds it (`scheduler.pt`).
+    pub torch_scheduler: Option<TorchScheduler>,
     /// Loss scaler state of fp16 training (`None` otherwise and with `save_only_model`).
     pub scaler: Option<Value>,
     /// This rank's RNG state.
@@ -125,6 +132,7 @@ impl CheckpointSnapshot {
             optimizer: None,
             scheduler: None,
             optimizer_sharded: false,
+            torch_scheduler: None,
             scaler: None,
             rng: None,
             data: None,
@@ -178,7 +186,13 @@ impl CheckpointSnapshot {
         self
     }
 
-    /// The loss scaler state (`scaler.json`).
+    /// The schedule as torch's `LambdaLR` holds it (`scheduler.pt`).
+    pub fn with_torch_scheduler(mut self, state: TorchScheduler) -> Self {
+        self.torch_scheduler = Some(state);
+        self
+    }
+
+    /// The loss scaler state (`scaler.json` and `scaler.pt`).
     pub fn with_scaler(mut self, state: Value) -> Self {
         self.scaler = Some(state);
         self
@@ -256,13 +270,17 @@ impl CheckpointSnapshot {
         model.training_args = self.training_args.clone();
         save_pretrained(staging.dir(), &model, &self.save_options)?;
         if let Some(opt) = self.optimizer.as_ref().filter(|_| !self.optimizer_sharded) {
-            opt.save(&staging.dir().join(OPTIMIZER_NAME))?;
+            TorchOptimizer::from_kiln(opt)?.save(&staging.dir().join(OPTIMIZER_PT_NAME))?;
         }
         if let Some(s) = &self.scheduler {
             staging.write(SCHEDULER_NAME, &json(s))?;
         }
+        if let Some(s) = &self.torch_scheduler {
+            s.save(&staging.dir().join(SCHEDULER_PT_NAME))?;
+        }
         if let Some(s) = &self.scaler {
             staging.write(SCALER_NAME, &json(s))?;
+            save_scaler_pt(&staging.dir().join(SCALER_PT_NAME), s)?;
         }
         if let Some(d) = &self.data {
             staging.write(DATA_STATE_NAME, &json(d))?;
@@ -279,13 +297,22 @@ pub struct ResumeState {
     pub path: PathBuf,
     /// `trainer_state.json`.
     pub state: TrainerState,
-    /// The optimizer state, if saved; consolidated from its shards when every rank
-    /// saved its own part (the caller keeps the part it needs).
+    /// kiln's optimizer state by parameter name, if saved (`optimizer.safetensors` of
+    /// older kiln checkpoints, or ZeRO-1 shards, consolidated: the caller keeps the part
+    /// it needs).
     pub optimizer: Option<OptimizerState>,
-    /// The scheduler state, if saved.
+    /// Otherwise torch's (`optimizer.pt`, kiln's or transformers'), numbered by index:
+    /// [`TorchOptimizer::to_kiln`] names the parameters with the model's.
+    pub torch_optimizer: Option<TorchOptimizer>,
+    /// kiln's scheduler state, if saved.
     pub scheduler: Option<Value>,
-    /// The loss scaler state, if saved (fp16 runs).
+    /// Otherwise torch's (`scheduler.pt`), if saved.
+    pub torch_scheduler: Option<TorchScheduler>,
+    /// The loss scaler state, if saved (fp16 runs): `scaler.json`, else `scaler.pt`.
     pub scaler: Option<Value>,
+    /// Whether the checkpoint holds transformers' generator states for this rank
+    /// (`rng_state.pth`), which kiln cannot continue.
+    pub torch_rng: bool,
     /// This rank's RNG state, if saved: `rng_state_<rank>.json` (several processes) or
     /// `rng_state.json` (one); a single process resuming a multi-process checkpoint gets
     /// rank 0's. `None` for a rank the checkpoint has no file for (it was written by
@@ -293,6 +320,23 @@ pub struct ResumeState {
     pub rng: Option<Value>,
     /// The data position, if saved.
     pub data: Option<Value>,
+}
+
+impl ResumeState {
+    /// The optimizer state by parameter name: kiln's, or torch's `optimizer.pt` named by
+    /// `params` (the trainable parameters in the model's order, each with whether weight
+    /// decay applies: transformers' groups, [`TorchOptimizer::to_kiln`]). `None` when
+    /// the checkpoint holds none (`save_only_model`).
+    pub fn optimizer_for(&self, params: &[(String, bool)]) -> Result<Option<OptimizerState>> {
+        match (&self.optimizer, &self.torch_optimizer) {
+            (Some(o), _) => Ok(Some(o.clone())),
+            (None, Some(t)) => t
+                .to_kiln(params)
+                .map(Some)
+                .map_err(|e| Error::json(self.path.join(OPTIMIZER_PT_NAME), e)),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// Reads the resumable state of checkpoint `dir` for `rank` of `world_size`.
@@ -319,6 +363,19 @@ pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<Res
     };
     let state = TrainerState::load(&dir.join(TRAINER_STATE_NAME))?;
     let optimizer = load_optimizer(dir)?;
+    let torch_optimizer = match (&optimizer, dir.join(OPTIMIZER_PT_NAME)) {
+        (None, pt) if pt.exists() => Some(TorchOptimizer::load(&pt)?),
+        _ => None,
+    };
+    let scheduler = read_json(SCHEDULER_NAME)?;
+    let torch_scheduler = match (&scheduler, dir.join(SCHEDULER_PT_NAME)) {
+        (None, pt) if pt.exists() => Some(TorchScheduler::load(&pt)?),
+        _ => None,
+    };
+    let scaler = match (read_json(SCALER_NAME)?, dir.join(SCALER_PT_NAME)) {
+        (None, pt) if pt.exists() => Some(load_scaler_pt(&pt)?),
+        (found, _) => found,
+    };
     let rng = match read_json(&rng_state_name(rank, world_size))? {
         None if world_size <= 1 => read_json(&rng_state_name(0, 2))?,
         found => found,
@@ -327,8 +384,11 @@ pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<Res
         path: dir.to_path_buf(),
         state,
         optimizer,
-        scheduler: read_json(SCHEDULER_NAME)?,
-        scaler: read_json(SCALER_NAME)?,
+        torch_optimizer,
+        scheduler,
+        torch_scheduler,
+        scaler,
+        torch_rng: dir.join(rng_state_pth_name(rank, world_size)).exists(),
         rng,
         data: read_json(DATA_STATE_NAME)?,
     })

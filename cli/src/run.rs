@@ -545,7 +545,8 @@ fn check_adapter_init(cfg: &RunConfig, dir: &str) -> Result<()> {
 /// full, read-only, …) and adds where it went — or that this failed too — to the error.
 fn emergency_save<M: Model>(trainer: &Trainer<M>, e: kiln_trainer::Error) -> Error {
     let step = trainer.state().global_step;
-    if step == 0 {
+    // A checkpoint that cannot be resumed fails before any step: nothing to save.
+    if step == 0 || matches!(e, kiln_trainer::Error::Resume { .. }) {
         return e.into();
     }
     let dir =

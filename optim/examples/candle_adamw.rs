@@ -121,8 +121,12 @@ pub fn run(out: &Path, steps: u64) -> Result<u64, Error> {
             let view = file.tensor(name)?;
             var.set(&kiln_formats::candle::to_candle(&view, &device)?)?;
         }
+        let decay: Vec<(String, bool)> = params
+            .iter()
+            .map(|(n, _)| (n.clone(), !n.ends_with("bias")))
+            .collect();
         let state = resume
-            .optimizer
+            .optimizer_for(&decay)?
             .ok_or_else(|| format!("{}: no optimizer state", dir.display()))?;
         optimizer.load_state(&state)?;
         start = resume.state.global_step;

@@ -63,6 +63,8 @@ pub struct Optimizer {
     kind: OptimKind,
     hyper: Hyper,
     step: u64,
+    /// The learning rate of the last step.
+    last_lr: f64,
     slots: Vec<Slot>,
 }
 
@@ -98,6 +100,7 @@ impl Optimizer {
             kind,
             hyper,
             step: 0,
+            last_lr: 0.0,
             slots,
         }
     }
@@ -204,6 +207,7 @@ impl Optimizer {
             ));
         }
         self.step += 1;
+        self.last_lr = lr;
         let h = self.hyper;
         let t = self.step as i32;
         for (slot, g) in self.slots.iter_mut().zip(grads) {
@@ -265,6 +269,10 @@ impl Optimizer {
             "eps": h.eps,
             "weight_decay": h.weight_decay,
             "no_decay": self.slots.iter().filter(|s| !s.decay).map(|s| s.name.clone()).collect::<Vec<_>>(),
+            "params": self.slots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+            // torch keeps the rate of the next step in its groups; kiln's optimizer knows
+            // the last one (the trainer writes the next, from the schedule).
+            "lr": self.last_lr,
         }));
         for slot in &self.slots {
             for (name, t) in [("exp_avg", &slot.exp_avg), ("exp_avg_sq", &slot.exp_avg_sq)] {

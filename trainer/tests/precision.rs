@@ -90,16 +90,12 @@ fn fp16_skips_overflowing_steps_and_resumes_bit_for_bit() {
         );
         let y = resumed.path().join("checkpoint-24");
         assert_eq!(read_json(&y.join("scaler.json")), scaler, "from {step}");
-        let (ox, oy) = (
-            kiln_checkpoint::optimizer::OptimizerState::load(&last.join("optimizer.safetensors"))
-                .unwrap(),
-            kiln_checkpoint::optimizer::OptimizerState::load(&y.join("optimizer.safetensors"))
-                .unwrap(),
-        );
-        for p in ox.params() {
-            for (slot, t) in ox.slots(p) {
-                assert_eq!(Some(t), oy.get(p, slot), "optimizer {p}.{slot} from {step}");
-            }
+        // torch's state dicts, written the same, byte for byte.
+        for file in ["optimizer.pt", "scheduler.pt"] {
+            assert!(
+                std::fs::read(last.join(file)).unwrap() == std::fs::read(y.join(file)).unwrap(),
+                "{file} from {step}"
+            );
         }
     }
 }

@@ -95,16 +95,12 @@ fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
             saving.path().join("checkpoint-24"),
             resumed.path().join("checkpoint-24"),
         );
-        let (ox, oy) = (
-            kiln_checkpoint::optimizer::OptimizerState::load(&x.join("optimizer.safetensors"))
-                .unwrap(),
-            kiln_checkpoint::optimizer::OptimizerState::load(&y.join("optimizer.safetensors"))
-                .unwrap(),
-        );
-        for p in ox.params() {
-            for (slot, t) in ox.slots(p) {
-                assert_eq!(Some(t), oy.get(p, slot), "optimizer {p}.{slot} from {step}");
-            }
+        // torch's state dicts, written the same, byte for byte.
+        for file in ["optimizer.pt", "scheduler.pt"] {
+            assert!(
+                std::fs::read(x.join(file)).unwrap() == std::fs::read(y.join(file)).unwrap(),
+                "{file} from {step}"
+            );
         }
     }
 }

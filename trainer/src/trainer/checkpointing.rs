@@ -10,6 +10,7 @@ use std::time::Instant;
 use kiln_checkpoint::async_save::{SaveJob, SaveReport};
 use kiln_checkpoint::model::save_pretrained;
 use kiln_checkpoint::state::TRAINER_STATE_NAME;
+use kiln_checkpoint::torch_state::TorchScheduler;
 use kiln_checkpoint::training::{
     CheckpointSnapshot, DATA_STATE_NAME, SCALER_NAME, SCHEDULER_NAME, load_checkpoint,
     rng_state_name,
@@ -44,6 +45,18 @@ pub(super) struct DataState {
     pub total_loss: f64,
     /// The step of the last log entry.
     pub last_logged_step: u64,
+    /// The batch geometry the position counts in (per-device batch size, accumulation,
+    /// processes); absent in checkpoints of kiln before it was recorded.
+    #[serde(default)]
+    pub geometry: Option<Geometry>,
+}
+
+/// How micro-batches were cut: what a data position means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Geometry {
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub world_size: usize,
 }
 
 /// The schedule's position: `scheduler.json`. `step` counts the steps the schedule
@@ -196,7 +209,7 @@ impl<M: Model> Trainer<M> {
         let opt_state = if only_model || !(main || sharded) {
             None
         } else {
-            Some(optimizer.state()?)
+            Some(self.torch_ready(optimizer.state()?))
         };
         let stall = stall_start.elapsed().as_secs_f64();
         let background = self.args.async_save && self.dist.background_barriers();
@@ -233,8 +246,15 @@ impl<M: Model> Trainer<M> {
                 tr_loss,
                 total_loss: self.total_loss,
                 last_logged_step: self.last_logged,
+                geometry: Some(self.geometry()),
             };
+            let lr = self.args.learning_rate;
             snapshot = snapshot
+                .with_torch_scheduler(TorchScheduler {
+                    last_epoch: scheduler.step,
+                    base_lrs: vec![lr; 2],
+                    last_lr: vec![self.next_lr; 2],
+                })
                 .with_scheduler(serde_json::to_value(scheduler).unwrap_or(Value::Null))
                 .with_rng(serde_json::to_value(self.rng.state()).unwrap_or(Value::Null))
                 .with_data(serde_json::to_value(data).unwrap_or(Value::Null));
@@ -296,6 +316,30 @@ impl<M: Model> Trainer<M> {
         }
         self.saved_steps.push(step);
         Ok(())
+    }
+
+    /// The optimizer state with what torch's `optimizer.pt` holds besides kiln's: the
+    /// learning rate of the next step, the base one, and whether transformers' optim
+    /// name is the fused AdamW (`adamw_torch_fused`, transformers' default, which kiln's
+    /// `adamw` stands for).
+    fn torch_ready(
+        &self,
+        mut state: kiln_checkpoint::optimizer::OptimizerState,
+    ) -> kiln_checkpoint::optimizer::OptimizerState {
+        if let Value::Object(meta) = &mut state.meta {
+            meta.insert("lr".into(), serde_json::json!(self.next_lr));
+            meta.insert(
+                "initial_lr".into(),
+                serde_json::json!(self.args.learning_rate),
+            );
+            let fused = match self.args.optim.as_str() {
+                "adamw_torch" => Some(false),
+                "sgd" => None,
+                _ => Some(true),
+            };
+            meta.insert("torch_fused".into(), serde_json::json!(fused));
+        }
+        state
     }
 
     /// The weights copied to host memory through the device's backend (the old export
@@ -370,6 +414,15 @@ impl<M: Model> Trainer<M> {
         );
     }
 
+    /// The batch geometry of this run.
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            per_device_train_batch_size: self.args.per_device_train_batch_size,
+            gradient_accumulation_steps: self.args.gradient_accumulation_steps,
+            world_size: self.dist.world_size(),
+        }
+    }
+
     /// The callbacks' saved states (`stateful_callbacks`, but `TrainerControl`, whose
     /// flags the loop resets anyway), given back with
     /// `restore_callback_states_from_checkpoint`, as transformers' `_load_callback_state`;
@@ -427,7 +480,7 @@ impl<M: Model> Trainer<M> {
         let resume = load_checkpoint(dir, self.dist.rank(), self.dist.world_size())?;
         self.load_weights(dir)?;
         let fresh = self.state.clone();
-        self.state = resume.state;
+        self.state = resume.state.clone();
         // What this run computes takes precedence over what the checkpoint recorded.
         self.state.max_steps = fresh.max_steps;
         self.state.logging_steps = fresh.logging_steps;
@@ -435,7 +488,26 @@ impl<M: Model> Trainer<M> {
         self.state.save_steps = fresh.save_steps;
         self.state.train_batch_size = fresh.train_batch_size;
         self.state.num_train_epochs = fresh.num_train_epochs;
-        if let Some(mut opt) = resume.optimizer.clone() {
+        // torch's numbering is named with transformers' groups of this model's parameters.
+        let params: Vec<(String, bool)> = self
+            .parameters()
+            .into_iter()
+            .map(|(n, _)| {
+                let decay = !self.model.no_weight_decay(&n);
+                (n, decay)
+            })
+            .collect();
+        let saved = resume
+            .optimizer_for(&params)?
+            .ok_or_else(|| Error::Resume {
+                path: dir.to_path_buf(),
+                reason: "it holds no optimizer state (it was saved with save_only_model): \
+                     resuming would restart AdamW's moments and the schedule; to train on \
+                     from its weights, give it as --model_name_or_path instead"
+                    .into(),
+            })?;
+        {
+            let mut opt = saved;
             // Consolidated from whatever world size saved it; keep this rank's part.
             if self.sharded_optimizer() {
                 let rank = self.dist.rank();
@@ -468,12 +540,13 @@ impl<M: Model> Trainer<M> {
             })?;
         }
         // Steps fp16 skipped: the checkpoint's global step less the schedule's count.
-        self.skipped_steps = match &resume.scheduler {
-            Some(s) => {
+        self.skipped_steps = match (&resume.scheduler, &resume.torch_scheduler) {
+            (Some(s), _) => {
                 let s: SchedulerState = parse_state(dir, SCHEDULER_NAME, s)?;
                 self.state.global_step.saturating_sub(s.step)
             }
-            None => 0,
+            (None, Some(t)) => self.state.global_step.saturating_sub(t.last_epoch),
+            (None, None) => 0,
         };
         if let Some(rng) = &resume.rng {
             let name = rng_state_name(self.dist.rank(), self.dist.world_size());
@@ -484,29 +557,83 @@ impl<M: Model> Trainer<M> {
             })?;
         }
         self.restore_callbacks(dir);
+        if resume.rng.is_none() && resume.torch_rng {
+            self.say_at(
+                LogLevel::Warning,
+                &format!(
+                    "note: {} holds torch's generator states (rng_state.pth), which kiln's \
+                     generator cannot take: dropout goes on from kiln's, seeded with seed {}",
+                    dir.display(),
+                    self.args.seed
+                ),
+            );
+        }
         let step = self.state.global_step;
         self.last_logged = step;
         self.saved_steps.push(step);
-        let position = match &resume.data {
+        let data = match &resume.data {
+            Some(d) => Some(parse_state::<DataState>(dir, DATA_STATE_NAME, d)?),
+            None => None,
+        };
+        let changed = data
+            .as_ref()
+            .and_then(|d| d.geometry)
+            .filter(|g| *g != self.geometry());
+        if let Some(g) = changed {
+            let now = self.geometry();
+            self.say_at(
+                LogLevel::Warning,
+                &format!(
+                    "note: {} was saved with batch size {} × accumulation {} × {} processes, \
+                     this run has {} × {} × {}: its data position is recomputed from the step \
+                     count, as transformers does, and the run is no longer the one that was \
+                     interrupted",
+                    dir.display(),
+                    g.per_device_train_batch_size,
+                    g.gradient_accumulation_steps,
+                    g.world_size,
+                    now.per_device_train_batch_size,
+                    now.gradient_accumulation_steps,
+                    now.world_size
+                ),
+            );
+        }
+        // transformers' rule: whole epochs from the step count, then the rest of the
+        // current epoch's micro-batches.
+        let ga = plan.ga as u64;
+        let by_steps = Position {
+            epoch: step / plan.updates_per_epoch,
+            micro_batches_done: ((step % plan.updates_per_epoch) * ga)
+                .min(plan.batches_per_epoch as u64),
+            epoch_end_done: false,
+        };
+        let position = match data {
             Some(d) => {
-                let d: DataState = parse_state(dir, DATA_STATE_NAME, d)?;
                 self.tr_loss = d.tr_loss;
                 self.total_loss = d.total_loss;
                 self.last_logged = d.last_logged_step;
-                d.position
-            }
-            // A checkpoint without kiln's data state (transformers', or save_only_model):
-            // transformers' rule from the step count.
-            None => {
-                let ga = plan.ga as u64;
-                let epoch = step / plan.updates_per_epoch;
-                let done =
-                    ((step % plan.updates_per_epoch) * ga).min(plan.batches_per_epoch as u64);
-                Position {
-                    epoch,
-                    micro_batches_done: done,
-                    epoch_end_done: false,
+                match changed {
+                    None => d.position,
+                    Some(_) => by_steps,
                 }
+            }
+            // A checkpoint without kiln's data state (transformers'), over kiln's order of
+            // the data.
+            None => {
+                self.loss_counted_from = step;
+                self.say_at(
+                    LogLevel::Warning,
+                    &format!(
+                        "note: {} has no kiln data position: {} epochs and {} steps of data \
+                         are skipped as transformers skips them, but the examples come in \
+                         kiln's order (seed {}), not in the order of torch's sampler",
+                        dir.display(),
+                        by_steps.epoch,
+                        step % plan.updates_per_epoch,
+                        self.args.shuffle_seed()
+                    ),
+                );
+                by_steps
             }
         };
         Ok(position)

@@ -85,6 +85,10 @@ pub struct Trainer<M: Model> {
     saved_steps: Vec<u64>,
     tr_loss: f64,
     total_loss: f64,
+    /// The step `total_loss` counts from: 0 (kiln's checkpoints carry the loss of the
+    /// steps before them), or the step a transformers checkpoint was resumed at (whose
+    /// `train_loss`, as transformers', averages the steps of this run only).
+    loss_counted_from: u64,
     /// Floating-point operations since the last `store_flos` (this rank's).
     current_flos: f64,
     last_logged: u64,
@@ -94,6 +98,9 @@ pub struct Trainer<M: Model> {
     precision: Option<MixedPrecision>,
     scaler: Option<GradScaler>,
     skipped_steps: u64,
+    /// The learning rate of the next optimizer step (what torch's `optimizer.pt` and
+    /// `scheduler.pt` hold).
+    next_lr: f64,
     stop: Option<StopRequest>,
     /// Training tokens of this rank's micro-batches since the last optimizer step
     /// (`include_num_input_tokens_seen`).
@@ -137,6 +144,7 @@ impl<M: Model> Trainer<M> {
             saved_steps: Vec::new(),
             tr_loss: 0.0,
             total_loss: 0.0,
+            loss_counted_from: 0,
             current_flos: 0.0,
             last_logged: 0,
             quiet: false,
@@ -145,6 +153,7 @@ impl<M: Model> Trainer<M> {
             precision: None,
             scaler: None,
             skipped_steps: 0,
+            next_lr: 0.0,
             stop: None,
             tokens_pending: 0,
             session: None,

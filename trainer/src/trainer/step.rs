@@ -97,6 +97,7 @@ impl<M: Model> Trainer<M> {
         self.state = self.fresh_state(&plan);
         self.tr_loss = 0.0;
         self.total_loss = 0.0;
+        self.loss_counted_from = 0;
         self.last_logged = 0;
         self.saved_steps.clear();
         self.scaler = self.args.fp16.then(crate::precision::GradScaler::new);
@@ -109,6 +110,7 @@ impl<M: Model> Trainer<M> {
                 self.state.global_step
             ));
         }
+        self.next_lr = self.lr_at(&plan, self.state.global_step - self.skipped_steps);
         // The same initial weights everywhere (as DDP): rank 0's.
         self.broadcast_parameters(&vars)?;
         let params = Params {
@@ -135,6 +137,15 @@ impl<M: Model> Trainer<M> {
             self.evaluate_inner(bar.as_ref())?;
         }
 
+        if self.state.global_step >= plan.max_steps {
+            // A finished run resumed with the same length, as transformers: no step.
+            self.say(&format!(
+                "nothing to train: the run is at step {} of {}; give a larger max_steps or \
+                 num_train_epochs to train on",
+                self.state.global_step, plan.max_steps
+            ));
+            self.control.should_training_stop = true;
+        }
         let mut epoch = position.epoch;
         while epoch < plan.num_epochs && !self.control.should_training_stop {
             if epoch == position.epoch && position.epoch_end_done {
@@ -203,6 +214,7 @@ impl<M: Model> Trainer<M> {
         // The micro-batches of the accumulation group being taken, with their loss
         // weights ([`Trainer::loss_weights`]), fetched when the group starts.
         let mut group: std::collections::VecDeque<(Batch, f64)> = Default::default();
+        let mut consumed = skip.min(batches.len());
         for i in skip..batches.len() {
             if group.is_empty() {
                 let end = ((i / plan.ga + 1) * plan.ga).min(batches.len());
@@ -222,6 +234,7 @@ impl<M: Model> Trainer<M> {
             if !sync {
                 continue;
             }
+            consumed = i + 1;
             let (grad_norm, lr) = self.update(&mut grads, plan, params, optimizer)?;
             self.count_tokens_seen()?;
             self.state.global_step += 1;
@@ -252,10 +265,14 @@ impl<M: Model> Trainer<M> {
         self.control.should_save = false;
         default_flow_on_epoch_end(&self.args, &self.state, &mut self.control);
         self.each_callback(|cb, a, s, c| cb.on_epoch_end(a, s, c));
+        // A run that reached max_steps inside the epoch ends it here (as transformers
+        // does: its end is logged, evaluated and saved); a resume with a larger max_steps
+        // takes the epoch's remaining batches, as the longer run would have.
+        let stopped_inside = self.control.should_training_stop && consumed < batches.len();
         let pos = Position {
             epoch,
-            micro_batches_done: batches.len() as u64,
-            epoch_end_done: true,
+            micro_batches_done: consumed as u64,
+            epoch_end_done: !stopped_inside,
         };
         self.maybe_log_save_evaluate(None, None, optimizer, pos, bar)
     }
@@ -462,13 +479,7 @@ impl<M: Model> Trainer<M> {
             Optimizer::grad_norm(grads)?
         };
         // The schedule counts the steps taken (fp16 skips those that overflow).
-        let lr = self.args.learning_rate
-            * plan.schedule.factor(
-                self.state.global_step - self.skipped_steps,
-                plan.warmup,
-                plan.max_steps,
-                self.args.learning_rate,
-            );
+        let lr = self.lr_at(plan, self.state.global_step - self.skipped_steps);
         if found_inf {
             self.skipped_steps += 1;
         } else if plan.world > 1 && self.sharded_optimizer() {
@@ -487,7 +498,16 @@ impl<M: Model> Trainer<M> {
             s.update(found_inf);
         }
         grads.clear();
+        self.next_lr = self.lr_at(plan, self.state.global_step + 1 - self.skipped_steps);
         Ok((grad_norm, lr))
+    }
+
+    /// The learning rate after `taken` steps of the schedule.
+    pub(super) fn lr_at(&self, plan: &Plan, taken: u64) -> f64 {
+        let base = self.args.learning_rate;
+        base * plan
+            .schedule
+            .factor(taken, plan.warmup, plan.max_steps, base)
     }
 
     /// After the last step: the saves finished, the summary metrics logged, the best
@@ -507,7 +527,8 @@ impl<M: Model> Trainer<M> {
         self.total_loss += self.tr_loss;
         self.tr_loss = 0.0;
         self.store_flos()?;
-        let train_loss = self.total_loss / (self.state.global_step.max(1)) as f64;
+        let counted = self.state.global_step - self.loss_counted_from;
+        let train_loss = self.total_loss / (counted.max(1)) as f64;
         let samples = steps as f64 * (plan.batch_size * plan.ga * plan.world) as f64;
         let mut metrics = BTreeMap::from([
             ("train_runtime".to_string(), round_to(runtime, 4)),
