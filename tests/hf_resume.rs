@@ -269,6 +269,29 @@ fn checkpoints_resume_across_frameworks() {
                 "{n}: transformers wrote {written:?}"
             );
         }
+        // kiln's tools read transformers' checkpoints: complete, torch files parsed.
+        let verified = kiln(["verify", hf_ckpt.to_str().unwrap()]);
+        verified.expect_success();
+        assert!(
+            verified.stdout.contains("ok (transformers checkpoint"),
+            "{}",
+            verified.stdout
+        );
+        let listed = kiln(["checkpoints", hf_out.to_str().unwrap()]);
+        listed.expect_success();
+        assert_eq!(
+            listed.stdout.matches("complete (transformers)").count(),
+            2,
+            "{}",
+            listed.stdout
+        );
+        let damaged = w.join(n).join("damaged");
+        copy_dir(&hf_ckpt, &damaged);
+        std::fs::copy(damaged.join("scheduler.pt"), damaged.join("optimizer.pt")).unwrap();
+        let e = kiln(["verify", damaged.to_str().unwrap()]);
+        let line = e.expect_error(&["optimizer.pt"]);
+        assert!(line.contains("no param_groups"), "{line}");
+
         let out = w.join(n).join("kiln-from-hf");
         copy_dir(&hf_ckpt, &out.join("checkpoint-3"));
         let mut flags = vec![

@@ -46,7 +46,10 @@ fn transformers_files_read_by_kiln_by_parameter_name() {
     let state = torch.to_kiln(&params(&manifest)).unwrap();
     assert_eq!(state.kind, "adamw");
     assert_eq!(state.meta["torch_fused"], true);
-    assert_eq!(state.meta["no_decay"], json!(["fc.bias", "norm.weight", "norm.bias", "head.bias"]));
+    assert_eq!(
+        state.meta["no_decay"],
+        json!(["fc.bias", "norm.weight", "norm.bias", "head.bias"])
+    );
     for (name, want) in manifest["state"].as_object().unwrap() {
         for slot in ["exp_avg", "exp_avg_sq"] {
             let t = state.get(name, slot).unwrap();
@@ -65,7 +68,10 @@ fn transformers_files_read_by_kiln_by_parameter_name() {
     let mut wrong = params(&manifest);
     wrong[1].1 = true;
     let e = torch.to_kiln(&wrong).unwrap_err().to_string();
-    assert!(e.contains("hold [2, 4] parameters") && e.contains("[3, 3]"), "{e}");
+    assert!(
+        e.contains("hold [2, 4] parameters") && e.contains("[3, 3]"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -170,10 +170,13 @@ pub(crate) fn verify(path: &std::path::Path) -> CmdResult {
         && (path.join(MANIFEST_NAME).exists() || path.join(TRAINER_STATE_NAME).exists())
     {
         let v = kiln_checkpoint::scan::verify_checkpoint(path)?;
+        let kind = match v.completeness {
+            kiln_checkpoint::scan::Completeness::Foreign => "transformers checkpoint",
+            _ => "kiln checkpoint, every digest matches",
+        };
         return ok(format!(
-            "{}: ok (checkpoint, {:?}, {} tensor files, {} tensors, {} JSON files, {} bytes)\n",
+            "{}: ok ({kind}, {} tensor files, {} tensors, {} JSON files, {} bytes)\n",
             path.display(),
-            v.completeness,
             v.tensor_files.len(),
             v.tensors,
             v.json_files,

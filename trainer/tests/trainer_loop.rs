@@ -393,3 +393,65 @@ fn callback_states_are_restored_only_when_asked() {
     // Afresh: three evaluations from step 3 on.
     assert_eq!(resumed(false, 3), 5);
 }
+
+/// Resume follows the new run's arguments, as transformers': a larger max_steps or
+/// num_train_epochs extends a finished run (with a constant schedule, to the weights of
+/// the longer run trained straight), the same length trains nothing, and a changed batch
+/// size resumes from the step count (transformers' rule) instead of kiln's position.
+#[test]
+fn a_finished_run_is_extended_by_a_longer_one() {
+    let constant = |a: &mut kiln_trainer::TrainingArguments| {
+        a.lr_scheduler_type = "constant".into();
+        a.save_steps = 5.0;
+    };
+    // 10 steps end inside the second epoch (8 batches an epoch).
+    let straight = tempfile::tempdir().unwrap();
+    let mut s = trainer(straight.path(), |a| {
+        constant(a);
+        a.max_steps = 14;
+    });
+    s.train(None).unwrap();
+    let short = tempfile::tempdir().unwrap();
+    trainer(short.path(), |a| {
+        constant(a);
+        a.max_steps = 10;
+    })
+    .train(None)
+    .unwrap();
+    let mut same = trainer(short.path(), |a| {
+        constant(a);
+        a.max_steps = 10;
+    });
+    assert_eq!(same.train(Some("last")).unwrap().global_step, 10);
+    let mut longer = trainer(short.path(), |a| {
+        constant(a);
+        a.max_steps = 14;
+    });
+    assert_eq!(longer.train(Some("last")).unwrap().global_step, 14);
+    assert_eq!(weights(longer.model()), weights(s.model()));
+
+    // By epochs: 1 epoch, then 2.
+    let by_epochs = |epochs: f64, dir: &Path, resume: Option<&str>| {
+        let mut t = trainer(dir, |a| {
+            constant(a);
+            a.num_train_epochs = epochs;
+        });
+        t.train(resume).unwrap();
+        t
+    };
+    let two = tempfile::tempdir().unwrap();
+    let straight2 = by_epochs(2.0, two.path(), None);
+    let one = tempfile::tempdir().unwrap();
+    by_epochs(1.0, one.path(), None);
+    let extended = by_epochs(2.0, one.path(), Some("last"));
+    assert_eq!(extended.state().global_step, 16);
+    assert_eq!(weights(extended.model()), weights(straight2.model()));
+
+    // Another batch size: the position comes from the step count.
+    let mut other = trainer(short.path(), |a| {
+        constant(a);
+        a.max_steps = 16;
+        a.per_device_train_batch_size = 4;
+    });
+    assert_eq!(other.train(Some("last")).unwrap().global_step, 16);
+}
