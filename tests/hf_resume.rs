@@ -349,3 +349,124 @@ fn checkpoints_resume_across_frameworks() {
         );
     }
 }
+
+/// kiln draws its batches in the order transformers' sampler draws them, so a BERT run
+/// of mini-batches (64 rows in batches of 8, 12 steps: an epoch and a half) is
+/// transformers' run step after step — the same losses and gradient norms — and a
+/// checkpoint saved inside the first epoch continues in either framework to the same
+/// weights.
+#[test]
+fn mini_batch_runs_follow_transformers_and_resume_inside_an_epoch() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let case = Case {
+        name: "bert",
+        args: bert_args,
+        job: json!({"model": "bert", "rows": repo().join("cli/bundled/sentiment/train.jsonl"),
+            "n": 64, "max_length": 64, "args": {"per_device_train_batch_size": 8}}),
+    };
+    let init = w.join("init");
+    let zero: Vec<String> = [
+        "--learning_rate",
+        "0",
+        "--max_steps",
+        "1",
+        "--save_strategy",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    run(&case, &init, &zero).expect_success();
+    let steps = [
+        "--max_steps",
+        "12",
+        "--save_steps",
+        "5",
+        "--save_total_limit",
+        "none",
+        "--per_device_train_batch_size",
+        "8",
+    ];
+    let flags = |extra: &[&str]| {
+        let mut f = vec![
+            "--model_name_or_path".to_string(),
+            init.display().to_string(),
+        ];
+        f.extend(kiln_schedule());
+        f.extend(steps.iter().chain(extra).map(|s| s.to_string()));
+        f
+    };
+    let kiln_full = w.join("kiln");
+    run(&case, &kiln_full, &flags(&[])).expect_success();
+    let job = |name: &str, resume: Option<&Path>| {
+        let mut j = case.job.clone();
+        j["init"] = json!(init);
+        j["out"] = json!(w.join(name));
+        for (k, v) in schedule().as_object().unwrap() {
+            j["args"][k] = v.clone();
+        }
+        j["args"]["max_steps"] = json!(12);
+        j["args"]["save_steps"] = json!(5);
+        if let Some(ckpt) = resume {
+            let copy = w.join(name).join("checkpoint-5");
+            copy_dir(ckpt, &copy);
+            j["resume"] = json!(copy);
+        }
+        j["compare"] = json!({"kiln": kiln_full});
+        j
+    };
+    let jobs = [
+        job("hf", None),
+        job("hf-from-kiln", Some(&kiln_full.join("checkpoint-5"))),
+    ];
+    let Some(results) = run_checker(&repo().join("tests/check_hf_resume.py"), &jobs, w) else {
+        return;
+    };
+    let (hf, from_kiln) = (&results[0], &results[1]);
+    let ours =
+        kiln_test_support::fs::read_json(&kiln_full.join("trainer_state.json"))["log_history"]
+            .clone();
+    let series = |h: &Value, key: &str| -> Vec<f64> {
+        h.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.get("loss").is_some())
+            .filter_map(|e| e[key].as_f64())
+            .collect()
+    };
+    for key in ["loss", "grad_norm"] {
+        let (a, b) = (series(&ours, key), series(&hf["log_history"], key));
+        assert_eq!(a.len(), 12, "{key}: {a:?}");
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                "{key} at step {}: kiln {x}, transformers {y}",
+                step + 1
+            );
+        }
+    }
+    let straight = hf["diff"]["kiln"].as_f64().unwrap();
+    let resumed = from_kiln["diff"]["kiln"].as_f64().unwrap();
+    // kiln continues transformers' checkpoint-5, inside the first epoch.
+    let out = w.join("kiln-from-hf");
+    copy_dir(&w.join("hf/checkpoint-5"), &out.join("checkpoint-5"));
+    let resumed_run = run(&case, &out, &flags(&["--resume_from_checkpoint", "last"]));
+    resumed_run.expect_success();
+    assert!(
+        resumed_run
+            .stderr
+            .contains("in the order transformers draws them"),
+        "{}",
+        resumed_run.stderr
+    );
+    let kiln_resumed = max_diff(&out, &w.join("hf/final"));
+    println!(
+        "mini-batches: kiln's and transformers' 12-step runs end {straight:.2e} apart; \
+         transformers continuing kiln's checkpoint-5 ends {resumed:.2e} from kiln's run, \
+         kiln continuing transformers' {kiln_resumed:.2e} from transformers'"
+    );
+    for d in [straight, resumed, kiln_resumed] {
+        assert!(d < 1e-4, "{straight} {resumed} {kiln_resumed}");
+    }
+}

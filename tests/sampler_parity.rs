@@ -1,3 +1,5 @@
+//! kiln's epoch order is the one transformers' Trainer feeds its model (a real `train()`
+//! with its default sampler, for several seeds, `data_seed`s and sizes), and
 //! `train_sampling_strategy = "group_by_length"`: kiln's grouping of its shuffle is
 //! transformers' `get_length_grouped_indices` of the same permutation (given to it as
 //! `torch.randperm`'s result, tests/check_sampler.py), index for index; and through
@@ -40,6 +42,37 @@ fn grouping_is_transformers_on_the_same_permutation() {
     };
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         assert_eq!(&json!(a), b, "case {i}: {:?}", cases[i]);
+    }
+}
+
+#[test]
+fn epoch_order_is_the_order_transformers_trains_in() {
+    let work = tempfile::tempdir().unwrap();
+    // (examples, batch size, seed, data_seed, epochs).
+    let cases = [
+        (96, 8, 42, None, 3),
+        (37, 4, 7, None, 2),
+        (10, 16, 42, Some(1234), 2),
+    ];
+    let jobs: Vec<_> = cases
+        .iter()
+        .map(|(n, bs, seed, data_seed, epochs)| {
+            json!({"trainer": {"n": n, "batch_size": bs, "seed": seed, "data_seed": data_seed, "epochs": epochs}})
+        })
+        .collect();
+    let Some(theirs) = run_checker(&repo().join("tests/check_sampler.py"), &jobs, work.path())
+    else {
+        return;
+    };
+    for ((n, _, seed, data_seed, epochs), seen) in cases.iter().zip(&theirs) {
+        let ours: Vec<usize> = (0..*epochs)
+            .flat_map(|e| epoch_order(*n, data_seed.unwrap_or(*seed), e))
+            .collect();
+        assert_eq!(
+            &json!(ours),
+            seen,
+            "n {n}, seed {seed}, data_seed {data_seed:?}"
+        );
     }
 }
 

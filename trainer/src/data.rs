@@ -5,7 +5,6 @@ use candle_core::Device;
 
 use crate::Result;
 use crate::model::Batch;
-use crate::rng::Rng;
 
 /// A dataset as the trainer sees it: a number of examples, and a collated batch for any
 /// list of example indices (tokenized, padded, on `device`).
@@ -25,15 +24,69 @@ pub trait BatchSource: Send + Sync {
     }
 }
 
-/// The order of `len` examples in `epoch`: `0..len` shuffled by
-/// `Rng::with_stream(seed, epoch)` (Fisher–Yates). A pure function of
-/// (`seed`, `epoch`): a run resumed in epoch `e` sees the order the interrupted run saw,
-/// and every epoch has its own order. It is the order the
+/// The order of `len` examples in `epoch`: `torch.randperm(len)` from a torch CPU
+/// generator seeded with `seed + epoch`, which is the order transformers' Trainer draws
+/// (accelerate's `SeedableRandomSampler` reseeds its generator with `data_seed` (else
+/// `seed`) plus the epoch before each epoch). A pure function of (`seed`, `epoch`): a run
+/// resumed in epoch `e` sees the order the interrupted run saw, and a single-process kiln
+/// run takes its batches in transformers' order. It is the order the
 /// [`Trainer`](crate::trainer::Trainer) uses, with `seed` = `data_seed` (else `seed`).
 pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..len).collect();
-    Rng::with_stream(seed, epoch).shuffle(&mut order);
-    order
+    torch_randperm(len, seed.wrapping_add(epoch))
+}
+
+/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed))` on the CPU: the
+/// swap of position i with i + `random() % (n - i)` that torch keeps for n below
+/// 2³² / 20, drawing 32-bit outputs of the generator's MT19937.
+pub fn torch_randperm(n: usize, seed: u64) -> Vec<usize> {
+    let mut out: Vec<usize> = (0..n).collect();
+    let mut mt = Mt19937::new(seed);
+    for i in 0..n.saturating_sub(1) {
+        let z = mt.next_u32() as usize % (n - i);
+        out.swap(i, i + z);
+    }
+    out
+}
+
+/// MT19937 as torch's CPU generator runs it: `manual_seed(s)` initialises the state from
+/// the low 32 bits of `s` (Matsumoto and Nishimura's `init_genrand`).
+struct Mt19937 {
+    state: [u32; 624],
+    index: usize,
+}
+
+impl Mt19937 {
+    fn new(seed: u64) -> Self {
+        let mut state = [0u32; 624];
+        state[0] = seed as u32;
+        for i in 1..624 {
+            let prev = state[i - 1];
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(i as u32);
+        }
+        Mt19937 { state, index: 624 }
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if self.index >= 624 {
+            for k in 0..624 {
+                let y = (self.state[k] & 0x8000_0000) | (self.state[(k + 1) % 624] & 0x7fff_ffff);
+                let mut next = self.state[(k + 397) % 624] ^ (y >> 1);
+                if y & 1 == 1 {
+                    next ^= 0x9908_b0df;
+                }
+                self.state[k] = next;
+            }
+            self.index = 0;
+        }
+        let mut y = self.state[self.index];
+        self.index += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
 }
 
 /// transformers' `get_length_grouped_indices` applied to the random permutation
@@ -65,4 +118,19 @@ pub fn length_grouped(order: &[usize], lengths: &[usize], batch_size: usize) -> 
         std::mem::swap(&mut first[0][0], &mut rest[0][0]);
     }
     megabatches.concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()`.
+    #[test]
+    fn randperm_is_torch_s() {
+        assert_eq!(torch_randperm(10, 42), [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]);
+        assert_eq!(torch_randperm(7, 43), [3, 1, 2, 4, 5, 0, 6]);
+        assert_eq!(epoch_order(7, 42, 1), torch_randperm(7, 43));
+        assert!(torch_randperm(0, 1).is_empty());
+        assert_eq!(torch_randperm(1, 1), [0]);
+    }
 }

@@ -23,7 +23,7 @@ use serde_json::Value;
 use super::Trainer;
 use super::logging::{py, round_to};
 use super::plan::Plan;
-use crate::args::{LogLevel, SaveErrorPolicy};
+use crate::args::{LogLevel, SamplingStrategy, SaveErrorPolicy};
 use crate::model::Model;
 use crate::precision::GradScaler;
 use crate::rng::{Rng, RngState};
@@ -621,18 +621,26 @@ impl<M: Model> Trainer<M> {
             // the data.
             None => {
                 self.loss_counted_from = step;
-                self.say_at(
-                    LogLevel::Warning,
-                    &format!(
-                        "note: {} has no kiln data position: {} epochs and {} steps of data \
-                         are skipped as transformers skips them, but the examples come in \
-                         kiln's order (seed {}), not in the order of torch's sampler",
-                        dir.display(),
-                        by_steps.epoch,
-                        step % plan.updates_per_epoch,
-                        self.args.shuffle_seed()
-                    ),
+                let skipped = format!(
+                    "{} has no kiln data position: {} epochs and {} steps of data are \
+                     skipped, as transformers skips them",
+                    dir.display(),
+                    by_steps.epoch,
+                    step % plan.updates_per_epoch,
                 );
+                // One process drawing transformers' random order continues its batches;
+                // anything else takes kiln's order of the data.
+                if self.args.sampling() == SamplingStrategy::Random && plan.world == 1 {
+                    self.say(&format!("{skipped}, in the order transformers draws them"));
+                } else {
+                    self.say_at(
+                        LogLevel::Warning,
+                        &format!(
+                            "note: {skipped}, but the examples come in kiln's order, not the \
+                             one transformers' sampler would draw"
+                        ),
+                    );
+                }
                 by_steps
             }
         };
