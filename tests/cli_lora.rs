@@ -436,7 +436,7 @@ fn the_best_adapter_is_loaded_at_the_end_and_bf16_saves_f32_adapters() {
             &base,
             &[
                 "--learning_rate",
-                "0.05",
+                "0.2",
                 // At this rate the eval loss rises after step 4: the best checkpoint
                 // is an earlier one than the last.
                 "--metric_for_best_model",

@@ -30,7 +30,7 @@ use serde_json::Value;
 use crate::commit::{Coordinator, Staging};
 use crate::error::IoContext;
 use crate::model::{ModelSave, SaveOptions, save_pretrained};
-use crate::optimizer::{OPTIMIZER_NAME, OptimizerState, load_optimizer, sharded_optimizer_name};
+use crate::optimizer::{OptimizerState, load_optimizer, sharded_optimizer_name};
 use crate::scan::{Completeness, completeness};
 use crate::state::{TRAINER_STATE_NAME, TrainerState};
 use crate::torch_state::{
@@ -395,8 +395,10 @@ pub fn load_checkpoint(dir: &Path, rank: usize, world_size: usize) -> Result<Res
 }
 
 /// Writes a copy of checkpoint `src` whose optimizer state is consolidated into one
-/// `optimizer.safetensors` (from the `optimizer.rank<r>-of-<w>` shards of a ZeRO-1 run)
-/// as `output_dir/checkpoint-<step>`, through the commit protocol; returns its path.
+/// `optimizer.pt` (from the `optimizer.rank<r>-of-<w>` shards of a ZeRO-1 run, which
+/// record every parameter's name in order), as `output_dir/checkpoint-<step>`, through
+/// the commit protocol; returns its path. The result is a checkpoint transformers'
+/// Trainer resumes too.
 ///
 /// Every other file is copied unchanged (the per-rank `rng_state_<r>.json` too). `src`
 /// must be complete; an existing `output_dir/checkpoint-<step>` is refused rather than
@@ -446,7 +448,7 @@ pub fn consolidate_checkpoint(src: &Path, output_dir: &Path) -> Result<PathBuf> 
         out.flush().at(&to)?;
         out.finish()?;
     }
-    merged.save(&staging.dir().join(OPTIMIZER_NAME))?;
+    TorchOptimizer::from_kiln(&merged)?.save(&staging.dir().join(OPTIMIZER_PT_NAME))?;
     staging.commit(&SingleProcess)
 }
 

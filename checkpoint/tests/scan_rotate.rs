@@ -44,7 +44,19 @@ fn hf_checkpoint(dir: &Path) {
         b"PK\x03\x04 not a state dict",
     )
     .unwrap();
-    fs::write(dir.join("optimizer.pt"), b"pickle").unwrap();
+    // torch's AdamW state of `w`, as transformers writes it (one step).
+    let mut state = kiln_checkpoint::optimizer::OptimizerState::new("adamw").with_meta(
+        serde_json::json!({"step": 1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+            "no_decay": [], "params": ["w"], "lr": 1e-3}),
+    );
+    for slot in ["exp_avg", "exp_avg_sq"] {
+        let t = TensorView::new(DType::F32, vec![2], vec![0u8; 8]).unwrap();
+        state.insert("w", slot, t).unwrap();
+    }
+    kiln_checkpoint::torch_state::TorchOptimizer::from_kiln(&state)
+        .unwrap()
+        .save(&dir.join("optimizer.pt"))
+        .unwrap();
     fs::write(
         dir.join("trainer_state.json"),
         "{\n  \"global_step\": 20,\n  \"log_history\": [{\"grad_norm\": NaN, \"loss\": Infinity}]\n}\n",
@@ -175,12 +187,22 @@ fn transformers_checkpoints_are_complete_but_foreign() {
     );
     let v = verify_checkpoint(&out.join("checkpoint-20")).unwrap();
     assert_eq!(v.completeness, Completeness::Foreign);
-    assert_eq!(v.tensors, 1);
+    // The weight, and its two moments in optimizer.pt.
+    assert_eq!(v.tensors, 3);
     assert_eq!(
         v.tensor_files,
-        vec![out.join("checkpoint-20/model.safetensors")]
+        vec![
+            out.join("checkpoint-20/model.safetensors"),
+            out.join("checkpoint-20/optimizer.pt")
+        ]
     );
     assert_eq!(v.json_files, 2);
+    // optimizer.pt is parsed: one that is not torch's optimizer state is caught.
+    let bad = out.join("bad/checkpoint-20");
+    hf_checkpoint(&bad);
+    fs::write(bad.join("optimizer.pt"), b"pickle").unwrap();
+    let e = verify_checkpoint(&bad).unwrap_err().to_string();
+    assert!(e.contains("optimizer.pt"), "{e}");
 
     // Trainer writes trainer_state.json last: without it, the save was interrupted.
     hf_checkpoint(&out.join("checkpoint-30"));
@@ -230,7 +252,7 @@ fn verify_reads_pytorch_weights_but_not_other_pickles() {
     let mut map = TensorMap::new();
     map.insert(
         "w",
-        TensorView::new(DType::F32, vec![3], vec![0u8; 12]).unwrap(),
+        TensorView::new(DType::F32, vec![2], vec![0u8; 8]).unwrap(),
     )
     .unwrap();
     kiln_formats::torch::save(d.join("pytorch_model.bin"), &map).unwrap();
@@ -238,8 +260,11 @@ fn verify_reads_pytorch_weights_but_not_other_pickles() {
     fs::write(d.join("optimizer.bin"), b"PK\x03\x04 general pickle").unwrap();
     let v = verify_checkpoint(&d).unwrap();
     assert_eq!(v.completeness, Completeness::Foreign);
-    assert_eq!(v.tensor_files, vec![d.join("pytorch_model.bin")]);
-    assert_eq!(v.tensors, 1);
+    assert_eq!(
+        v.tensor_files,
+        vec![d.join("pytorch_model.bin"), d.join("optimizer.pt")]
+    );
+    assert_eq!(v.tensors, 3);
     // A corrupt weights file is caught.
     let f = d.join("pytorch_model.bin");
     let mut bytes = fs::read(&f).unwrap();

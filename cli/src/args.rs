@@ -36,8 +36,8 @@ pub(crate) enum Command {
         /// with --consolidate, the output_dir that receives checkpoint-<step>.
         output: PathBuf,
         /// Consolidate the per-rank optimizer shards of a ZeRO-1 checkpoint into one
-        /// optimizer.safetensors, writing OUTPUT/checkpoint-<step> (resumable by any
-        /// number of processes).
+        /// optimizer.pt, writing OUTPUT/checkpoint-<step> (resumable by any number of
+        /// processes, and by transformers' Trainer).
         #[arg(long, conflicts_with_all = ["to", "max_shard_size", "outtype"])]
         consolidate: bool,
         /// Output format (default: OUTPUT's extension; safetensors for a folder).

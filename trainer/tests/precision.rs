@@ -90,6 +90,11 @@ fn fp16_skips_overflowing_steps_and_resumes_bit_for_bit() {
         );
         let y = resumed.path().join("checkpoint-24");
         assert_eq!(read_json(&y.join("scaler.json")), scaler, "from {step}");
+        assert_eq!(
+            kiln_checkpoint::torch_state::load_scaler_pt(&y.join("scaler.pt")).unwrap(),
+            scaler,
+            "scaler.pt from {step}"
+        );
         // torch's state dicts, written the same, byte for byte.
         for file in ["optimizer.pt", "scheduler.pt"] {
             assert!(
@@ -98,6 +103,27 @@ fn fp16_skips_overflowing_steps_and_resumes_bit_for_bit() {
             );
         }
     }
+}
+
+/// The loss scaler and the schedule come back from torch's files alone (a checkpoint
+/// without kiln's manifest, `scaler.json` and `scheduler.json`, as transformers would
+/// hand one over): the same run.
+#[test]
+fn fp16_resumes_from_scaler_pt_and_scheduler_pt() {
+    let straight = tempfile::tempdir().unwrap();
+    let mut a = fp16_trainer(straight.path(), None);
+    a.train(None).unwrap();
+    let saving = tempfile::tempdir().unwrap();
+    fp16_trainer(saving.path(), Some(3.0)).train(None).unwrap();
+    let resumed = tempfile::tempdir().unwrap();
+    let ckpt = resumed.path().join("checkpoint-9");
+    copy_dir(&saving.path().join("checkpoint-9"), &ckpt);
+    for kiln_file in ["kiln_checkpoint.json", "scaler.json", "scheduler.json"] {
+        std::fs::remove_file(ckpt.join(kiln_file)).unwrap();
+    }
+    let mut c = fp16_trainer(resumed.path(), Some(3.0));
+    c.train(Some(ckpt.to_str().unwrap())).unwrap();
+    assert_eq!(masters(&a), masters(&c));
 }
 
 #[test]

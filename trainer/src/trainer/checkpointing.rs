@@ -318,8 +318,9 @@ impl<M: Model> Trainer<M> {
         Ok(())
     }
 
-    /// The optimizer state with what torch's `optimizer.pt` holds besides kiln's: the
-    /// learning rate of the next step, the base one, and whether transformers' optim
+    /// The optimizer state with what torch's `optimizer.pt` holds besides kiln's: every
+    /// parameter's name in order, the learning rate of the next step, the base one, and
+    /// whether transformers' optim
     /// name is the fused AdamW (`adamw_torch_fused`, transformers' default, which kiln's
     /// `adamw` stands for).
     fn torch_ready(
@@ -327,6 +328,10 @@ impl<M: Model> Trainer<M> {
         mut state: kiln_checkpoint::optimizer::OptimizerState,
     ) -> kiln_checkpoint::optimizer::OptimizerState {
         if let Value::Object(meta) = &mut state.meta {
+            // Every parameter, also in a ZeRO-1 shard's state, so that consolidated shards
+            // number them as transformers does.
+            let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
+            meta.insert("params".into(), serde_json::json!(names));
             meta.insert("lr".into(), serde_json::json!(self.next_lr));
             meta.insert(
                 "initial_lr".into(),

@@ -93,6 +93,13 @@ impl<M: Model> Trainer<M> {
             vec![plan.rank; vars.len()]
         };
         let mut optimizer = self.make_optimizer(&owners)?;
+        if self.sharded_optimizer() && self.args.save_strategy != Strategy::No {
+            self.say(
+                "zero_stage 1: checkpoints keep the optimizer state in per-rank shards, which \
+                 kiln resumes with any number of processes but transformers' Trainer cannot; \
+                 kiln convert --consolidate makes a copy it can resume",
+            );
+        }
         let mut position = Position::START;
         self.state = self.fresh_state(&plan);
         self.tr_loss = 0.0;
