@@ -8,6 +8,8 @@
 //!
 //! Every field can be set by name from text (`args.set("save_steps", "10")`), which is
 //! how `kiln train --save_steps 10` and the `[training]` table of a config reach it.
+//! The values some fields take are in `values`, activation checkpointing's options in
+//! `checkpointing`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -15,30 +17,10 @@ use serde_json::{Map, Value};
 use crate::{Error, Result};
 use kiln_optim::{OptimKind, Schedule};
 
-/// When to log, evaluate or save.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    /// Never.
-    No,
-    /// Every N steps.
-    Steps,
-    /// At the end of every epoch.
-    Epoch,
-    /// After an evaluation that improved the best metric (saving only).
-    Best,
-}
+mod checkpointing;
+mod values;
 
-impl Strategy {
-    fn name(self) -> &'static str {
-        match self {
-            Strategy::No => "no",
-            Strategy::Steps => "steps",
-            Strategy::Epoch => "epoch",
-            Strategy::Best => "best",
-        }
-    }
-}
+pub use values::{LogLevel, SamplingStrategy, SaveErrorPolicy, Strategy, TokensSeen};
 
 /// The arguments of a training run, as transformers' `TrainingArguments` names them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -336,89 +318,6 @@ impl Default for TrainingArguments {
     }
 }
 
-/// What training does when a checkpoint save fails (disk full, a read-only folder, …).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SaveErrorPolicy {
-    /// Stop training with the error (the default); `kiln train` then saves the model in
-    /// memory to an emergency folder.
-    Stop,
-    /// Log the error (`save_error` in `log_history`) and go on training.
-    Continue,
-}
-
-/// `log_level` / `log_level_replica`: transformers' names of Python's logging levels.
-/// kiln's informational lines ("resuming from …", "loading best model from …") are
-/// `info`, its warnings and notes about the arguments `warning`; the log entries
-/// themselves are printed at every level, as transformers' progress callbacks print them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    /// Everything.
-    Debug,
-    /// Informational lines and up.
-    Info,
-    /// Warnings and up.
-    Warning,
-    /// Errors only.
-    Error,
-    /// Errors only (kiln has no level above errors).
-    Critical,
-    /// Leave the level as it is: info on the main process (kiln's lines), warning on
-    /// the others.
-    Passive,
-}
-
-/// `train_sampling_strategy`: the order training examples are drawn in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SamplingStrategy {
-    /// Shuffled each epoch.
-    Random,
-    /// In the data's order.
-    Sequential,
-    /// Shuffled, then grouped by length.
-    GroupByLength,
-    /// transformers' batch rebalancing (refused: not implemented).
-    BatchRebalance,
-}
-
-/// `include_num_input_tokens_seen`: which training tokens are counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokensSeen {
-    /// None (the default).
-    No,
-    /// Every position of `input_ids`, padding included.
-    All,
-    /// The positions the attention mask keeps (all of them without a mask).
-    NonPadding,
-}
-
-impl<'de> Deserialize<'de> for TokensSeen {
-    /// `"no"`, `"all"`, `"non_padding"`, or a boolean (`true` = all), as transformers.
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Given {
-            Flag(bool),
-            Name(String),
-        }
-        match Given::deserialize(d)? {
-            Given::Flag(true) => Ok(TokensSeen::All),
-            Given::Flag(false) => Ok(TokensSeen::No),
-            Given::Name(n) => match n.to_ascii_lowercase().as_str() {
-                "no" | "false" => Ok(TokensSeen::No),
-                "all" | "true" => Ok(TokensSeen::All),
-                "non_padding" => Ok(TokensSeen::NonPadding),
-                _ => Err(serde::de::Error::custom(format!(
-                    "include_num_input_tokens_seen {n:?}: give all, non_padding or no (or true/false)"
-                ))),
-            },
-        }
-    }
-}
-
 fn interval_error(name: &str, v: f64) -> Option<String> {
     if !(v > 0.0 && v.is_finite()) {
         Some(format!(
@@ -558,101 +457,6 @@ impl TrainingArguments {
     /// The data shuffling seed.
     pub fn shuffle_seed(&self) -> u64 {
         self.data_seed.unwrap_or(self.seed)
-    }
-
-    /// Activation checkpointing as transformers resolves it (`activation_checkpointing`,
-    /// else `gradient_checkpointing`, with the matching kwargs): `Some(n)` to
-    /// checkpoint every n-th layer, `None` when off. Options kiln cannot honour are
-    /// refused with what to do instead.
-    pub fn checkpoint_every(&self) -> Result<Option<usize>> {
-        let on = self
-            .activation_checkpointing
-            .or(self.gradient_checkpointing)
-            .unwrap_or(false);
-        let (name, kwargs) = self.checkpointing_kwargs();
-        let mut every = 1;
-        for (key, value) in kwargs {
-            let bad = |what: &str| {
-                Err(Error::Config(format!(
-                    "{name} {key}: expected {what}, got {value}"
-                )))
-            };
-            match key.as_str() {
-                "every_n_layers" => match value.as_u64() {
-                    Some(n) if n >= 1 => every = n as usize,
-                    _ => return bad("a whole number of at least 1"),
-                },
-                "offload" => match value.as_bool() {
-                    Some(false) => {}
-                    Some(true) if self.device_spec() == "cpu" => {}
-                    Some(true) => {
-                        return Err(Error::Config(format!(
-                            "{name} offload: kiln keeps the checkpointed layers' inputs on the device; \
-                             drop offload (on the CPU it changes nothing)"
-                        )));
-                    }
-                    None => return bad("true or false"),
-                },
-                "use_reentrant" | "preserve_rng_state" | "debug" => {
-                    if !value.is_boolean() {
-                        return bad("true or false");
-                    }
-                }
-                "determinism_check" => {
-                    if !value.is_string() {
-                        return bad("a string");
-                    }
-                }
-                _ => {
-                    return Err(Error::Config(format!(
-                        "{name}: unknown option {key:?}; kiln takes every_n_layers, offload, \
-                         use_reentrant, preserve_rng_state, determinism_check and debug"
-                    )));
-                }
-            }
-        }
-        Ok(on.then_some(every))
-    }
-
-    /// The checkpointing options in force and the name they were given under.
-    fn checkpointing_kwargs(&self) -> (&'static str, &Map<String, Value>) {
-        if self.activation_checkpointing_kwargs.is_empty()
-            && !self.gradient_checkpointing_kwargs.is_empty()
-        {
-            (
-                "gradient_checkpointing_kwargs",
-                &self.gradient_checkpointing_kwargs,
-            )
-        } else {
-            (
-                "activation_checkpointing_kwargs",
-                &self.activation_checkpointing_kwargs,
-            )
-        }
-    }
-
-    /// One line for each option that is set but changes nothing here, saying why
-    /// (`kiln train` prints them when the run starts).
-    pub fn notes(&self) -> Vec<String> {
-        let (name, kwargs) = self.checkpointing_kwargs();
-        kwargs
-            .iter()
-            .filter_map(|(key, value)| {
-                let why = match key.as_str() {
-                    "use_reentrant" | "debug" | "determinism_check" => {
-                        "kiln has one recomputation, which needs none of torch's checkpoint variants"
-                    }
-                    "preserve_rng_state" => {
-                        "kiln always replays the dropout generator, so recomputed layers draw the same masks"
-                    }
-                    "offload" if value.as_bool() == Some(true) => {
-                        "on the CPU the checkpointed inputs are in host memory already"
-                    }
-                    _ => return None,
-                };
-                Some(format!("{name} {key} {value} changes nothing here: {why}"))
-            })
-            .collect()
     }
 
     /// Checks everything that can be checked without the data; each message says what
