@@ -15,16 +15,8 @@ rm -rf "$root"
 mkdir -p "$root"
 cargo build --release -q -p kiln-cli
 export RAYON_NUM_THREADS=2
-# Rows of 200 words of the bundled corpus (every row is cut at 128 tokens).
-python3 - "$root/long.jsonl" <<'PY'
-import json, random, sys
-words = open("data/corpus/train.txt").read().split()
-rng = random.Random(0)
-with open(sys.argv[1], "w") as f:
-    for i in range(256):
-        text = " ".join(rng.choice(words) for _ in range(200))
-        f.write(json.dumps({"text": text, "label": ["negative", "positive"][i % 2]}) + "\n")
-PY
+# Rows of 200 words of the bundled corpus (cut at 128 tokens).
+python3 benches/long_rows.py "$root/long.jsonl" 256
 common=(--do_train true --save_strategy no --disable_tqdm true --skip_memory_metrics false
     --max_steps "$steps" --logging_steps "$steps")
 bert=(cli/bundled/bert-sentiment.toml --train_file "$root/long.jsonl" --hidden_size 256
