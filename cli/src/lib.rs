@@ -129,7 +129,42 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let result = match cli.command {
+    let result = in_compute_pool(move || run_command(cli.command));
+    match result {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`kiln inspect x | head`) is not an error worth a message.
+            let _ = stdout
+                .write_all(out.stdout.as_bytes())
+                .and_then(|()| stdout.flush());
+            ExitCode::from(out.code)
+        }
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs `f` on a thread of the compute pool (rayon's, of `RAYON_NUM_THREADS` threads):
+/// the thread that drives training is then one of the threads that compute, so `n`
+/// threads share `n` cores, instead of a main thread competing with `n` workers that
+/// spin between parallel products. The pool's threads get the main thread's 8 MiB
+/// stack (candle walks graphs recursively). If no pool can be started, `f` runs here.
+fn in_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let built = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+    match built {
+        // `scope` from outside the pool runs its body on one of the pool's threads, the
+        // calling thread asleep until it returns.
+        Ok(()) => rayon::scope(|_| f()),
+        Err(_) => f(),
+    }
+}
+
+fn run_command(command: Command) -> CmdResult {
+    match command {
         Command::Inspect { path, json } => files::inspect(&path, json),
         Command::Convert {
             input,
@@ -177,20 +212,6 @@ pub fn main() -> ExitCode {
         } => commands::merge(&adapter, &output, base.as_deref()),
         Command::Diff { a, b, atol, rtol } => files::diff(&a, &b, Tolerance { atol, rtol }),
         Command::Backends { json, device } => files::backends(json, device.as_ref()),
-    };
-    match result {
-        Ok(out) => {
-            let mut stdout = std::io::stdout().lock();
-            // A closed pipe (`kiln inspect x | head`) is not an error worth a message.
-            let _ = stdout
-                .write_all(out.stdout.as_bytes())
-                .and_then(|()| stdout.flush());
-            ExitCode::from(out.code)
-        }
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            ExitCode::from(e.exit_code())
-        }
     }
 }
 
