@@ -124,25 +124,42 @@ impl Rng {
         let threshold = (p * (1u64 << 32) as f64).ceil() as u64;
         let mut key = [0u8; 32];
         self.inner.fill_bytes(&mut key);
-        let mut draws = rand_chacha::ChaCha8Rng::from_seed(key);
-        let mut out = Vec::with_capacity(n);
-        let mut bytes = [0u8; 4 * 2048];
-        let mut left = n;
-        while left > 0 {
-            let take = left.min(2048);
-            let chunk = &mut bytes[..4 * take];
-            draws.fill_bytes(chunk);
-            out.extend(chunk.chunks_exact(4).map(|w| {
-                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                if u64::from(word) < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            }));
-            left -= take;
+        // Blocks of a fixed size, each from its own position of the ChaCha8 stream
+        // (word i decides entry i, wherever it is drawn): large masks are drawn on
+        // rayon's threads with the same values as one thread draws them.
+        const BLOCK: usize = 1 << 16;
+        let block = |start: usize| -> Vec<f32> {
+            let mut draws = rand_chacha::ChaCha8Rng::from_seed(key);
+            draws.set_word_pos(start as u128);
+            let len = BLOCK.min(n - start);
+            let mut out = Vec::with_capacity(len);
+            let mut bytes = [0u8; 4 * 2048];
+            let mut left = len;
+            while left > 0 {
+                let take = left.min(2048);
+                let chunk = &mut bytes[..4 * take];
+                draws.fill_bytes(chunk);
+                out.extend(chunk.chunks_exact(4).map(|w| {
+                    let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                    if u64::from(word) < threshold {
+                        0.0
+                    } else {
+                        keep
+                    }
+                }));
+                left -= take;
+            }
+            out
+        };
+        if n <= BLOCK {
+            return block(0);
         }
-        out
+        use rayon::prelude::*;
+        let parts: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|b| block(b * BLOCK))
+            .collect();
+        parts.concat()
     }
 
     /// The state, for a checkpoint.
@@ -211,6 +228,19 @@ mod tests {
         let sd = (n as f64 * p * (1.0 - p)).sqrt();
         assert!((dropped - n as f64 * p).abs() < 5.0 * sd, "{dropped}");
         assert!(m2.iter().all(|&v| v == 0.0 || v == (1.0 / 0.9) as f32));
+        // Drawn in blocks on several threads, a mask is the one stream drawn in order.
+        let mut d = Rng::seed_from_u64(11);
+        let mut key = [0u8; 32];
+        d.clone().inner.fill_bytes(&mut key);
+        let mut one = rand_chacha::ChaCha8Rng::from_seed(key);
+        let threshold = (0.25 * (1u64 << 32) as f64).ceil() as u64;
+        let sequential: Vec<f32> = (0..n)
+            .map(|_| match u64::from(one.next_u32()) < threshold {
+                true => 0.0,
+                false => (1.0 / 0.75) as f32,
+            })
+            .collect();
+        assert_eq!(d.dropout_values(n, 0.25), sequential);
         // p = 0.5 on a size that is not a multiple of the draw buffer.
         let half = a.dropout_values(2049, 0.5);
         assert_eq!(half.len(), 2049);
