@@ -4,7 +4,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::gemm::{Mat, gemm_into, gemm_with};
+use std::mem::MaybeUninit;
+
+use super::gemm::{Fresh, Mat, PARALLEL_GEMM_WORK, gemm_raw};
 use super::{bte_layout, fusable, read, read_strided, slice};
 
 /// Head `hd` of batch entry `bi` of a `[b, t, heads·d]` tensor with strides `(s0, s1, 1)`
@@ -130,6 +132,38 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, t, heads * d))
 }
 
+/// One output buffer and the length of each batch entry's part of it.
+type Out<'a> = (&'a mut Fresh, usize);
+
+/// Runs `f(bi, part, part2)` for every batch entry `bi` with its own parts of one or two
+/// output buffers: on rayon's threads, one entry each, when the `work` (multiply-adds of
+/// all entries) is worth it, in order otherwise. The parts are disjoint, so the entries
+/// never meet, and each computes alone: results do not depend on the threads.
+fn per_batch(
+    b: usize,
+    work: usize,
+    (first, n1): Out<'_>,
+    second: Option<Out<'_>>,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]) -> Result<()> + Sync,
+) -> Result<()> {
+    let parts1: Vec<&mut [MaybeUninit<f32>]> = first.spare().chunks_mut(n1.max(1)).collect();
+    let parts2: Vec<&mut [MaybeUninit<f32>]> = match second {
+        Some((buf, n2)) => buf.spare().chunks_mut(n2.max(1)).collect(),
+        None => (0..b).map(|_| &mut [][..]).collect(),
+    };
+    if parts1.len() != b || parts2.len() != b {
+        candle_core::bail!("attention: output parts do not match the batch")
+    }
+    let jobs = parts1.into_iter().zip(parts2).enumerate();
+    if b < 2 || work < PARALLEL_GEMM_WORK {
+        return jobs.into_iter().try_for_each(|(bi, (x, y))| f(bi, x, y));
+    }
+    use rayon::prelude::*;
+    jobs.collect::<Vec<_>>()
+        .into_par_iter()
+        .try_for_each(|(bi, (x, y))| f(bi, x, y))
+}
+
 struct AttentionScores {
     heads: usize,
     group: usize,
@@ -162,18 +196,33 @@ impl CustomOp2 for AttentionScores {
             )
         }
         let (h, d) = (self.heads, e / self.heads);
-        let mut out = vec![0f32; b * h * tq * tk];
-        for bi in 0..b {
-            for hd in 0..h {
-                let o = Mat {
-                    off: (bi * h + hd) * tq * tk,
-                    rs: tk,
-                    cs: 1,
-                };
-                let kt = head(ok, sk, bi, hd / self.group, d).t();
-                gemm_into((tq, tk, d), &mut out, o, q, head(oq, sq, bi, hd, d), k, kt)?;
-            }
-        }
+        let mut out = Fresh::new(b * h * tq * tk);
+        per_batch(
+            b,
+            h * tq * tk * d,
+            (&mut out, h * tq * tk),
+            None,
+            |bi, o, _| {
+                for hd in 0..h {
+                    let om = Mat {
+                        off: hd * tq * tk,
+                        rs: tk,
+                        cs: 1,
+                    };
+                    let kt = head(ok, sk, bi, hd / self.group, d).t();
+                    gemm_raw(
+                        (tq, tk, d),
+                        (o, om),
+                        (q, head(oq, sq, bi, hd, d)),
+                        (k, kt),
+                        false,
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        // SAFETY: each batch entry's heads write its whole [h, tq, tk] block.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), Shape::from((b, h, tq, tk))))
     }
 
@@ -189,32 +238,42 @@ impl CustomOp2 for AttentionScores {
         let (b, tq, e) = q.dims3()?;
         let (tk, ek) = (k.dim(1)?, k.dim(2)?);
         let (h, d, group) = (self.heads, e / self.heads, self.group);
-        let mut dq = vec![0f32; b * tq * e];
-        let mut dk = vec![0f32; b * tk * ek];
+        let mut dq = Fresh::new(b * tq * e);
+        let mut dk = Fresh::new(b * tk * ek);
         read_strided(q, |qs, oq, sq| {
             read_strided(k, |ks, ok, sk| {
                 read(grad, |ds| {
-                    for bi in 0..b {
-                        for hd in 0..h {
-                            let g = Mat {
-                                off: (bi * h + hd) * tq * tk,
-                                rs: tk,
-                                cs: 1,
-                            };
-                            let qm = head(oq, sq, bi, hd, d);
-                            let km = head(ok, sk, bi, hd / group, d);
-                            let dqm = head(0, (tq * e, e), bi, hd, d);
-                            let dkm = head(0, (tk * ek, ek), bi, hd / group, d);
-                            gemm_into((tq, d, tk), &mut dq, dqm, ds, g, ks, km)?;
-                            // The first head of a group writes, the others add.
-                            let (dkv, gt, qv) = ((&mut dk[..], dkm), (ds, g.t()), (qs, qm));
-                            gemm_with((tk, d, tq), dkv, gt, qv, hd % group != 0)?;
-                        }
-                    }
-                    Ok(())
+                    let outs = (&mut dq, tq * e);
+                    per_batch(
+                        b,
+                        2 * h * tq * tk * d,
+                        outs,
+                        Some((&mut dk, tk * ek)),
+                        |bi, dqb, dkb| {
+                            for hd in 0..h {
+                                let g = Mat {
+                                    off: (bi * h + hd) * tq * tk,
+                                    rs: tk,
+                                    cs: 1,
+                                };
+                                let qm = head(oq, sq, bi, hd, d);
+                                let km = head(ok, sk, bi, hd / group, d);
+                                let dqm = head(0, (0, e), 0, hd, d);
+                                let dkm = head(0, (0, ek), 0, hd / group, d);
+                                gemm_raw((tq, d, tk), (dqb, dqm), (ds, g), (ks, km), false)?;
+                                // The first head of a group writes, the others add.
+                                let (gt, qv) = ((ds, g.t()), (qs, qm));
+                                gemm_raw((tk, d, tq), (dkb, dkm), gt, qv, hd % group != 0)?;
+                            }
+                            Ok(())
+                        },
+                    )
                 })
             })
         })?;
+        // SAFETY: every head writes its block of dq, the first head of each group its
+        // key head's block of dk.
+        let (dq, dk) = unsafe { (dq.finish(), dk.finish()) };
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b, tq, e), dev)?),
@@ -256,19 +315,22 @@ impl CustomOp2 for AttentionContext {
         // The output has `heads` heads of v's width `d`.
         let (d, group) = (ev * self.group / h, self.group);
         let e = h * d;
-        let mut out = vec![0f32; b * tq * e];
-        for bi in 0..b {
+        let mut out = Fresh::new(b * tq * e);
+        per_batch(b, h * tq * tk * d, (&mut out, tq * e), None, |bi, o, _| {
             for hd in 0..h {
                 let pm = Mat {
                     off: (bi * h + hd) * tq * tk,
                     rs: tk,
                     cs: 1,
                 };
-                let om = head(0, (tq * e, e), bi, hd, d);
+                let om = head(0, (0, e), 0, hd, d);
                 let vm = head(ov, sv, bi, hd / group, d);
-                gemm_into((tq, d, tk), &mut out, om, p, pm, v, vm)?;
+                gemm_raw((tq, d, tk), (o, om), (p, pm), (v, vm), false)?;
             }
-        }
+            Ok(())
+        })?;
+        // SAFETY: each batch entry's heads write all of its [tq, e] rows.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), Shape::from((b, tq, e))))
     }
 
@@ -285,31 +347,46 @@ impl CustomOp2 for AttentionContext {
         let ev = v.dim(2)?;
         let (d, group) = (ev * self.group / h, self.group);
         let e = h * d;
-        let mut dp = vec![0f32; b * h * tq * tk];
-        let mut dv = vec![0f32; b * tk * ev];
+        let mut dp = Fresh::new(b * h * tq * tk);
+        let mut dv = Fresh::new(b * tk * ev);
         read(probs, |ps| {
             read_strided(v, |vs, ov, sv| {
                 read(grad, |dc| {
-                    for bi in 0..b {
-                        for hd in 0..h {
-                            let pm = Mat {
-                                off: (bi * h + hd) * tq * tk,
-                                rs: tk,
-                                cs: 1,
-                            };
-                            let gm = head(0, (tq * e, e), bi, hd, d);
-                            let vm = head(ov, sv, bi, hd / group, d);
-                            gemm_into((tq, tk, d), &mut dp, pm, dc, gm, vs, vm.t())?;
-                            let dvm = head(0, (tk * ev, ev), bi, hd / group, d);
-                            // The first head of a group writes, the others add.
-                            let (dvv, pt, cv) = ((&mut dv[..], dvm), (ps, pm.t()), (dc, gm));
-                            gemm_with((tk, d, tq), dvv, pt, cv, hd % group != 0)?;
-                        }
-                    }
-                    Ok(())
+                    let outs = (&mut dp, h * tq * tk);
+                    per_batch(
+                        b,
+                        2 * h * tq * tk * d,
+                        outs,
+                        Some((&mut dv, tk * ev)),
+                        |bi, dpb, dvb| {
+                            for hd in 0..h {
+                                let pm = Mat {
+                                    off: (bi * h + hd) * tq * tk,
+                                    rs: tk,
+                                    cs: 1,
+                                };
+                                let dpm = Mat {
+                                    off: hd * tq * tk,
+                                    rs: tk,
+                                    cs: 1,
+                                };
+                                let gm = head(0, (tq * e, e), bi, hd, d);
+                                let vm = head(ov, sv, bi, hd / group, d);
+                                gemm_raw((tq, tk, d), (dpb, dpm), (dc, gm), (vs, vm.t()), false)?;
+                                let dvm = head(0, (0, ev), 0, hd / group, d);
+                                // The first head of a group writes, the others add.
+                                let (pt, cv) = ((ps, pm.t()), (dc, gm));
+                                gemm_raw((tk, d, tq), (dvb, dvm), pt, cv, hd % group != 0)?;
+                            }
+                            Ok(())
+                        },
+                    )
                 })
             })
         })?;
+        // SAFETY: every head writes its block of dp, the first head of each group its
+        // value head's block of dv.
+        let (dp, dv) = unsafe { (dp.finish(), dv.finish()) };
         let dev = v.device();
         Ok((
             Some(Tensor::from_vec(dp, (b, h, tq, tk), dev)?),

@@ -1,5 +1,8 @@
-//! The one `unsafe` call of the fused ops: `gemm`'s matrix product over strided views
-//! of slices, after a bounds check that keeps every access inside them.
+//! The `unsafe` of the fused ops, in one place: `gemm`'s matrix product over strided
+//! views of slices, after a bounds check that keeps every access inside them; and
+//! output buffers that products fill without zeroing them first ([`Fresh`]).
+
+use std::mem::MaybeUninit;
 
 use candle_core::Result;
 
@@ -28,20 +31,6 @@ impl Mat {
     }
 }
 
-/// `dst (m×n) = a (m×k) · b (k×n)` on one thread (the matrices of attention are small
-/// and many; candle's matmul splits each over threads, which costs more than it gives).
-pub(super) fn gemm_into(
-    mnk: (usize, usize, usize),
-    dst: &mut [f32],
-    d: Mat,
-    a: &[f32],
-    am: Mat,
-    b: &[f32],
-    bm: Mat,
-) -> Result<()> {
-    gemm_with(mnk, (dst, d), (a, am), (b, bm), false)
-}
-
 /// candle's thread count, asked once: without `RAYON_NUM_THREADS` set, candle's
 /// `get_num_threads` counts the physical cores from `/proc/cpuinfo` on every call.
 fn compute_threads() -> usize {
@@ -52,14 +41,65 @@ fn compute_threads() -> usize {
 /// Work (multiply-adds) below which a gemm runs on one thread: at this size the hand-off
 /// to rayon's workers, which then spin for more work beside the main thread, costs more
 /// than the second core gives (measured on the bundled BERT: 10% of a step on 2 cores).
-const PARALLEL_GEMM_WORK: usize = 1 << 25;
+pub(super) const PARALLEL_GEMM_WORK: usize = 1 << 25;
 
 /// `dst (m×n) (+)= a (m×k) · b (k×n)` (`accumulate`: add onto dst), on candle's threads
 /// when the product is large ([`PARALLEL_GEMM_WORK`]). An out-of-bounds view is an
 /// error, never a panic or a stray access.
 pub(super) fn gemm_with(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     (dst, d): (&mut [f32], Mat),
+    a: (&[f32], Mat),
+    b: (&[f32], Mat),
+    accumulate: bool,
+) -> Result<()> {
+    gemm_raw(mnk, (as_uninit(dst), d), a, b, accumulate)
+}
+
+/// An initialised buffer as one that products may write (and, accumulating, read).
+pub(super) fn as_uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, an initialised f32 is a valid
+    // MaybeUninit<f32>, and the products write only f32 values into it.
+    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// A new buffer of `len` values that products fill without zeroing it first: every
+/// element is written before [`Fresh::finish`] hands it over. Zeroing an output that a
+/// product overwrites anyway was a tenth of a training step's memory traffic.
+pub(super) struct Fresh(Vec<f32>);
+
+impl Fresh {
+    /// Room for `len` values, none written yet.
+    pub(super) fn new(len: usize) -> Self {
+        Fresh(Vec::with_capacity(len))
+    }
+
+    /// The unwritten buffer, to split between products (every element written once
+    /// before any product that accumulates reads it).
+    pub(super) fn spare(&mut self) -> &mut [MaybeUninit<f32>] {
+        let len = self.0.capacity();
+        &mut self.0.spare_capacity_mut()[..len]
+    }
+
+    /// The buffer, once written.
+    ///
+    /// # Safety
+    /// Every element of [`Fresh::spare`] has been written (by products that overwrite,
+    /// `accumulate = false`, whose views together cover the buffer).
+    pub(super) unsafe fn finish(mut self) -> Vec<f32> {
+        let len = self.0.capacity();
+        // SAFETY: the caller guarantees that all `len` elements are initialised.
+        unsafe { self.0.set_len(len) };
+        self.0
+    }
+}
+
+/// [`gemm_with`] into a buffer that may not be written yet: with `accumulate` false
+/// every element of the `m × n` view is written and none is read; with `accumulate`
+/// true the view must have been written before (it is read).
+pub(super) fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    (dst, d): (&mut [MaybeUninit<f32>], Mat),
     (a, am): (&[f32], Mat),
     (b, bm): (&[f32], Mat),
     accumulate: bool,
@@ -74,7 +114,7 @@ pub(super) fn gemm_with(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    dst[d.off + i * d.rs + j * d.cs] = 0.0;
+                    dst[d.off + i * d.rs + j * d.cs].write(0.0);
                 }
             }
         }
@@ -90,13 +130,14 @@ pub(super) fn gemm_with(
     // SAFETY: the bounds check above keeps every element gemm reads or writes inside
     // `a`, `b` and `dst` (the largest index of each view is within its slice); dst is a
     // distinct &mut slice, so it aliases neither input; strides fit isize (they index
-    // existing slices). With `accumulate` gemm reads dst, which is initialised.
+    // existing slices). Without `accumulate` (gemm's read_dst false) gemm writes every
+    // element of the view and reads none; with it, the caller has written the view.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr().add(d.off),
+            dst.as_mut_ptr().cast::<f32>().add(d.off),
             d.cs as isize,
             d.rs as isize,
             accumulate,

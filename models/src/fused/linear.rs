@@ -3,7 +3,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::gemm::{Mat, gemm_with};
+use std::mem::MaybeUninit;
+
+use super::gemm::{Fresh, Mat, gemm_raw, gemm_with};
 use super::{fusable, read, slice, sum_rows};
 
 /// `x + b` where `b`'s shape is the trailing part of `x`'s (a bias `[out]` over
@@ -150,8 +152,9 @@ pub(super) fn out_shape(l: &Layout, output: usize) -> Shape {
 }
 
 /// The dense part of a layer's backward, with g = dy `[rows, out]` and x `[rows, in]`:
-/// dx = g·W (Conv1D: g·Wᵀ) into `dx`, dW = gᵀ·x (Conv1D: xᵀ·g) into `dw`; an empty
-/// buffer is an input that takes no part in backprop and is skipped (a frozen weight,
+/// dx = g·W (Conv1D: g·Wᵀ) into `dx`, dW = gᵀ·x (Conv1D: xᵀ·g) into `dw`, each written
+/// whole (neither is read); an empty buffer is an input that takes no part in backprop
+/// and is skipped (a frozen weight,
 /// kiln-peft's LoRA base, gets no dW: that gemm is half the layer's backward).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dense_grads(
@@ -160,13 +163,13 @@ pub(super) fn dense_grads(
     xs: &[f32],
     ws: &[f32],
     gs: &[f32],
-    dx: &mut [f32],
-    dw: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
+    dw: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     let (gm, xm) = (row_major(output), row_major(input));
     if !dx.is_empty() {
         let wm = weight_rhs(transposed, input, output);
-        gemm_with(
+        gemm_raw(
             (rows, input, output),
             (dx, xm),
             (gs, gm),
@@ -180,7 +183,7 @@ pub(super) fn dense_grads(
         } else {
             row_major(input).t() // dW [output, input], written as its transpose xᵀ·g
         };
-        gemm_with(
+        gemm_raw(
             (input, output, rows),
             (dw, dwm),
             (xs, xm.t()),
@@ -235,17 +238,20 @@ impl CustomOp3 for LinearOp {
         let input = w.elem_count() / output;
         let rows = x.elem_count() / input;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
-        let mut dx = vec![0f32; if want_x { rows * input } else { 0 }];
-        let mut dw = vec![0f32; if want_w { input * output } else { 0 }];
+        let mut dx = Fresh::new(if want_x { rows * input } else { 0 });
+        let mut dw = Fresh::new(if want_w { input * output } else { 0 });
         let db = read(x, |xs| {
             read(w, |ws| {
                 read(grad, |gs| {
                     let sizes = (rows, input, output);
-                    dense_grads(self.transposed, sizes, xs, ws, gs, &mut dx, &mut dw)?;
+                    let (dxs, dws) = (dx.spare(), dw.spare());
+                    dense_grads(self.transposed, sizes, xs, ws, gs, dxs, dws)?;
                     Ok(want_b.then(|| sum_rows(gs, output)))
                 })
             })
         })?;
+        // SAFETY: dense_grads wrote the whole of each buffer it was given.
+        let (dx, dw) = unsafe { (dx.finish(), dw.finish()) };
         let dev = x.device();
         let dx = match want_x {
             true => Some(Tensor::from_vec(dx, x.shape(), dev)?),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::gemm::{Mat, gemm_with};
+use super::gemm::{Mat, as_uninit, gemm_with};
 use super::linear::{dense_fwd, dense_grads, out_shape};
 use super::{fusable, read, slice, sum_rows};
 
@@ -210,7 +210,8 @@ impl CustomOp3 for LoraLinearOp {
                         )?;
                         gh.iter_mut().for_each(|v| *v *= self.scaling);
                         let sizes = (rows, input, output);
-                        dense_grads(self.transposed, sizes, xs, ws, gs, &mut dx, &mut dw)?;
+                        let (dxs, dws) = (as_uninit(&mut dx), as_uninit(&mut dw));
+                        dense_grads(self.transposed, sizes, xs, ws, gs, dxs, dws)?;
                         if want_x {
                             // d(gh · A): the adapter's share, masked like its input
                             // (without a mask, accumulated straight onto dx).

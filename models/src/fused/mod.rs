@@ -124,7 +124,7 @@ pub(super) fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
 /// bundled models' sizes (at most 2^18 elements a tensor) handing work to rayon costs
 /// more than the second core gives; a larger model's GELU or LayerNorm alone would
 /// otherwise keep one core busy while the others wait.
-pub(super) const PARALLEL_ELEMENTS: usize = 1 << 20;
+pub(super) const PARALLEL_ELEMENTS: usize = 1 << 17;
 
 /// Runs `task` over `rows` rows of `width` elements: once over all of them when they are
 /// few, else over blocks of about 2^16 elements on rayon's threads, results in block
