@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod error;
+mod fused;
 pub mod optimizer;
 pub mod schedule;
 

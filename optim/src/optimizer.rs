@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor, Var};
 use kiln_checkpoint::optimizer::OptimizerState;
 use serde_json::json;
 
+use crate::fused;
 use crate::{Error, Result};
 
 /// The optimizer an `optim` value selects.
@@ -173,15 +174,19 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The global L2 norm of the gradients (as `torch.nn.utils.clip_grad_norm_`).
+    /// The global L2 norm of the gradients (as `torch.nn.utils.clip_grad_norm_`), each
+    /// tensor's squares summed in f64.
     pub fn grad_norm(grads: &Grads) -> Result<f64> {
         let mut total = 0f64;
         for g in grads.iter().flatten() {
-            total += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            total += match fused::with_f32(g, fused::sum_of_squares) {
+                Some(s) => s,
+                None => g
+                    .to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?,
+            };
         }
         Ok(total.sqrt())
     }
@@ -214,7 +219,7 @@ impl Optimizer {
             let Some(g) = g else { continue };
             let g = g.to_dtype(slot.var.dtype())?;
             let wd = if slot.decay { h.weight_decay } else { 0.0 };
-            let p = slot.var.as_tensor();
+            let p = slot.var.as_tensor().clone();
             match self.kind {
                 OptimKind::Sgd => {
                     let g = if wd != 0.0 {
@@ -222,29 +227,13 @@ impl Optimizer {
                     } else {
                         g
                     };
-                    slot.var.set(&(p - g.affine(lr, 0.0)?)?)?;
+                    slot.var.set(&(&p - g.affine(lr, 0.0)?)?)?;
                 }
+                OptimKind::AdamW if fused_adamw(slot, &g, h, lr, wd, t)? => {}
                 OptimKind::AdamW => {
-                    let m = match &slot.exp_avg {
-                        Some(m) => (m.affine(h.beta1, 0.0)? + g.affine(1.0 - h.beta1, 0.0)?)?,
-                        None => g.affine(1.0 - h.beta1, 0.0)?,
-                    };
-                    let g2 = g.sqr()?;
-                    let v = match &slot.exp_avg_sq {
-                        Some(v) => (v.affine(h.beta2, 0.0)? + g2.affine(1.0 - h.beta2, 0.0)?)?,
-                        None => g2.affine(1.0 - h.beta2, 0.0)?,
-                    };
-                    let bc1 = 1.0 - h.beta1.powi(t);
-                    let bc2 = 1.0 - h.beta2.powi(t);
-                    let step_size = lr / bc1;
-                    let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), h.eps)?;
-                    let decayed = if wd != 0.0 {
-                        p.affine(1.0 - lr * wd, 0.0)?
-                    } else {
-                        p.clone()
-                    };
-                    let update = (m.div(&denom)?).affine(step_size, 0.0)?;
-                    slot.var.set(&(decayed - update)?)?;
+                    let (m, v) = (slot.exp_avg.as_ref(), slot.exp_avg_sq.as_ref());
+                    let (p, m, v) = adamw_tensors(&p, &g, m, v, h, lr, wd, t)?;
+                    slot.var.set(&p)?;
                     slot.exp_avg = Some(m);
                     slot.exp_avg_sq = Some(v);
                 }
@@ -337,6 +326,93 @@ impl Optimizer {
     }
 }
 
+/// One AdamW step in tensor operations (any device and dtype): the new parameter and
+/// moments from parameter `p`, gradient `g` and the moments so far (none at first).
+#[allow(clippy::too_many_arguments)]
+fn adamw_tensors(
+    p: &Tensor,
+    g: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    h: Hyper,
+    lr: f64,
+    wd: f64,
+    t: i32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = match m {
+        Some(m) => (m.affine(h.beta1, 0.0)? + g.affine(1.0 - h.beta1, 0.0)?)?,
+        None => g.affine(1.0 - h.beta1, 0.0)?,
+    };
+    let g2 = g.sqr()?;
+    let v = match v {
+        Some(v) => (v.affine(h.beta2, 0.0)? + g2.affine(1.0 - h.beta2, 0.0)?)?,
+        None => g2.affine(1.0 - h.beta2, 0.0)?,
+    };
+    let bc1 = 1.0 - h.beta1.powi(t);
+    let bc2 = 1.0 - h.beta2.powi(t);
+    let step_size = lr / bc1;
+    let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), h.eps)?;
+    let decayed = if wd != 0.0 {
+        p.affine(1.0 - lr * wd, 0.0)?
+    } else {
+        p.clone()
+    };
+    let update = (m.div(&denom)?).affine(step_size, 0.0)?;
+    Ok(((decayed - update)?, m, v))
+}
+
+/// AdamW on `slot` in place, in one pass (CPU f32 parameters and gradients, see
+/// [`fused`]); false, with nothing changed, where the tensors are anything else.
+fn fused_adamw(slot: &mut Slot, g: &Tensor, h: Hyper, lr: f64, wd: f64, t: i32) -> Result<bool> {
+    let p = slot.var.as_tensor().clone();
+    let usable = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous();
+    let moments = [&slot.exp_avg, &slot.exp_avg_sq];
+    if !usable(&p)
+        || !usable(g)
+        || moments
+            .iter()
+            .any(|m| m.as_ref().is_some_and(|m| !usable(m)))
+    {
+        return Ok(false);
+    }
+    let first = slot.exp_avg.is_none() || slot.exp_avg_sq.is_none();
+    let m = match (&slot.exp_avg, first) {
+        (Some(m), false) => m.clone(),
+        _ => p.zeros_like()?,
+    };
+    let v = match (&slot.exp_avg_sq, first) {
+        (Some(v), false) => v.clone(),
+        _ => p.zeros_like()?,
+    };
+    let bc1 = 1.0 - h.beta1.powi(t);
+    let bc2 = 1.0 - h.beta2.powi(t);
+    let k = fused::AdamW {
+        beta1: h.beta1 as f32,
+        one_minus_beta1: (1.0 - h.beta1) as f32,
+        beta2: h.beta2 as f32,
+        one_minus_beta2: (1.0 - h.beta2) as f32,
+        inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+        eps: h.eps as f32,
+        decay: (wd != 0.0).then_some((1.0 - lr * wd) as f32),
+        step_size: (lr / bc1) as f32,
+        first,
+    };
+    let done = fused::with_f32(g, |g| {
+        fused::with_f32_mut(&m, |ms| {
+            fused::with_f32_mut(&v, |vs| {
+                fused::with_f32_mut(&p, |ps| k.apply(ps, g, ms, vs))
+            })
+        })
+    });
+    match done {
+        Some(r) => r???,
+        None => return Ok(false),
+    }
+    slot.exp_avg = Some(m);
+    slot.exp_avg_sq = Some(v);
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +446,51 @@ mod tests {
         for (a, b) in w.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-6, "{w:?}");
         }
+    }
+
+    #[test]
+    fn fused_adamw_gives_the_bits_of_the_tensor_formulation() {
+        use rand_core::{Rng as _, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut draw = |n: usize, scale: f32| -> Tensor {
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * scale)
+                .collect();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        // Large enough for parallel blocks, with and without weight decay.
+        let n = (1 << 17) + 13;
+        let h = hyper();
+        for decay in [true, false] {
+            let init = draw(n, 2.0);
+            let var = Var::from_tensor(&init).unwrap();
+            let mut opt =
+                Optimizer::new(OptimKind::AdamW, h, vec![("w".into(), var.clone(), decay)]);
+            let (mut p, mut m, mut v) = (init, None, None);
+            let wd = if decay { h.weight_decay } else { 0.0 };
+            for t in 1..=4 {
+                let g = draw(n, 1e-2 * t as f32);
+                let lr = 1e-3 / t as f64;
+                opt.step(&vec![Some(g.clone())], lr).unwrap();
+                let (p2, m2, v2) =
+                    adamw_tensors(&p, &g, m.as_ref(), v.as_ref(), h, lr, wd, t).unwrap();
+                (p, m, v) = (p2, Some(m2), Some(v2));
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.to_vec1::<f32>()
+                        .unwrap()
+                        .into_iter()
+                        .map(f32::to_bits)
+                        .collect()
+                };
+                assert!(bits(var.as_tensor()) == bits(&p), "step {t}, decay {decay}");
+                assert!(bits(opt.slots[0].exp_avg.as_ref().unwrap()) == bits(m.as_ref().unwrap()));
+                assert!(
+                    bits(opt.slots[0].exp_avg_sq.as_ref().unwrap()) == bits(v.as_ref().unwrap())
+                );
+            }
+        }
+        let g = vec![Some(Tensor::new(&[3.0f32, -4.0], &Device::Cpu).unwrap())];
+        assert_eq!(Optimizer::grad_norm(&g).unwrap(), 5.0);
     }
 
     #[test]
