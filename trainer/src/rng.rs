@@ -128,38 +128,33 @@ impl Rng {
         // (word i decides entry i, wherever it is drawn): large masks are drawn on
         // rayon's threads with the same values as one thread draws them.
         const BLOCK: usize = 1 << 16;
-        let block = |start: usize| -> Vec<f32> {
+        let fill = |start: usize, out: &mut [f32]| {
             let mut draws = rand_chacha::ChaCha8Rng::from_seed(key);
             draws.set_word_pos(start as u128);
-            let len = BLOCK.min(n - start);
-            let mut out = Vec::with_capacity(len);
             let mut bytes = [0u8; 4 * 2048];
-            let mut left = len;
-            while left > 0 {
-                let take = left.min(2048);
-                let chunk = &mut bytes[..4 * take];
+            for out in out.chunks_mut(2048) {
+                let chunk = &mut bytes[..4 * out.len()];
                 draws.fill_bytes(chunk);
-                out.extend(chunk.chunks_exact(4).map(|w| {
+                for (o, w) in out.iter_mut().zip(chunk.chunks_exact(4)) {
                     let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                    if u64::from(word) < threshold {
+                    *o = if u64::from(word) < threshold {
                         0.0
                     } else {
                         keep
-                    }
-                }));
-                left -= take;
+                    };
+                }
             }
-            out
         };
+        let mut out = vec![0f32; n];
         if n <= BLOCK {
-            return block(0);
+            fill(0, &mut out);
+        } else {
+            use rayon::prelude::*;
+            out.par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(b, chunk)| fill(b * BLOCK, chunk));
         }
-        use rayon::prelude::*;
-        let parts: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
-            .into_par_iter()
-            .map(|b| block(b * BLOCK))
-            .collect();
-        parts.concat()
+        out
     }
 
     /// The state, for a checkpoint.

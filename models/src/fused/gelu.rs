@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{by_rows, fusable, joined, read, slice};
+use super::{fusable, read, rows_into, slice};
 
 /// GELU, exact (`erf`, transformers' `gelu`) or with the tanh approximation
 /// (`gelu_new`). candle's backward of its GELU ops is about ten tensor operations (and
@@ -77,44 +77,43 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let blocks = by_rows(x.len(), 1, |span| {
-            let parts: Vec<f32> = x[span.clone()].iter().map(|&v| self.part(v)).collect();
-            let out: Vec<f32> = x[span]
-                .iter()
-                .zip(&parts)
-                .map(|(&v, &p)| self.value(v, p))
-                .collect();
-            (parts, out)
-        });
-        let (parts, out): (Vec<_>, Vec<_>) = blocks.into_iter().unzip();
-        let (parts, out) = (joined(parts), joined(out));
+        let ([parts, out], _) = rows_into(x.len(), 1, |span, [parts, out]| {
+            parts.extend(x[span.clone()].iter().map(|&v| self.part(v)));
+            let written = parts.written_from(0);
+            out.extend(
+                x[span]
+                    .iter()
+                    .zip(written)
+                    .map(|(&v, &mut p)| self.value(v, p)),
+            );
+        })?;
         // Run once per op; a second run (there is none) would recompute in `bwd`.
         let _ = self.saved.set(parts);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = joined(read(x, |xs| {
+        let ([dx], _) = read(x, |xs| {
             read(grad, |dy| {
                 let saved = self.saved.get().filter(|p| p.len() == xs.len());
-                Ok(by_rows(xs.len(), 1, |span| {
+                rows_into(xs.len(), 1, |span, [dx]| {
                     let (xs, dy) = (&xs[span.clone()], &dy[span.clone()]);
                     match saved {
-                        Some(parts) => xs
-                            .iter()
-                            .zip(&parts[span])
-                            .zip(dy)
-                            .map(|((&v, &p), d)| d * self.slope(v, p))
-                            .collect::<Vec<f32>>(),
-                        None => xs
-                            .iter()
-                            .zip(dy)
-                            .map(|(&v, d)| d * self.slope(v, self.part(v)))
-                            .collect(),
+                        Some(parts) => dx.extend(
+                            xs.iter()
+                                .zip(&parts[span])
+                                .zip(dy)
+                                .map(|((&v, &p), d)| d * self.slope(v, p)),
+                        ),
+                        None => dx.extend(
+                            xs.iter()
+                                .zip(dy)
+                                .map(|(&v, d)| d * self.slope(v, self.part(v))),
+                        ),
                     }
-                }))
+                })
             })
-        })?);
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

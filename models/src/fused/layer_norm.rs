@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::written_out;
-use super::{by_rows, fusable, host, joined, read, slice};
+use super::{fusable, host, read, rows_into, slice};
 
 /// LayerNorm over the last dimension (biased variance, as torch) of `x` with weight `w`
 /// and bias `b` (all of one dtype).
@@ -49,8 +49,7 @@ impl CustomOp3 for LayerNormOp {
         let w = slice(s2, l2, self.name())?;
         let b = slice(s3, l3, self.name())?;
         let h = w.len();
-        let out = joined(by_rows(x.len() / h, h, |rows| {
-            let mut out = Vec::with_capacity(rows.len() * h);
+        let ([out], _) = rows_into(x.len() / h, h, |rows, [out]| {
             for row in x[rows.start * h..rows.end * h].chunks_exact(h) {
                 let (mean, rstd) = row_stats(row, self.eps);
                 out.extend(
@@ -59,8 +58,7 @@ impl CustomOp3 for LayerNormOp {
                         .map(|(v, (w, b))| (v - mean) * rstd * w + b),
                 );
             }
-            out
-        }));
+        })?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -78,10 +76,9 @@ impl CustomOp3 for LayerNormOp {
         let h = ws.len();
         let n = h as f32;
         // Per block of rows: dx of its rows and its part of dw and db, summed in order.
-        let parts = read(x, |xs| {
+        let ([dx], parts) = read(x, |xs| {
             read(grad, |dy| {
-                Ok(by_rows(xs.len() / h.max(1), h, |rows| {
-                    let mut dx = Vec::with_capacity(rows.len() * h);
+                rows_into(xs.len() / h.max(1), h, |rows, [dx]| {
                     let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
                     let (mut xhat, mut g) = (vec![0f32; h], vec![0f32; h]);
                     let span = rows.start * h..rows.end * h;
@@ -102,18 +99,15 @@ impl CustomOp3 for LayerNormOp {
                         let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
                         dx.extend((0..h).map(|i| rstd * (g[i] - mean_g - xhat[i] * mean_gx)));
                     }
-                    (dx, dw, db)
-                }))
+                    (dw, db)
+                })
             })
         })?;
         let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-        let mut dxs = Vec::with_capacity(parts.len());
-        for (dx, pw, pb) in parts {
+        for (pw, pb) in parts {
             dw.iter_mut().zip(&pw).for_each(|(a, v)| *a += v);
             db.iter_mut().zip(&pb).for_each(|(a, v)| *a += v);
-            dxs.push(dx);
         }
-        let dx = joined(dxs);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),

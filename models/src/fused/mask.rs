@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{by_rows, fusable, joined, read, slice};
+use super::{fusable, read, rows_into, slice};
 
 /// `x · mask` for a constant `mask` (dropout's, in `x`'s element order). candle's
 /// multiplication also computes a gradient for the mask, a second product, a zero
@@ -33,26 +33,28 @@ impl CustomOp1 for MulConstant {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let out = joined(by_rows(x.len(), 1, |span| {
-            x[span.clone()]
-                .iter()
-                .zip(&self.0[span])
-                .map(|(x, m)| x * m)
-                .collect()
-        }));
+        let ([out], _) = rows_into(x.len(), 1, |span, [out]| {
+            out.extend(
+                x[span.clone()]
+                    .iter()
+                    .zip(&self.0[span])
+                    .map(|(x, m)| x * m),
+            )
+        })?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = joined(read(grad, |dy| {
-            Ok(by_rows(dy.len(), 1, |span| {
-                dy[span.clone()]
-                    .iter()
-                    .zip(&self.0[span])
-                    .map(|(d, m)| d * m)
-                    .collect()
-            }))
-        })?);
+        let ([dx], _) = read(grad, |dy| {
+            rows_into(dy.len(), 1, |span, [dx]| {
+                dx.extend(
+                    dy[span.clone()]
+                        .iter()
+                        .zip(&self.0[span])
+                        .map(|(d, m)| d * m),
+                )
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

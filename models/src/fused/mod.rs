@@ -15,13 +15,13 @@
 //! apply to f32 tensors on the CPU; anything else (CUDA, Metal, 16-bit) takes the
 //! written-out form, whose kernels those backends have. Every output is computed in an
 //! order fixed by the sizes alone (large tensors in fixed blocks over rayon's threads,
-//! [`by_rows`]), so results are the same on every run and machine, as bit-for-bit
+//! [`rows_into`]), so results are the same on every run and machine, as bit-for-bit
 //! resume needs.
 //!
 //! One op a file: `linear` (with bias adds), `attention` (grouped-query too),
 //! `layer_norm`, `rms_norm`, `rope`, `softmax`, `gelu`, `swiglu` (SwiGLU's gate),
-//! `mask`; `gemm` holds the one `unsafe` matrix product they share, `written_out` the
-//! elementary-op forms.
+//! `mask`; `gemm` holds the one `unsafe` matrix product they share, `rows` the blocks
+//! of rows the others split their work into, `written_out` the elementary-op forms.
 
 mod attention;
 mod gelu;
@@ -32,6 +32,7 @@ mod lora;
 mod mask;
 mod rms_norm;
 mod rope;
+mod rows;
 mod softmax;
 mod swiglu;
 #[cfg(test)]
@@ -50,6 +51,9 @@ pub(crate) use lora::{LowRankInput, lora_fits, lora_linear};
 pub(crate) use mask::mul_mask;
 pub(crate) use rms_norm::rms_norm;
 pub(crate) use rope::{rope, rope_tables};
+#[cfg(test)]
+use rows::PARALLEL_ELEMENTS;
+use rows::{Out, rows_into};
 pub(crate) use softmax::softmax_scaled_biased;
 pub(crate) use swiglu::silu_mul;
 
@@ -118,41 +122,6 @@ pub(super) fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
         }
     }
     acc
-}
-
-/// Elements from which the fused kernels split their work over rayon's threads. At the
-/// bundled models' sizes (at most 2^18 elements a tensor) handing work to rayon costs
-/// more than the second core gives; a larger model's GELU or LayerNorm alone would
-/// otherwise keep one core busy while the others wait.
-pub(super) const PARALLEL_ELEMENTS: usize = 1 << 17;
-
-/// Runs `task` over `rows` rows of `width` elements: once over all of them when they are
-/// few, else over blocks of about 2^16 elements on rayon's threads, results in block
-/// order. The blocks depend only on the sizes, never on the thread count, so results are
-/// the same on every machine.
-pub(super) fn by_rows<T: Send>(
-    rows: usize,
-    width: usize,
-    task: impl Fn(std::ops::Range<usize>) -> T + Sync,
-) -> Vec<T> {
-    if rows.saturating_mul(width) < PARALLEL_ELEMENTS {
-        return vec![task(0..rows)];
-    }
-    use rayon::prelude::*;
-    let block = ((1usize << 16) / width.max(1)).max(1);
-    (0..rows.div_ceil(block))
-        .into_par_iter()
-        .map(|i| task(i * block..((i + 1) * block).min(rows)))
-        .collect()
-}
-
-/// The blocks of [`by_rows`] joined (no copy when there is one).
-pub(super) fn joined(mut parts: Vec<Vec<f32>>) -> Vec<f32> {
-    if parts.len() == 1 {
-        parts.pop().unwrap_or_default()
-    } else {
-        parts.concat()
-    }
 }
 
 /// A `[b, t, e]` tensor's shape, its first two strides (the last is 1) and its start.

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::written_out;
-use super::{by_rows, fusable, host, joined, read, slice};
+use super::{fusable, host, read, rows_into, slice};
 
 /// transformers' `LlamaRMSNorm` of `x` `[…, h]` with weight `w` `[h]` (x's dtype):
 /// `w · (x / √(mean(x²) + eps))`, normalised in f32 and cast back to x's dtype before
@@ -43,14 +43,12 @@ impl CustomOp2 for RmsNormOp {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
         let h = w.len();
-        let out = joined(by_rows(x.len() / h, h, |rows| {
-            let mut out = Vec::with_capacity(rows.len() * h);
+        let ([out], _) = rows_into(x.len() / h, h, |rows, [out]| {
             for row in x[rows.start * h..rows.end * h].chunks_exact(h) {
                 let rstd = row_rstd(row, self.eps);
                 out.extend(row.iter().zip(w).map(|(v, w)| v * rstd * w));
             }
-            out
-        }));
+        })?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -67,10 +65,9 @@ impl CustomOp2 for RmsNormOp {
         let h = ws.len();
         let n = h as f32;
         // Per block of rows: dx of its rows and its part of dw, summed in order.
-        let parts = read(x, |xs| {
+        let ([dx], parts) = read(x, |xs| {
             read(grad, |dy| {
-                Ok(by_rows(xs.len() / h.max(1), h, |rows| {
-                    let mut dx = Vec::with_capacity(rows.len() * h);
+                rows_into(xs.len() / h.max(1), h, |rows, [dx]| {
                     let mut dw = vec![0f32; h];
                     let (mut normed, mut g) = (vec![0f32; h], vec![0f32; h]);
                     let span = rows.start * h..rows.end * h;
@@ -89,19 +86,17 @@ impl CustomOp2 for RmsNormOp {
                         let mean_gn = sum_gn / n;
                         dx.extend((0..h).map(|i| rstd * (g[i] - normed[i] * mean_gn)));
                     }
-                    (dx, dw)
-                }))
+                    dw
+                })
             })
         })?;
         let mut dw = vec![0f32; h];
-        let mut dxs = Vec::with_capacity(parts.len());
-        for (dx, pw) in parts {
+        for pw in parts {
             dw.iter_mut().zip(&pw).for_each(|(a, v)| *a += v);
-            dxs.push(dx);
         }
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(joined(dxs), x.shape(), dev)?),
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dw, w.shape(), dev)?),
         ))
     }

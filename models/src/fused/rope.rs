@@ -6,7 +6,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 
 use super::written_out;
-use super::{bte_layout, by_rows, fusable, host, joined, read};
+use super::{Out, bte_layout, fusable, host, read, rows_into};
 
 /// The rotary tables `(cos, sin)`, each `[positions.len(), inv_freq.len()]` f32: row i
 /// holds position `positions.start + i`, entry j `cos(p·inv_freq[j])·attention_scaling`
@@ -85,28 +85,24 @@ impl Rope {
         (rows, t, e): (Range<usize>, usize, usize),
         at: impl Fn(usize) -> usize,
         inverse: bool,
-    ) -> Vec<f32> {
+        out: &mut Out<'_>,
+    ) {
         let half = self.half;
-        let mut out = vec![0f32; rows.len() * e];
-        for (r, o) in rows.zip(out.chunks_exact_mut(e)) {
+        for r in rows {
             let x = &src[at(r)..at(r) + e];
             let p = (r % t) * half;
             let (c, s) = (&self.cos[p..p + half], &self.sin[p..p + half]);
-            for (xh, oh) in x.chunks_exact(2 * half).zip(o.chunks_exact_mut(2 * half)) {
+            for xh in x.chunks_exact(2 * half) {
                 let (x1, x2) = xh.split_at(half);
-                let (o1, o2) = oh.split_at_mut(half);
-                for i in 0..half {
-                    if inverse {
-                        o1[i] = x1[i] * c[i] + x2[i] * s[i];
-                        o2[i] = x2[i] * c[i] - x1[i] * s[i];
-                    } else {
-                        o1[i] = x1[i] * c[i] - x2[i] * s[i];
-                        o2[i] = x2[i] * c[i] + x1[i] * s[i];
-                    }
+                if inverse {
+                    out.extend((0..half).map(|i| x1[i] * c[i] + x2[i] * s[i]));
+                    out.extend((0..half).map(|i| x2[i] * c[i] - x1[i] * s[i]));
+                } else {
+                    out.extend((0..half).map(|i| x1[i] * c[i] - x2[i] * s[i]));
+                    out.extend((0..half).map(|i| x2[i] * c[i] + x1[i] * s[i]));
                 }
             }
         }
-        out
     }
 }
 
@@ -129,9 +125,9 @@ impl CustomOp1 for Rope {
             return Ok((CpuStorage::F32(vec![]), Shape::from((b, t, e))));
         }
         let at = |r: usize| start + (r / t) * s0 + (r % t) * s1;
-        let out = joined(by_rows(rows, e, |span| {
-            self.rotate(x, (span, t, e), at, false)
-        }));
+        let ([out], _) = rows_into(rows, e, |span, [out]| {
+            self.rotate(x, (span, t, e), at, false, out)
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((b, t, e))))
     }
 
@@ -142,9 +138,10 @@ impl CustomOp1 for Rope {
             if dy.len() != b * t * e {
                 candle_core::bail!("{}: the gradient does not fit x", self.name())
             }
-            Ok(joined(by_rows(b * t, e, |span| {
-                self.rotate(dy, (span, t, e), |r| r * e, true)
-            })))
+            let ([dx], _) = rows_into(b * t, e, |span, [dx]| {
+                self.rotate(dy, (span, t, e), |r| r * e, true, dx)
+            })?;
+            Ok(dx)
         })?;
         Ok(Some(Tensor::from_vec(dx, (b, t, e), x.device())?))
     }

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::written_out;
-use super::{by_rows, fusable, joined, read, slice};
+use super::{fusable, read, rows_into, slice};
 
 /// softmax(x · scale + bias) over the last dimension, for attention scores `x` and a
 /// constant additive mask `bias` that broadcasts to `x`'s shape: one pass forward and
@@ -44,8 +44,7 @@ impl CustomOp1 for ScaledBiasedSoftmax {
         let strides = bl.stride();
         let (lead, last) = strides.split_at(strides.len() - 1);
         let last = last[0];
-        let out = joined(by_rows(x.len() / h, h, |rows| {
-            let mut out = Vec::with_capacity(rows.len() * h);
+        let ([out], _) = rows_into(x.len() / h, h, |rows, [out]| {
             for r in rows {
                 let row = &x[r * h..(r + 1) * h];
                 // The mask's offset for row r: its index in the leading dimensions, by
@@ -61,27 +60,23 @@ impl CustomOp1 for ScaledBiasedSoftmax {
                         .enumerate()
                         .map(|(i, v)| v * self.scale + bias[at + i * last]),
                 );
-                let max = out[start..]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                out[start..].iter_mut().for_each(|e| *e = (*e - max).exp());
-                let sum: f32 = out[start..].iter().sum();
-                out[start..].iter_mut().for_each(|e| *e /= sum);
+                let row = out.written_from(start);
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|e| *e = (*e - max).exp());
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|e| *e /= sum);
             }
-            out
-        }));
+        })?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     /// dx = scale·y·(dy − Σ dy·y) per row; the mask is a constant.
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let h = x.dims().last().copied().unwrap_or(1).max(1);
-        let dx = joined(read(res, |y| {
+        let ([dx], _) = read(res, |y| {
             read(grad, |dy| {
-                Ok(by_rows(y.len() / h, h, |rows| {
+                rows_into(y.len() / h, h, |rows, [dx]| {
                     let span = rows.start * h..rows.end * h;
-                    let mut dx = Vec::with_capacity(span.len());
                     for (yr, dyr) in y[span.clone()]
                         .chunks_exact(h)
                         .zip(dy[span].chunks_exact(h))
@@ -89,10 +84,9 @@ impl CustomOp1 for ScaledBiasedSoftmax {
                         let dot: f32 = yr.iter().zip(dyr).map(|(y, d)| y * d).sum();
                         dx.extend(yr.iter().zip(dyr).map(|(y, d)| self.scale * y * (d - dot)));
                     }
-                    dx
-                }))
+                })
             })
-        })?);
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::written_out;
-use super::{by_rows, fusable, joined, read, slice};
+use super::{fusable, read, rows_into, slice};
 
 /// `silu(gate) · up` (Llama's MLP: `act_fn(gate_proj(x)) * up_proj(x)`), with
 /// silu(g) = g / (1 + e^−g) as torch and candle compute it, for `gate` and `up` of one
@@ -35,13 +35,14 @@ impl CustomOp2 for SiluMul {
         if g.len() != u.len() {
             candle_core::bail!("{}: gate and up differ in size", self.name())
         }
-        let out = joined(by_rows(g.len(), 1, |span| {
-            g[span.clone()]
-                .iter()
-                .zip(&u[span])
-                .map(|(&g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect()
-        }));
+        let ([out], _) = rows_into(g.len(), 1, |span, [out]| {
+            out.extend(
+                g[span.clone()]
+                    .iter()
+                    .zip(&u[span])
+                    .map(|(&g, u)| g / (1.0 + (-g).exp()) * u),
+            )
+        })?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -54,32 +55,28 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let blocks = read(gate, |gs| {
+        let ([dg, du], _) = read(gate, |gs| {
             read(up, |us| {
                 read(grad, |dy| {
                     if us.len() != gs.len() || dy.len() != gs.len() {
                         candle_core::bail!("{}: the gradient does not fit", self.name())
                     }
-                    Ok(by_rows(gs.len(), 1, |span| {
-                        let (mut dg, mut du) = (vec![0f32; span.len()], vec![0f32; span.len()]);
+                    rows_into(gs.len(), 1, |span, [dg, du]| {
                         let (gs, us, dy) = (&gs[span.clone()], &us[span.clone()], &dy[span]);
-                        let outs = dg.iter_mut().zip(du.iter_mut());
-                        for ((dg, du), ((&g, &u), &d)) in outs.zip(gs.iter().zip(us).zip(dy)) {
+                        for ((&g, &u), &d) in gs.iter().zip(us).zip(dy) {
                             let e1 = 1.0 + (-g).exp();
                             let (sigmoid, silu) = (1.0 / e1, g / e1);
-                            *dg = d * u * (sigmoid * (1.0 - silu) + silu);
-                            *du = d * silu;
+                            dg.extend([d * u * (sigmoid * (1.0 - silu) + silu)]);
+                            du.extend([d * silu]);
                         }
-                        (dg, du)
-                    }))
+                    })
                 })
             })
         })?;
-        let (dg, du): (Vec<_>, Vec<_>) = blocks.into_iter().unzip();
         let dev = gate.device();
         Ok((
-            Some(Tensor::from_vec(joined(dg), gate.shape(), dev)?),
-            Some(Tensor::from_vec(joined(du), up.shape(), dev)?),
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
         ))
     }
 }
