@@ -174,8 +174,9 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The global L2 norm of the gradients (as `torch.nn.utils.clip_grad_norm_`), each
-    /// tensor's squares summed in f64.
+    /// The global L2 norm of the gradients (as `torch.nn.utils.clip_grad_norm_`), the
+    /// squares summed in f64 (CPU f32 gradients in a fixed blocked order, see
+    /// `fused::sum_of_squares`; others as candle sums).
     pub fn grad_norm(grads: &Grads) -> Result<f64> {
         let mut total = 0f64;
         for g in grads.iter().flatten() {

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use std::mem::MaybeUninit;
 
-use super::gemm::{Fresh, Mat, PARALLEL_GEMM_WORK, gemm_raw};
+use super::gemm::{Fresh, Mat, gemm_raw};
 use super::{bte_layout, fusable, read, read_strided, slice};
 
 /// Head `hd` of batch entry `bi` of a `[b, t, heads·d]` tensor with strides `(s0, s1, 1)`
@@ -135,9 +135,14 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// One output buffer and the length of each batch entry's part of it.
 type Out<'a> = (&'a mut Fresh, usize);
 
+/// Multiply-adds (all batch entries together) from which [`per_batch`] hands entries to
+/// rayon's threads: about a millisecond of one core's work, against tens of
+/// microseconds of hand-off.
+const PARALLEL_BATCH_WORK: usize = 1 << 22;
+
 /// Runs `f(bi, part, part2)` for every batch entry `bi` with its own parts of one or two
-/// output buffers: on rayon's threads, one entry each, when the `work` (multiply-adds of
-/// all entries) is worth it, in order otherwise. The parts are disjoint, so the entries
+/// output buffers: on rayon's threads, one entry each, when the work (`work`
+/// multiply-adds an entry) is worth it ([`PARALLEL_BATCH_WORK`]), in order otherwise. The parts are disjoint, so the entries
 /// never meet, and each computes alone: results do not depend on the threads.
 fn per_batch(
     b: usize,
@@ -155,7 +160,7 @@ fn per_batch(
         candle_core::bail!("attention: output parts do not match the batch")
     }
     let jobs = parts1.into_iter().zip(parts2).enumerate();
-    if b < 2 || work < PARALLEL_GEMM_WORK {
+    if b < 2 || b.saturating_mul(work) < PARALLEL_BATCH_WORK {
         return jobs.into_iter().try_for_each(|(bi, (x, y))| f(bi, x, y));
     }
     use rayon::prelude::*;

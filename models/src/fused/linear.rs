@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use std::mem::MaybeUninit;
 
 use super::gemm::{Fresh, Mat, gemm_raw, gemm_with};
-use super::{fusable, read, slice, sum_rows};
+use super::{fusable, read, rows_into, slice, sum_rows};
 
 /// `x + b` where `b`'s shape is the trailing part of `x`'s (a bias `[out]` over
 /// `[…, out]`, position embeddings `[t, h]` over `[b, t, h]`): `broadcast_add`, whose
@@ -127,10 +127,12 @@ pub(super) fn dense_fwd(transposed: bool, x: &[f32], w: &[f32], b: &[f32]) -> Re
     let output = b.len();
     let input = w.len() / output;
     let rows = x.len() / input;
-    let mut dst = Vec::with_capacity(rows * output);
-    for _ in 0..rows {
-        dst.extend_from_slice(b);
-    }
+    // Every row starts as the bias (large outputs filled on rayon's threads).
+    let ([mut dst], _) = rows_into(rows, output, |span, [out]| {
+        for _ in span {
+            out.extend(b.iter().copied());
+        }
+    })?;
     let rhs = weight_rhs(transposed, input, output);
     gemm_with(
         (rows, output, input),
