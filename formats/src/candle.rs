@@ -69,11 +69,29 @@ pub fn to_candle(view: &TensorView<'_>, device: &Device) -> Result<Tensor> {
 pub fn from_candle(tensor: &Tensor) -> Result<TensorView<'static>> {
     let dtype = from_candle_dtype(tensor.dtype())?;
     let flat = tensor.flatten_all()?;
+    // Little-endian bytes in one sized buffer, read in place from a contiguous CPU
+    // tensor (a checkpoint's snapshot copies every moment of the optimizer this way,
+    // while training waits; collecting a flat_map grew the buffer piece by piece).
     fn le<T: candle_core::WithDType, const N: usize>(
         t: &Tensor,
         to_bytes: fn(T) -> [u8; N],
     ) -> Result<Vec<u8>> {
-        Ok(t.to_vec1::<T>()?.into_iter().flat_map(to_bytes).collect())
+        let encode = |vals: &[T]| {
+            let mut out = Vec::with_capacity(vals.len() * N);
+            for &v in vals {
+                out.extend_from_slice(&to_bytes(v));
+            }
+            out
+        };
+        {
+            let (storage, layout) = t.storage_and_layout();
+            if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                return Ok(encode(&cpu.as_slice::<T>()?[a..b]));
+            }
+        }
+        Ok(encode(&t.to_vec1::<T>()?))
     }
     let bytes = match tensor.dtype() {
         CDType::U8 => flat.to_vec1::<u8>()?,
