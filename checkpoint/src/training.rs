@@ -144,6 +144,13 @@ impl CheckpointSnapshot {
         }
     }
 
+    /// The weights, replacing those given to [`new`](Self::new) (a snapshot built
+    /// before its weights were copied, as the trainer's background copy does).
+    pub fn with_weights(mut self, weights: Arc<dyn TensorCollection>) -> Self {
+        self.weights = weights;
+        self
+    }
+
     /// `generation_config.json`, for generative models.
     pub fn with_generation_config(mut self, config: Value) -> Self {
         self.generation_config = Some(config);

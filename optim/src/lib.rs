@@ -18,5 +18,5 @@ pub mod optimizer;
 pub mod schedule;
 
 pub use error::{Error, Result};
-pub use optimizer::{Grads, Hyper, OptimKind, Optimizer};
+pub use optimizer::{Grads, Hyper, OptimKind, Optimizer, PendingState};
 pub use schedule::Schedule;

@@ -248,12 +248,19 @@ impl Optimizer {
 
     /// The state, by parameter name.
     pub fn state(&self) -> Result<OptimizerState> {
+        self.state_source().take()
+    }
+
+    /// The state as it is now, to copy later ([`PendingState::take`]) while the caller
+    /// does other work: the moments are shared, not copied, so no step may be taken
+    /// until the copy is done (steps update them in place).
+    pub fn state_source(&self) -> PendingState {
         let kind = match self.kind {
             OptimKind::AdamW => "adamw",
             OptimKind::Sgd => "sgd",
         };
         let h = self.hyper;
-        let mut s = OptimizerState::new(kind).with_meta(json!({
+        let meta = json!({
             "step": self.step,
             "betas": [h.beta1, h.beta2],
             "eps": h.eps,
@@ -263,19 +270,20 @@ impl Optimizer {
             // torch keeps the rate of the next step in its groups; kiln's optimizer knows
             // the last one (the trainer writes the next, from the schedule).
             "lr": self.last_lr,
-        }));
+        });
+        let mut moments = Vec::new();
         for slot in &self.slots {
             for (name, t) in [("exp_avg", &slot.exp_avg), ("exp_avg_sq", &slot.exp_avg_sq)] {
                 if let Some(t) = t {
-                    s.insert(
-                        slot.name.clone(),
-                        name,
-                        kiln_formats::candle::from_candle(t)?,
-                    )?;
+                    moments.push((slot.name.clone(), name, t.clone()));
                 }
             }
         }
-        Ok(s)
+        PendingState {
+            kind,
+            meta,
+            moments,
+        }
     }
 
     /// Restores a state saved by [`state`](Self::state); every parameter with state must
@@ -324,6 +332,28 @@ impl Optimizer {
             slot.exp_avg_sq = load("exp_avg_sq")?;
         }
         Ok(())
+    }
+}
+
+/// An optimizer's state not yet copied ([`Optimizer::state_source`]): its scalars, and
+/// its moments as the optimizer's own tensors.
+#[derive(Debug)]
+pub struct PendingState {
+    kind: &'static str,
+    /// Hyper-parameters and scalar state, as [`OptimizerState::meta`] will hold them
+    /// (the caller may add to them before the copy).
+    pub meta: serde_json::Value,
+    moments: Vec<(String, &'static str, Tensor)>,
+}
+
+impl PendingState {
+    /// Copies the moments to host memory: the state by parameter name.
+    pub fn take(self) -> Result<OptimizerState> {
+        let mut s = OptimizerState::new(self.kind).with_meta(self.meta);
+        for (param, name, t) in &self.moments {
+            s.insert(param.clone(), *name, kiln_formats::candle::from_candle(t)?)?;
+        }
+        Ok(s)
     }
 }
 

@@ -216,8 +216,9 @@ pub struct TrainingArguments {
     pub skip_memory_metrics: bool,
     /// kiln: the device (`auto`, `cpu`, `cuda`, `cuda:N`, `metal`).
     pub device: String,
-    /// kiln: write checkpoints in the background (training stalls only for the copy to
-    /// host memory).
+    /// kiln: write checkpoints in the background (CPU parameters are copied to host
+    /// memory in the background too, the next optimizer step waiting for that copy;
+    /// a device's parameters are copied before training goes on).
     pub async_save: bool,
     /// kiln: `stop` (default) or `continue` when a checkpoint save fails.
     pub on_save_error: SaveErrorPolicy,

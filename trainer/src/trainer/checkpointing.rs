@@ -16,7 +16,7 @@ use kiln_checkpoint::training::{
     rng_state_name,
 };
 use kiln_formats::pyjson::PyValue;
-use kiln_optim::Optimizer;
+use kiln_optim::{Optimizer, PendingState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -172,6 +172,8 @@ impl<M: Model> Trainer<M> {
         pos: Position,
         bar: Option<&indicatif::ProgressBar>,
     ) -> Result<()> {
+        // The last save's copy must be done before this one reads the same buffers.
+        self.finish_snapshot_copy();
         let step = self.state.global_step;
         let out = self.output_dir();
         let stall_start = Instant::now();
@@ -198,21 +200,31 @@ impl<M: Model> Trainer<M> {
         // The loss accumulated since the last log, averaged over ranks (a collective:
         // every rank saves at the same steps).
         let tr_loss = self.mean_over_ranks(self.tr_loss)?;
-        // The copy to host memory: the only part of an asynchronous save that blocks.
         // Only the main process writes the model; with a sharded optimizer every rank
         // writes its part of the state.
-        let weights: Arc<dyn kiln_formats::TensorCollection> = if main {
+        let mut opt_source = if only_model || !(main || sharded) {
+            None
+        } else {
+            let mut source = optimizer.state_source();
+            self.torch_ready(&mut source.meta);
+            Some(source)
+        };
+        let background = self.args.async_save && self.dist.background_barriers();
+        // The copy to host memory. In a background save of CPU parameters the save's job
+        // makes it while training goes on, and the next optimizer step waits for it;
+        // otherwise it is made now, the part of an asynchronous save that blocks.
+        let deferred = if background && main {
+            self.defer_copy(&mut opt_source)
+        } else {
+            None
+        };
+        let weights: Arc<dyn kiln_formats::TensorCollection> = if main && deferred.is_none() {
             self.host_weights()?
         } else {
             Arc::new(kiln_formats::TensorMap::new())
         };
-        let opt_state = if only_model || !(main || sharded) {
-            None
-        } else {
-            Some(self.torch_ready(optimizer.state()?))
-        };
+        let opt_state = opt_source.map(PendingState::take).transpose()?;
         let stall = stall_start.elapsed().as_secs_f64();
-        let background = self.args.async_save && self.dist.background_barriers();
         if background {
             // Logged before the state is snapshotted, so the checkpoint's log_history
             // holds its own save entry and a resumed run's history matches.
@@ -290,8 +302,18 @@ impl<M: Model> Trainer<M> {
                     Err(e) => self.save_failed(&e.into(), bar),
                 }
             }
-            let job = SaveJob::new(&target, move || write(snapshot))
-                .with_snapshot_time(stall_start.elapsed());
+            let job = SaveJob::new(&target, move || match deferred {
+                Some(copy) => {
+                    let (weights, opt) = copy.run()?;
+                    let snapshot = snapshot.with_weights(weights);
+                    write(match opt {
+                        Some(o) => snapshot.with_optimizer(o),
+                        None => snapshot,
+                    })
+                }
+                None => write(snapshot),
+            })
+            .with_snapshot_time(stall_start.elapsed());
             self.saver.submit(job)?;
             let reports = self.saver.reports();
             self.record_reports(&reports, bar);
@@ -323,11 +345,8 @@ impl<M: Model> Trainer<M> {
     /// whether transformers' optim
     /// name is the fused AdamW (`adamw_torch_fused`, transformers' default, which kiln's
     /// `adamw` stands for).
-    fn torch_ready(
-        &self,
-        mut state: kiln_checkpoint::optimizer::OptimizerState,
-    ) -> kiln_checkpoint::optimizer::OptimizerState {
-        if let Value::Object(meta) = &mut state.meta {
+    fn torch_ready(&self, meta: &mut Value) {
+        if let Value::Object(meta) = meta {
             // Every parameter, also in a ZeRO-1 shard's state, so that consolidated shards
             // number them as transformers does.
             let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
@@ -344,7 +363,6 @@ impl<M: Model> Trainer<M> {
             };
             meta.insert("torch_fused".into(), serde_json::json!(fused));
         }
-        state
     }
 
     /// The weights copied to host memory through the device's backend (the old export
@@ -356,20 +374,9 @@ impl<M: Model> Trainer<M> {
             let export = crate::weights::export_parameters(&self.model, &params)?;
             return Ok(Arc::new(export.weights));
         };
-        // Only this trainer holds a snapshot whose write finished.
-        let reuse = self
-            .host_weights
-            .iter()
-            .position(|w| Arc::strong_count(w) == 1)
-            .map(|i| self.host_weights.swap_remove(i))
-            .and_then(|w| Arc::try_unwrap(w).ok())
-            .map(HostWeights::into_buffer);
+        let reuse = self.reusable_buffer();
         let weights = Arc::new(HostWeights::take(backend, &params, reuse)?);
-        self.host_weights.push(Arc::clone(&weights));
-        // One save is written at a time: the buffer being written and this one.
-        while self.host_weights.len() > 2 {
-            self.host_weights.remove(0);
-        }
+        self.keep_host_weights(Arc::clone(&weights));
         Ok(weights)
     }
 
@@ -395,6 +402,7 @@ impl<M: Model> Trainer<M> {
     }
 
     pub(super) fn finish_saves(&mut self) -> Result<()> {
+        self.finish_snapshot_copy();
         match self.saver.wait() {
             Ok(reports) => self.record_reports(&reports, None),
             Err(e) if self.args.on_save_error == SaveErrorPolicy::Continue => {

@@ -8,8 +8,10 @@
 //!   shuffle of epoch `e` is a pure function of (`data_seed`, `e`). A run resumed from
 //!   any checkpoint therefore finishes with the same weights, optimizer state and
 //!   `log_history` (timings aside) as the uninterrupted run.
-//! - **Saving.** With `async_save` (default) training stalls only while weights and
-//!   optimizer state are copied to host memory; a background writer commits the
+//! - **Saving.** With `async_save` (default) the save's background job copies the
+//!   weights and optimizer state to host memory (CPU parameters; a device's are copied
+//!   before it starts) while training goes on; only the next optimizer step, which
+//!   updates them in place, waits for the copy (`deferred`). The job commits the
 //!   checkpoint and rotates old ones; an error of that writer stops training at the
 //!   next save or at the end, never silently. Each save adds `save_stall` and (once the
 //!   write finished) `save_runtime` to the next log entries' numbers via the log.
@@ -35,6 +37,7 @@
 //! and `logging` (log entries, callbacks, the progress bar).
 
 mod checkpointing;
+mod deferred;
 mod evaluation;
 mod logging;
 mod plan;
@@ -95,6 +98,8 @@ pub struct Trainer<M: Model> {
     quiet: bool,
     backend: Option<&'static dyn Backend>,
     host_weights: Vec<Arc<HostWeights>>,
+    /// The last background save's copy of the weights and optimizer state, until done.
+    pending_copy: Option<deferred::CopyDone>,
     precision: Option<MixedPrecision>,
     scaler: Option<GradScaler>,
     skipped_steps: u64,
@@ -150,6 +155,7 @@ impl<M: Model> Trainer<M> {
             quiet: false,
             backend: None,
             host_weights: Vec::new(),
+            pending_copy: None,
             precision: None,
             scaler: None,
             skipped_steps: 0,

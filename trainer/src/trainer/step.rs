@@ -475,6 +475,9 @@ impl<M: Model> Trainer<M> {
         params: &Params,
         optimizer: &mut Optimizer,
     ) -> Result<(f64, f64)> {
+        // A background save may still be copying the parameters and moments this step
+        // updates in place.
+        self.finish_snapshot_copy();
         self.reduce_gradients(grads, &params.vars)?;
         let found_inf = match &self.scaler {
             Some(s) => s.unscale(grads)?,
