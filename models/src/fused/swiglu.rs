@@ -13,10 +13,19 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !fusable(&[gate, up]) || gate.dims() != up.dims() {
         return written_out::silu_mul(gate, up);
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+    gate.contiguous()?.apply_op2(
+        &up.contiguous()?,
+        SiluMul {
+            saved: std::sync::OnceLock::new(),
+        },
+    )
 }
 
-struct SiluMul;
+/// One SwiGLU gate of the graph. The forward pass keeps each element's 1 + e^−g for the
+/// backward pass (which then computes no `exp`: bit for bit what it would recompute).
+struct SiluMul {
+    saved: std::sync::OnceLock<Vec<f32>>,
+}
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
@@ -35,14 +44,19 @@ impl CustomOp2 for SiluMul {
         if g.len() != u.len() {
             candle_core::bail!("{}: gate and up differ in size", self.name())
         }
-        let ([out], _) = rows_into(g.len(), 1, |span, [out]| {
+        let ([out, denoms], _) = rows_into(g.len(), 1, |span, [out, denoms]| {
+            denoms.extend(g[span.clone()].iter().map(|&g| 1.0 + (-g).exp()));
+            let e1 = denoms.written_from(0);
             out.extend(
                 g[span.clone()]
                     .iter()
                     .zip(&u[span])
-                    .map(|(&g, u)| g / (1.0 + (-g).exp()) * u),
+                    .zip(e1.iter())
+                    .map(|((&g, u), &e1)| g / e1 * u),
             )
         })?;
+        // Run once per op; a second run (there is none) would recompute in `bwd`.
+        let _ = self.saved.set(denoms);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -61,10 +75,15 @@ impl CustomOp2 for SiluMul {
                     if us.len() != gs.len() || dy.len() != gs.len() {
                         candle_core::bail!("{}: the gradient does not fit", self.name())
                     }
+                    let saved = self.saved.get().filter(|e| e.len() == gs.len());
                     rows_into(gs.len(), 1, |span, [dg, du]| {
+                        let saved = saved.map(|e| &e[span.clone()]);
                         let (gs, us, dy) = (&gs[span.clone()], &us[span.clone()], &dy[span]);
-                        for ((&g, &u), &d) in gs.iter().zip(us).zip(dy) {
-                            let e1 = 1.0 + (-g).exp();
+                        for (i, ((&g, &u), &d)) in gs.iter().zip(us).zip(dy).enumerate() {
+                            let e1 = match saved {
+                                Some(e) => e[i],
+                                None => 1.0 + (-g).exp(),
+                            };
                             let (sigmoid, silu) = (1.0 / e1, g / e1);
                             dg.extend([d * u * (sigmoid * (1.0 - silu) + silu)]);
                             du.extend([d * silu]);
