@@ -203,6 +203,27 @@ impl Linear {
         y + adapter.forward(x, rng)?
     }
 
+    /// The weight of a torch `Linear` without bias or adapter (what the fused
+    /// multi-layer ops take), else None.
+    pub(crate) fn plain_weight(&self) -> Option<Tensor> {
+        let plain = self.adapter.is_none() && self.bias.is_none() && !self.transposed;
+        plain.then(|| self.weight.t())
+    }
+
+    /// `residual + self.forward(x)`: fused into the layer's product when the layer is
+    /// [plain](Self::plain_weight) ([`fused::linear_residual`]).
+    pub(crate) fn forward_onto(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        match self.plain_weight() {
+            Some(w) => fused::linear_residual(x, &w, residual),
+            None => residual + self.forward(x, rng)?,
+        }
+    }
+
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
         out.push((format!("{prefix}.weight"), self.weight.var().clone()));
         if let Some(b) = &self.bias {

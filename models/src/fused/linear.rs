@@ -94,7 +94,10 @@ pub(crate) fn linear(
     if !fits || !fusable(&[x, w]) || !b.is_none_or(|b| fusable(&[b])) {
         return written();
     }
-    let op = LinearOp { transposed };
+    let op = LinearOp {
+        transposed,
+        residual: false,
+    };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
@@ -106,8 +109,35 @@ pub(crate) fn linear(
     }
 }
 
+/// `residual + x · Wᵀ` for a torch `Linear` weight `w` `[out, in]` without bias, and
+/// `residual` of the output's shape (a transformer's residual stream): one gemm onto a
+/// copy of the residual. Written out, the sum is one more op, whose backward zeroes
+/// and adds a gradient for both of its inputs.
+pub(crate) fn linear_residual(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let fits = match (
+        w.dims(),
+        x.dims().split_last(),
+        residual.dims().split_last(),
+    ) {
+        ([o, i], Some((xi, xl)), Some((ro, rl))) => xi == i && ro == o && xl == rl && *i > 0,
+        _ => false,
+    };
+    if !fits || !fusable(&[x, w, residual]) {
+        return residual + linear(x, w, None, false)?;
+    }
+    let op = LinearOp {
+        transposed: false,
+        residual: true,
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &residual.contiguous()?, op)
+}
+
+/// A dense layer; its third input is the bias (`[out]`, broadcast over the rows) or,
+/// with `residual`, a tensor of the output's shape that the product is added onto.
 struct LinearOp {
     transposed: bool,
+    residual: bool,
 }
 
 /// The weight as the `[input, output]` right factor of `x · W(ᵀ)`: the transpose of a
@@ -139,6 +169,31 @@ pub(super) fn dense_fwd(transposed: bool, x: &[f32], w: &[f32], b: &[f32]) -> Re
         (&mut dst, row_major(output)),
         (x, row_major(input)),
         (w, rhs),
+        true,
+    )?;
+    Ok(dst)
+}
+
+/// `residual + x · Wᵀ` (`w` `[output, input]`): the residual copied into the output
+/// (large ones on rayon's threads), one gemm added onto it.
+fn residual_fwd(x: &[f32], w: &[f32], residual: &[f32], output: usize) -> Result<Vec<f32>> {
+    let input = w.len() / output.max(1);
+    let rows = x.len() / input.max(1);
+    if output == 0 || input == 0 || residual.len() != rows * output {
+        candle_core::bail!("kiln-linear: the residual does not fit the output")
+    }
+    let ([mut dst], _) = rows_into(rows, output, |span, [out]| {
+        out.extend(
+            residual[span.start * output..span.end * output]
+                .iter()
+                .copied(),
+        )
+    })?;
+    gemm_with(
+        (rows, output, input),
+        (&mut dst, row_major(output)),
+        (x, row_major(input)),
+        (w, weight_rhs(false, input, output)),
         true,
     )?;
     Ok(dst)
@@ -197,7 +252,7 @@ pub(super) fn dense_grads(
 }
 
 /// A row-major matrix of `cols` columns at the start of its buffer.
-fn row_major(cols: usize) -> Mat {
+pub(super) fn row_major(cols: usize) -> Mat {
     Mat {
         off: 0,
         rs: cols,
@@ -222,6 +277,13 @@ impl CustomOp3 for LinearOp {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
         let b = slice(s3, l3, self.name())?;
+        if self.residual {
+            let output = l3.dims().last().copied().unwrap_or(0);
+            return Ok((
+                CpuStorage::F32(residual_fwd(x, w, b, output)?),
+                out_shape(l1, output),
+            ));
+        }
         let dst = dense_fwd(self.transposed, x, w, b)?;
         Ok((CpuStorage::F32(dst), out_shape(l1, b.len())))
     }
@@ -236,10 +298,15 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let output = b.elem_count();
+        let output = match self.residual {
+            true => w.dim(0)?,
+            false => b.elem_count(),
+        };
         let input = w.elem_count() / output;
         let rows = x.elem_count() / input;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
+        // The residual's gradient is the output's.
+        let want_sum = want_b && !self.residual;
         let mut dx = Fresh::new(if want_x { rows * input } else { 0 });
         let mut dw = Fresh::new(if want_w { input * output } else { 0 });
         let db = read(x, |xs| {
@@ -248,7 +315,7 @@ impl CustomOp3 for LinearOp {
                     let sizes = (rows, input, output);
                     let (dxs, dws) = (dx.spare(), dw.spare());
                     dense_grads(self.transposed, sizes, xs, ws, gs, dxs, dws)?;
-                    Ok(want_b.then(|| sum_rows(gs, output)))
+                    Ok(want_sum.then(|| sum_rows(gs, output)))
                 })
             })
         })?;
@@ -265,6 +332,7 @@ impl CustomOp3 for LinearOp {
         };
         let db = match db {
             Some(db) => Some(Tensor::from_vec(db, output, b.device())?),
+            None if self.residual && want_b => Some(grad.clone()),
             None => None,
         };
         Ok((dx, dw, db))

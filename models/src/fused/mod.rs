@@ -19,7 +19,8 @@
 //! resume needs.
 //!
 //! One op a file: `linear` (with bias adds), `attention` (grouped-query too),
-//! `layer_norm`, `rms_norm`, `rope`, `softmax`, `gelu`, `swiglu` (SwiGLU's gate),
+//! `layer_norm`, `rms_norm`, `rope`, `softmax`, `gelu`, `swiglu` (SwiGLU's gate), `mlp`
+//! (Llama's gate and up products with the gate),
 //! `mask`; `gemm` holds the one `unsafe` matrix product they share, `rows` the blocks
 //! of rows the others split their work into, `written_out` the elementary-op forms.
 
@@ -30,6 +31,7 @@ mod layer_norm;
 mod linear;
 mod lora;
 mod mask;
+mod mlp;
 mod rms_norm;
 mod rope;
 mod rows;
@@ -46,9 +48,10 @@ pub(crate) use attention::{attention_context, attention_scores};
 use attention::{merge_heads, split_heads};
 pub(crate) use gelu::gelu;
 pub(crate) use layer_norm::layer_norm;
-pub(crate) use linear::{add_trailing, linear};
+pub(crate) use linear::{add_trailing, linear, linear_residual};
 pub(crate) use lora::{LowRankInput, lora_fits, lora_linear};
 pub(crate) use mask::mul_mask;
+pub(crate) use mlp::swiglu_mlp;
 pub(crate) use rms_norm::rms_norm;
 pub(crate) use rope::{rope, rope_tables};
 #[cfg(test)]

@@ -270,6 +270,67 @@ fn silu_mul_matches_the_written_out_form() {
     assert!(silu_mul(&g, &values(&[5, 4], 1.0)).is_err());
 }
 
+#[test]
+fn swiglu_mlp_matches_its_three_ops() {
+    // Rows across the parallel threshold, so both the one-block and the split paths run.
+    for rows in [5, 300] {
+        let x = values(&[1, rows, 16], 0.0);
+        let (wg, wu) = (values(&[24, 16], 1.0), values(&[24, 16], 2.0));
+        let three = |t: &[Tensor]| {
+            let gate = linear(&t[0], &t[1], None, false)?;
+            let up = linear(&t[0], &t[2], None, false)?;
+            silu_mul(&gate, &up)
+        };
+        let (y1, g1) = value_and_grads(&[x.clone(), wg.clone(), wu.clone()], |t| {
+            swiglu_mlp(&t[0], &t[1], &t[2])
+        });
+        let (y2, g2) = value_and_grads(&[x.clone(), wg.clone(), wu.clone()], three);
+        // The forward pass is the same products and gate: the same bits.
+        assert_eq!(f32s(&y1), f32s(&y2));
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            let d = rel_diff(a, b);
+            assert!(d <= 1e-5, "gradients of input {i} differ by {d}");
+        }
+    }
+    // Frozen weights (a LoRA base) get no gradient; x still does.
+    let x = Var::from_tensor(&values(&[2, 3, 16], 0.0)).unwrap();
+    let (wg, wu) = (values(&[24, 16], 1.0), values(&[24, 16], 2.0));
+    let y = swiglu_mlp(x.as_tensor(), &wg, &wu).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(x.as_tensor()).is_some());
+    assert!(grads.get(&wg).is_none() && grads.get(&wu).is_none());
+    // Other dtypes take the three ops; weights that do not fit are errors.
+    let y64 = swiglu_mlp(
+        &x.as_tensor().to_dtype(DType::F64).unwrap(),
+        &wg.to_dtype(DType::F64).unwrap(),
+        &wu.to_dtype(DType::F64).unwrap(),
+    )
+    .unwrap();
+    assert!(rel_diff(&y64, &y) <= 1e-6);
+    assert!(swiglu_mlp(x.as_tensor(), &values(&[24, 15], 1.0), &wu).is_err());
+    assert!(swiglu_mlp(x.as_tensor(), &wg, &values(&[23, 16], 1.0)).is_err());
+}
+
+#[test]
+fn linear_onto_a_residual_matches_the_sum() {
+    for rows in [5, 3000] {
+        let inputs = [
+            values(&[1, rows, 24], 0.0),
+            values(&[16, 24], 1.0),
+            values(&[1, rows, 16], 2.0),
+        ];
+        assert_close(
+            &inputs,
+            |t| linear_residual(&t[0], &t[1], &t[2]),
+            |t| &t[2] + linear(&t[0], &t[1], None, false)?,
+            1e-5,
+        );
+    }
+    // A residual of another shape is an error, as the sum would be.
+    let (x, w) = (values(&[2, 3, 24], 0.0), values(&[16, 24], 1.0));
+    assert!(linear_residual(&x, &w, &values(&[2, 3, 15], 0.0)).is_err());
+}
+
 /// `[b, kv, t, d]` → `[b, kv·group, t, d]`, each head repeated `group` times in place
 /// (transformers' `repeat_kv`).
 fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {

@@ -390,12 +390,17 @@ impl Layer {
             inputs.dropout,
             rng.as_deref_mut(),
         )?;
-        let x = (x + self.o_proj.forward(&context, rng.as_deref_mut())?)?;
+        let x = self.o_proj.forward_onto(&context, x, rng.as_deref_mut())?;
         let hidden = self.post_attention_layernorm.forward(&x)?;
-        let gate = self.gate_proj.forward(&hidden, rng.as_deref_mut())?;
-        let up = self.up_proj.forward(&hidden, rng.as_deref_mut())?;
-        let gated = fused::silu_mul(&gate, &up)?;
-        x + self.down_proj.forward(&gated, rng)?
+        let gated = match (self.gate_proj.plain_weight(), self.up_proj.plain_weight()) {
+            (Some(wg), Some(wu)) => fused::swiglu_mlp(&hidden, &wg, &wu)?,
+            _ => {
+                let gate = self.gate_proj.forward(&hidden, rng.as_deref_mut())?;
+                let up = self.up_proj.forward(&hidden, rng.as_deref_mut())?;
+                fused::silu_mul(&gate, &up)?
+            }
+        };
+        self.down_proj.forward_onto(&gated, &x, rng)
     }
 
     fn visit(&self, prefix: &str, out: &mut Params) {
