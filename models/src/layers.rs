@@ -506,6 +506,15 @@ pub(crate) fn attention(
     p: f64,
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
+    // One fused op where it applies (dropout's values drawn as `dropout` draws them).
+    if fused::sdpa_fits(q, k, v, (heads, kv_heads), bias) && p < 1.0 {
+        let n = q.dim(0)? * heads * q.dim(1)? * k.dim(1)?;
+        let mask = match rng {
+            Some(rng) if p > 0.0 => Some(rng.dropout_values(n, p)),
+            _ => None,
+        };
+        return fused::sdpa((q, k, v), (heads, kv_heads), bias, scale, mask);
+    }
     let scores = fused::attention_scores(q, k, heads, kv_heads)?;
     let probs = fused::softmax_scaled_biased(&upcast(&scores)?, scale, bias)?;
     let probs = dropout(&probs, p, rng)?;

@@ -20,7 +20,7 @@ fn head(start: usize, stride: (usize, usize), bi: usize, hd: usize, d: usize) ->
 }
 
 /// The query heads per key/value head, `heads / kv_heads`; an error unless it divides.
-fn group(heads: usize, kv_heads: usize) -> Result<usize> {
+pub(super) fn group(heads: usize, kv_heads: usize) -> Result<usize> {
     if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle_core::bail!("attention: {heads} heads do not share {kv_heads} key/value heads")
     }
@@ -169,9 +169,9 @@ fn per_batch(
         .try_for_each(|(bi, (x, y))| f(bi, x, y))
 }
 
-struct AttentionScores {
-    heads: usize,
-    group: usize,
+pub(super) struct AttentionScores {
+    pub(super) heads: usize,
+    pub(super) group: usize,
 }
 
 impl CustomOp2 for AttentionScores {
@@ -287,9 +287,9 @@ impl CustomOp2 for AttentionScores {
     }
 }
 
-struct AttentionContext {
-    heads: usize,
-    group: usize,
+pub(super) struct AttentionContext {
+    pub(super) heads: usize,
+    pub(super) group: usize,
 }
 
 impl CustomOp2 for AttentionContext {

@@ -24,7 +24,7 @@ pub(crate) fn mul_mask(x: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
         .apply_op1(MulConstant(std::sync::Arc::new(mask)))
 }
 
-struct MulConstant(std::sync::Arc<Vec<f32>>);
+pub(super) struct MulConstant(pub(super) std::sync::Arc<Vec<f32>>);
 
 impl CustomOp1 for MulConstant {
     fn name(&self) -> &'static str {

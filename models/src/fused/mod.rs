@@ -20,7 +20,7 @@
 //!
 //! One op a file: `linear` (with bias adds), `attention` (grouped-query too),
 //! `layer_norm`, `rms_norm`, `rope`, `softmax`, `gelu`, `swiglu` (SwiGLU's gate), `mlp`
-//! (Llama's gate and up products with the gate),
+//! (Llama's gate and up products with the gate), `sdpa` (attention's ops as one),
 //! `mask`; `gemm` holds the one `unsafe` matrix product they share, `rows` the blocks
 //! of rows the others split their work into, `written_out` the elementary-op forms.
 
@@ -35,6 +35,7 @@ mod mlp;
 mod rms_norm;
 mod rope;
 mod rows;
+mod sdpa;
 mod softmax;
 mod swiglu;
 #[cfg(test)]
@@ -57,6 +58,7 @@ pub(crate) use rope::{rope, rope_tables};
 #[cfg(test)]
 use rows::PARALLEL_ELEMENTS;
 use rows::{Out, rows_into};
+pub(crate) use sdpa::{sdpa, sdpa_fits};
 pub(crate) use softmax::softmax_scaled_biased;
 pub(crate) use swiglu::silu_mul;
 

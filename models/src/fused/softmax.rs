@@ -22,9 +22,9 @@ pub(crate) fn softmax_scaled_biased(x: &Tensor, scale: f64, bias: &Tensor) -> Re
     })
 }
 
-struct ScaledBiasedSoftmax {
-    scale: f32,
-    bias: Tensor,
+pub(super) struct ScaledBiasedSoftmax {
+    pub(super) scale: f32,
+    pub(super) bias: Tensor,
 }
 
 impl CustomOp1 for ScaledBiasedSoftmax {

@@ -400,6 +400,104 @@ fn grouped_query_attention_matches_repeat_kv() {
     }
 }
 
+/// The one-op attention gives the bits of its four ops, values and gradients: GQA and
+/// multi-head, a causal bias per batch entry or shared, dropout or none, and views of
+/// a fused projection (GPT-2's `c_attn`).
+#[test]
+fn sdpa_is_its_four_ops_bit_for_bit() {
+    let (b, heads, d, t) = (2, 4, 5, 7);
+    for kv in [4, 2] {
+        for per_entry in [false, true] {
+            // Causal; with a bias per entry, entry 1's first key is padding too.
+            let bias: Vec<f32> = (0..b * t * t)
+                .map(|i| {
+                    let (entry, query, key) = (i / (t * t), (i / t) % t, i % t);
+                    let padding = per_entry && entry == 1 && key == 0 && query > 0;
+                    if key > query || padding {
+                        f32::MIN
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let bias = match per_entry {
+                true => Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu).unwrap(),
+                false => {
+                    Tensor::from_vec(bias[..t * t].to_vec(), (1, 1, t, t), &Device::Cpu).unwrap()
+                }
+            };
+            for p in [0.0, 0.3] {
+                let n = b * heads * t * t;
+                let mask: Option<Vec<f32>> = (p > 0.0).then(|| {
+                    (0..n)
+                        .map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / 0.7 })
+                        .collect()
+                });
+                let (q, k, v) = (
+                    values(&[b, t, heads * d], 0.0),
+                    values(&[b, t, kv * d], 1.0),
+                    values(&[b, t, kv * d], 2.0),
+                );
+                let bias = &bias;
+                let one = |x: &[Tensor]| {
+                    sdpa((&x[0], &x[1], &x[2]), (heads, kv), bias, 0.37, mask.clone())
+                };
+                let four = |x: &[Tensor]| {
+                    let s = attention_scores(&x[0], &x[1], heads, kv)?;
+                    let mut probs = softmax_scaled_biased(&s, 0.37, bias)?;
+                    if let Some(m) = &mask {
+                        probs = mul_mask(&probs, m.clone())?;
+                    }
+                    attention_context(&probs, &x[2], heads, kv)
+                };
+                let inputs = [q, k, v];
+                assert!(sdpa_fits(
+                    &inputs[0],
+                    &inputs[1],
+                    &inputs[2],
+                    (heads, kv),
+                    bias
+                ));
+                let (y1, g1) = value_and_grads(&inputs, one);
+                let (y2, g2) = value_and_grads(&inputs, four);
+                assert_eq!(f32s(&y1), f32s(&y2), "kv {kv}, p {p}");
+                for (a, c) in g1.iter().zip(&g2) {
+                    assert_eq!(f32s(a), f32s(c), "kv {kv}, p {p}");
+                }
+            }
+        }
+    }
+    // Views of one [b, t, 3e] projection are taken as they are.
+    let qkv = values(&[b, t, 3 * heads * d], 0.0);
+    let e = heads * d;
+    let zero = Tensor::zeros((1, 1, t, t), DType::F32, &Device::Cpu).unwrap();
+    let split = |x: &Tensor| -> Result<[Tensor; 3]> {
+        Ok([
+            x.narrow(2, 0, e)?,
+            x.narrow(2, e, e)?,
+            x.narrow(2, 2 * e, e)?,
+        ])
+    };
+    let (y1, g1) = value_and_grads(std::slice::from_ref(&qkv), |x| {
+        let [q, k, v] = split(&x[0])?;
+        sdpa((&q, &k, &v), (heads, heads), &zero, 0.37, None)
+    });
+    let (y2, g2) = value_and_grads(std::slice::from_ref(&qkv), |x| {
+        gqa(0, &split(&x[0])?, heads, heads, &zero)
+    });
+    assert_eq!(f32s(&y1), f32s(&y2));
+    assert_eq!(f32s(&g1[0]), f32s(&g2[0]));
+    // What does not fit is refused by sdpa_fits (and by sdpa, in one line).
+    let (q, k) = (values(&[b, t, e], 0.0), values(&[b, t, e], 1.0));
+    let short_v = values(&[b, t - 1, e], 2.0);
+    assert!(!sdpa_fits(&q, &k, &short_v, (heads, heads), &zero));
+    assert!(!sdpa_fits(&q, &k, &k, (heads, 3), &zero));
+    let wrong_bias = Tensor::zeros((1, 1, t, t + 1), DType::F32, &Device::Cpu).unwrap();
+    assert!(!sdpa_fits(&q, &k, &k, (heads, heads), &wrong_bias));
+    assert!(sdpa((&q, &k, &short_v), (heads, heads), &zero, 1.0, None).is_err());
+    assert!(sdpa((&q, &k, &k), (heads, heads), &zero, 1.0, Some(vec![1.0; 3])).is_err());
+}
+
 #[test]
 fn grouped_query_attention_reads_views_of_a_fused_projection() {
     let (b, t, heads, kv, d) = (2, 6, 4, 2, 3);

@@ -1,0 +1,164 @@
+//! Scaled dot-product attention as one op: scores, the scaled masked softmax, dropout
+//! and the context, forward and backward, from the projections' `[b, t, heads·d]`.
+//!
+//! As four ops ([`attention_scores`](super::attention_scores),
+//! [`softmax_scaled_biased`](super::softmax_scaled_biased), dropout's
+//! [`mul_mask`](super::mul_mask), [`attention_context`](super::attention_context)) the
+//! graph keeps the scores, the probabilities and the dropped probabilities, `[b, heads,
+//! t, t]` each, and candle's backward gives each a freshly zeroed gradient that it then
+//! adds to. Here the op keeps the probabilities (and the dropped ones, with dropout),
+//! and its backward runs the four ops' backward passes in a row: the same kernels, the
+//! same values, without the scores kept or any gradient zeroed.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor,
+};
+
+use super::attention::{AttentionContext, AttentionScores, group};
+use super::fusable;
+use super::mask::MulConstant;
+use super::softmax::ScaledBiasedSoftmax;
+
+/// Whether [`sdpa`] takes these inputs: f32 on the CPU, `[b, t, ·]` projections with
+/// whole heads and groups, a bias that broadcasts to the scores `[b, heads, tq, tk]`.
+pub(crate) fn sdpa_fits(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    bias: &Tensor,
+) -> bool {
+    let Ok(group) = group(heads, kv_heads) else {
+        return false;
+    };
+    let rows = |t: &Tensor| t.rank() == 3 && t.stride()[2] == 1;
+    if !fusable(&[q, k, v, bias]) || !rows(q) || !rows(k) || !rows(v) {
+        return false;
+    }
+    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+    qd[0] == kd[0]
+        && kd[0] == vd[0]
+        && kd[1] == vd[1]
+        && qd[2] % heads == 0
+        && kd[2] * group == qd[2]
+        && vd[2] % kv_heads == 0
+        && vd[2] > 0
+        && bias.broadcast_as((qd[0], heads, qd[1], kd[1])).is_ok()
+}
+
+/// softmax(q·kᵀ·scale + bias), times `mask` (dropout's values, 0 or 1/(1−p), one per
+/// score) when given, times v; the heads merged back into `[b, tq, heads·d_v]`. The
+/// caller checked [`sdpa_fits`].
+pub(crate) fn sdpa(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    bias: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    if !sdpa_fits(q, k, v, (heads, kv_heads), bias) {
+        candle_core::bail!("kiln: sdpa called on inputs it does not take")
+    }
+    let group = group(heads, kv_heads)?;
+    let scores = (q.dim(0)?, heads, q.dim(1)?, k.dim(1)?);
+    if mask
+        .as_ref()
+        .is_some_and(|m| m.len() != Shape::from(scores).elem_count())
+    {
+        candle_core::bail!("kiln: a dropout mask that does not fit the attention scores")
+    }
+    let op = Sdpa {
+        scores: AttentionScores { heads, group },
+        softmax: ScaledBiasedSoftmax {
+            scale: scale as f32,
+            bias: bias.broadcast_as(scores)?,
+        },
+        mask: mask.map(|m| MulConstant(Arc::new(m))),
+        context: AttentionContext { heads, group },
+        saved: OnceLock::new(),
+    };
+    q.apply_op3(k, v, op)
+}
+
+struct Sdpa {
+    scores: AttentionScores,
+    softmax: ScaledBiasedSoftmax,
+    mask: Option<MulConstant>,
+    context: AttentionContext,
+    /// The probabilities and, with dropout, the dropped ones, as the forward pass
+    /// computed them.
+    saved: OnceLock<(Tensor, Option<Tensor>)>,
+}
+
+/// A CPU f32 storage as a tensor of `shape`.
+fn tensor(s: CpuStorage, shape: &Shape) -> Result<Tensor> {
+    match s {
+        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+        _ => candle_core::bail!("kiln-attention: a kernel returned another dtype"),
+    }
+}
+
+/// The gradient a sub-op's backward returned for `what`.
+fn grad(g: Option<Tensor>, what: &str) -> Result<Tensor> {
+    g.ok_or_else(|| candle_core::Error::Msg(format!("kiln-attention: no gradient for {what}")))
+}
+
+impl CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "kiln-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (scores, shape) = self.scores.cpu_fwd(s1, l1, s2, l2)?;
+        let layout = Layout::contiguous(shape.clone());
+        let (probs, _) = self.softmax.cpu_fwd(&scores, &layout)?;
+        drop(scores);
+        let dropped = match &self.mask {
+            Some(m) => Some(m.cpu_fwd(&probs, &layout)?.0),
+            None => None,
+        };
+        let attended = dropped.as_ref().unwrap_or(&probs);
+        let out = self.context.cpu_fwd(attended, &layout, s3, l3)?;
+        let dropped = match dropped {
+            Some(d) => Some(tensor(d, &shape)?),
+            None => None,
+        };
+        // Run once per op (on the CPU, before any backward).
+        let _ = self.saved.set((tensor(probs, &shape)?, dropped));
+        Ok(out)
+    }
+
+    /// The context's backward (dP, dV), dropout's (dP·mask), the softmax's (dS) and the
+    /// scores' (dQ, dK), in a row.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some((probs, dropped)) = self.saved.get() else {
+            candle_core::bail!("kiln-attention: a backward pass without its forward pass")
+        };
+        let attended = dropped.as_ref().unwrap_or(probs);
+        let (dp, dv) = self.context.bwd(attended, v, res, grad_out)?;
+        let mut dp = grad(dp, "the probabilities")?;
+        if let Some(m) = &self.mask {
+            dp = grad(m.bwd(probs, probs, &dp)?, "the dropout")?;
+        }
+        let ds = grad(self.softmax.bwd(probs, probs, &dp)?, "the scores")?;
+        let (dq, dk) = self.scores.bwd(q, k, res, &ds)?;
+        Ok((dq, dk, dv))
+    }
+}
