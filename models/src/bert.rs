@@ -407,9 +407,9 @@ impl BertLayer {
             .forward(&context, rng.as_deref_mut())?;
         let attended = dropout(&attended, spec.hidden_dropout, rng.as_deref_mut())?;
         let x = self.attention_norm.forward(&(attended + x)?)?;
-        let inner = spec
-            .activation
-            .forward(&self.intermediate.forward(&x, rng.as_deref_mut())?)?;
+        let inner = self
+            .intermediate
+            .forward_activated(&x, spec.activation, rng.as_deref_mut())?;
         let out = self.output.forward(&inner, rng.as_deref_mut())?;
         let out = dropout(&out, spec.hidden_dropout, rng)?;
         self.output_norm.forward(&(out + x)?)

@@ -483,9 +483,9 @@ impl Block {
         let attended = self.attn_c_proj.forward(&context, rng.as_deref_mut())?;
         let x = (x + dropout(&attended, spec.residual_dropout, rng.as_deref_mut())?)?;
         let h = self.ln_2.forward(&x)?;
-        let inner = spec
-            .activation
-            .forward(&self.c_fc.forward(&h, rng.as_deref_mut())?)?;
+        let inner = self
+            .c_fc
+            .forward_activated(&h, spec.activation, rng.as_deref_mut())?;
         let out = self.mlp_c_proj.forward(&inner, rng.as_deref_mut())?;
         x + dropout(&out, spec.residual_dropout, rng)?
     }

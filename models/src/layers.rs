@@ -210,6 +210,26 @@ impl Linear {
         plain.then(|| self.weight.t())
     }
 
+    /// `act(self.forward(x))`; a GELU of a layer without adapter in the layer's op
+    /// ([`fused::linear_gelu`]).
+    pub(crate) fn forward_activated(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let tanh = match act {
+            Activation::Gelu => false,
+            Activation::GeluTanh => true,
+            _ => return act.forward(&self.forward(x, rng)?),
+        };
+        if self.adapter.is_some() {
+            return act.forward(&self.forward(x, rng)?);
+        }
+        let b = self.bias.as_ref().map(|b| b.t());
+        fused::linear_gelu(x, &self.weight.t(), b.as_ref(), self.transposed, tanh)
+    }
+
     /// `residual + self.forward(x)`: fused into the layer's product when the layer is
     /// [plain](Self::plain_weight) ([`fused::linear_residual`]).
     pub(crate) fn forward_onto(
@@ -506,14 +526,55 @@ pub(crate) fn attention(
     p: f64,
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
+    attend((q, k, v), None, (heads, kv_heads), bias, scale, p, rng)
+}
+
+/// [`attention`] of queries and keys rotated first by rotary tables (the Llama
+/// family's `apply_rotary_pos_emb`, [`fused::rope`]), in the same op where it applies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rotary_attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    rotary: fused::Rotary<'_>,
+    heads: usize,
+    kv_heads: usize,
+    bias: &Tensor,
+    scale: f64,
+    p: f64,
+    rng: Option<&mut Rng>,
+) -> Result<Tensor> {
+    attend(
+        (q, k, v),
+        Some(rotary),
+        (heads, kv_heads),
+        bias,
+        scale,
+        p,
+        rng,
+    )
+}
+
+fn attend(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    rotary: Option<fused::Rotary<'_>>,
+    (heads, kv_heads): (usize, usize),
+    bias: &Tensor,
+    scale: f64,
+    p: f64,
+    rng: Option<&mut Rng>,
+) -> Result<Tensor> {
     // One fused op where it applies (dropout's values drawn as `dropout` draws them).
-    if fused::sdpa_fits(q, k, v, (heads, kv_heads), bias) && p < 1.0 {
+    if fused::sdpa_fits(q, k, v, (heads, kv_heads), bias, rotary) && p < 1.0 {
         let n = q.dim(0)? * heads * q.dim(1)? * k.dim(1)?;
         let mask = match rng {
             Some(rng) if p > 0.0 => Some(rng.dropout_values(n, p)),
             _ => None,
         };
-        return fused::sdpa((q, k, v), (heads, kv_heads), bias, scale, mask);
+        return fused::sdpa((q, k, v), (heads, kv_heads), bias, scale, mask, rotary);
+    }
+    if let Some(r) = rotary {
+        let q = fused::rope(q, r.cos, r.sin, r.head_dim)?;
+        let k = fused::rope(k, r.cos, r.sin, r.head_dim)?;
+        return attend((&q, &k, v), None, (heads, kv_heads), bias, scale, p, rng);
     }
     let scores = fused::attention_scores(q, k, heads, kv_heads)?;
     let probs = fused::softmax_scaled_biased(&upcast(&scores)?, scale, bias)?;

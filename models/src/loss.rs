@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::fused;
 use crate::layers::{log_softmax_last, upcast};
 
 /// torch's `ignore_index` default, which transformers uses for padding labels.
@@ -16,23 +17,27 @@ pub(crate) fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
     if labels.len() != n {
         candle_core::bail!("{} labels for {n} rows of logits", labels.len())
     }
-    let mut index = Vec::with_capacity(n);
-    let mut weight = Vec::with_capacity(n);
-    let mut count = 0usize;
-    for &l in &labels {
-        if l == IGNORE_INDEX {
-            index.push(0u32);
-            weight.push(0f32);
-        } else if (0..classes as i64).contains(&l) {
-            index.push(l as u32);
-            weight.push(1f32);
-            count += 1;
-        } else {
-            candle_core::bail!(
-                "label {l} is out of range for {classes} classes (use -100 to ignore a position)"
-            )
-        }
+    let targets = labels
+        .iter()
+        .map(|&l| class(l, classes))
+        .collect::<Result<Vec<_>>>()?;
+    let logits32 = upcast(logits)?;
+    if fused::cross_entropy_fits(&logits32) {
+        return fused::cross_entropy(&logits32, targets);
     }
+    written_cross_entropy(&logits32, &targets)
+}
+
+/// [`cross_entropy`] in candle's ops (log-softmax, gather, weights, sum), for the
+/// devices and dtypes the fused op does not take, and as its reference in tests.
+fn written_cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
+    let n = targets.len();
+    let index: Vec<u32> = targets.iter().map(|t| t.unwrap_or(0)).collect();
+    let weight: Vec<f32> = targets
+        .iter()
+        .map(|t| f32::from(u8::from(t.is_some())))
+        .collect();
+    let count = targets.iter().flatten().count();
     let device = logits.device();
     let index = Tensor::from_vec(index, (n, 1), device)?;
     let weight = Tensor::from_vec(weight, n, device)?;
@@ -51,6 +56,20 @@ pub(crate) fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
 pub(crate) fn causal_lm(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, vocab) = logits.dims3()?;
     let n = t.saturating_sub(1);
+    let logits32 = upcast(logits)?;
+    if fused::cross_entropy_fits(&logits32) && labels.dims() == [b, t] {
+        // Row (i, j) of the logits predicts label (i, j + 1); a sequence's last row
+        // predicts nothing. The logits are read in place, not shifted into a copy.
+        let labels = int_labels(labels)?;
+        let mut targets = Vec::with_capacity(b * t);
+        for row in labels.chunks_exact(t.max(1)) {
+            for &l in row.iter().skip(1) {
+                targets.push(class(l, vocab)?);
+            }
+            targets.push(None);
+        }
+        return fused::cross_entropy(&logits32, targets);
+    }
     let shifted = logits.narrow(1, 0, n)?.reshape((b * n, vocab))?;
     let targets = labels.narrow(1, 1, n)?.flatten_all()?;
     cross_entropy(&shifted, &targets)
@@ -85,6 +104,17 @@ pub(crate) fn bce_with_logits(logits: &Tensor, labels: &Tensor) -> Result<Tensor
     }
     let softplus = logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
     ((logits.relu()? - (logits * labels)?)? + softplus)?.mean_all()
+}
+
+/// A label's class: None for -100 (ignored); an error outside `0..classes`.
+fn class(label: i64, classes: usize) -> Result<Option<u32>> {
+    match label {
+        IGNORE_INDEX => Ok(None),
+        l if (0..classes as i64).contains(&l) => Ok(Some(l as u32)),
+        l => candle_core::bail!(
+            "label {l} is out of range for {classes} classes (use -100 to ignore a position)"
+        ),
+    }
 }
 
 /// Integer labels on the host.
@@ -124,6 +154,99 @@ mod tests {
                 .unwrap()
                 .is_nan()
         );
+    }
+
+    /// Varied logits, deterministic.
+    fn logits(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (i as f32 * 0.618).sin() * 4.0 + (i % 5) as f32 * 0.3)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The loss and the logits' gradient of `f`.
+    fn loss_and_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> (f32, Vec<f32>) {
+        let var = candle_core::Var::from_tensor(x).unwrap();
+        let loss = f(var.as_tensor()).unwrap();
+        let grads = (&loss * 1.7).unwrap().backward().unwrap();
+        let g = grads.get(var.as_tensor()).unwrap();
+        let g = g.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        (
+            loss.to_dtype(DType::F32).unwrap().to_scalar().unwrap(),
+            g.to_vec1().unwrap(),
+        )
+    }
+
+    fn assert_close(a: (f32, Vec<f32>), b: (f32, Vec<f32>), tol: f32) {
+        assert!(
+            (a.0 - b.0).abs() <= tol * b.0.abs().max(1.0),
+            "{} vs {}",
+            a.0,
+            b.0
+        );
+        let scale = b.1.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let d =
+            a.1.iter()
+                .zip(&b.1)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(d <= tol * scale, "gradients differ by {d} (scale {scale})");
+    }
+
+    /// The fused loss against its written-out form (the causal LM's shift as a narrowed
+    /// copy): small and large (rows over threads), -100s, bf16 logits.
+    #[test]
+    fn fused_cross_entropy_matches_the_written_out_form() {
+        for (b, t, vocab) in [(2, 5, 7), (4, 64, 600)] {
+            let x = logits(&[b, t, vocab]);
+            let labels: Vec<i64> = (0..b * t)
+                .map(|i| {
+                    if i % 4 == 3 {
+                        -100
+                    } else {
+                        (i * 7 % vocab) as i64
+                    }
+                })
+                .collect();
+            let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu).unwrap();
+            let written = |x: &Tensor| {
+                let shifted = x.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
+                let l = int_labels(&labels.narrow(1, 1, t - 1)?)?;
+                let targets: Vec<Option<u32>> =
+                    l.iter().map(|&l| class(l, vocab)).collect::<Result<_>>()?;
+                written_cross_entropy(&shifted, &targets)
+            };
+            let fused = loss_and_grad(&x, |x| causal_lm(x, &labels));
+            assert_close(fused, loss_and_grad(&x, written), 1e-6);
+            // Rows of a classifier's logits, no shift.
+            let x2 = x.reshape((b * t, vocab)).unwrap();
+            let flat = labels.flatten_all().unwrap();
+            let fused = loss_and_grad(&x2, |x| cross_entropy(x, &flat));
+            let targets: Vec<Option<u32>> = int_labels(&flat)
+                .unwrap()
+                .iter()
+                .map(|&l| class(l, vocab).unwrap())
+                .collect();
+            let reference = loss_and_grad(&x2, |x| written_cross_entropy(x, &targets));
+            assert_close(fused, reference, 1e-6);
+        }
+        // bf16 logits are taken in f32 (as autocast); their gradient comes back in bf16.
+        let x = logits(&[2, 6, 9]);
+        let labels = Tensor::new(
+            &[[1i64, 2, 3, 4, 5, 6], [8, 7, 6, -100, 4, 3]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let f32_run = loss_and_grad(&x, |x| causal_lm(x, &labels));
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let bf16_run = loss_and_grad(&xb, |x| causal_lm(x, &labels));
+        assert_close(bf16_run, f32_run, 2e-2);
+        // A label out of range is an error; all ignored is NaN.
+        let bad = Tensor::new(&[[1i64, 9, 0, 0, 0, 0], [0; 6]], &Device::Cpu).unwrap();
+        assert!(causal_lm(&x, &bad).is_err());
+        let none = Tensor::new(&[[-100i64; 6], [-100; 6]], &Device::Cpu).unwrap();
+        let loss = causal_lm(&x, &none).unwrap().to_scalar::<f32>().unwrap();
+        assert!(loss.is_nan());
     }
 
     #[test]

@@ -12,17 +12,14 @@ pub(crate) fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
     if !fusable(&[x]) {
         return if tanh { x.gelu() } else { x.gelu_erf() };
     }
-    x.contiguous()?.apply_op1(Gelu {
-        tanh,
-        saved: std::sync::OnceLock::new(),
-    })
+    x.contiguous()?.apply_op1(Gelu::new(tanh))
 }
 
 /// One GELU of the graph. The forward pass keeps the transcendental part of each
 /// element (tanh of the approximation's argument, or Φ(x) of the exact form) for the
 /// backward pass, as torch keeps its intermediates, so the backward pass computes no
 /// `tanh` or `erf` again.
-struct Gelu {
+pub(super) struct Gelu {
     tanh: bool,
     saved: std::sync::OnceLock<Vec<f32>>,
 }
@@ -39,6 +36,14 @@ pub(super) fn fast_tanh(u: f32) -> f32 {
 }
 
 impl Gelu {
+    /// The exact GELU, or (`tanh`) the tanh approximation.
+    pub(super) fn new(tanh: bool) -> Self {
+        Gelu {
+            tanh,
+            saved: std::sync::OnceLock::new(),
+        }
+    }
+
     /// The part both passes need: tanh(√(2/π)(x + 0.044715x³)), or Φ(x).
     fn part(&self, x: f32) -> f32 {
         if self.tanh {

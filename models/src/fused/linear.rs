@@ -1,10 +1,14 @@
 //! Dense layers (`Linear`, GPT-2's `Conv1D`) and trailing-dimension bias adds: one
 //! gemm onto the bias rows forward, two gemms and a row sum backward.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
+use super::gelu::Gelu;
 use super::gemm::{Fresh, Mat, gemm_raw, gemm_with};
 use super::{fusable, read, rows_into, slice, sum_rows};
 
@@ -78,31 +82,53 @@ pub(crate) fn linear(
             None => Ok(y),
         }
     };
-    let (rows_w, cols_w) = match w.dims() {
-        [r, c] => (*r, *c),
-        _ => return written(),
-    };
-    let (input, output) = if transposed {
-        (rows_w, cols_w)
-    } else {
-        (cols_w, rows_w)
-    };
-    let fits = x.dims().last() == Some(&input)
-        && b.is_none_or(|b| b.dims() == [output])
-        && input > 0
-        && output > 0;
-    if !fits || !fusable(&[x, w]) || !b.is_none_or(|b| fusable(&[b])) {
+    if !dense_fits(x, w, b, transposed) {
         return written();
     }
-    let op = LinearOp {
-        transposed,
-        residual: false,
+    dense_op(x, w, b, LinearOp::new(transposed))
+}
+
+/// GELU of a dense layer's output, `gelu(x · W(ᵀ) + b)` (exact, or `tanh`: the tanh
+/// approximation), in the layer's op: the layer's output before the GELU stays inside
+/// it instead of becoming a tensor of the graph with a zeroed gradient of its own.
+pub(crate) fn linear_gelu(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+    tanh: bool,
+) -> Result<Tensor> {
+    if !dense_fits(x, w, b, transposed) {
+        return super::gelu(&linear(x, w, b, transposed)?, tanh);
+    }
+    let mut op = LinearOp::new(transposed);
+    op.gelu = Some((Gelu::new(tanh), OnceLock::new()));
+    dense_op(x, w, b, op)
+}
+
+/// Whether the fused dense op takes these inputs (f32 on the CPU, shapes that fit).
+fn dense_fits(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> bool {
+    let (input, output) = match w.dims() {
+        [r, c] if transposed => (*r, *c),
+        [r, c] => (*c, *r),
+        _ => return false,
     };
+    x.dims().last() == Some(&input)
+        && b.is_none_or(|b| b.dims() == [output])
+        && input > 0
+        && output > 0
+        && fusable(&[x, w])
+        && b.is_none_or(|b| fusable(&[b]))
+}
+
+/// `op` over x, w and the bias (a zero one when there is none).
+fn dense_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: LinearOp) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
         // Without a bias the third input is a zero bias that needs no gradient.
         None => {
+            let output = if op.transposed { w.dim(1)? } else { w.dim(0)? };
             let zero = Tensor::zeros(output, DType::F32, x.device())?;
             x.apply_op3(&w, &zero, op)
         }
@@ -125,19 +151,29 @@ pub(crate) fn linear_residual(x: &Tensor, w: &Tensor, residual: &Tensor) -> Resu
     if !fits || !fusable(&[x, w, residual]) {
         return residual + linear(x, w, None, false)?;
     }
-    let op = LinearOp {
-        transposed: false,
-        residual: true,
-    };
+    let mut op = LinearOp::new(false);
+    op.residual = true;
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &residual.contiguous()?, op)
 }
 
 /// A dense layer; its third input is the bias (`[out]`, broadcast over the rows) or,
 /// with `residual`, a tensor of the output's shape that the product is added onto.
+/// With `gelu`, the GELU of the product (and the product kept for the backward pass).
 struct LinearOp {
     transposed: bool,
     residual: bool,
+    gelu: Option<(Gelu, OnceLock<Tensor>)>,
+}
+
+impl LinearOp {
+    fn new(transposed: bool) -> Self {
+        LinearOp {
+            transposed,
+            residual: false,
+            gelu: None,
+        }
+    }
 }
 
 /// The weight as the `[input, output]` right factor of `x · W(ᵀ)`: the transpose of a
@@ -285,7 +321,16 @@ impl CustomOp3 for LinearOp {
             ));
         }
         let dst = dense_fwd(self.transposed, x, w, b)?;
-        Ok((CpuStorage::F32(dst), out_shape(l1, b.len())))
+        let shape = out_shape(l1, b.len());
+        let Some((gelu, kept)) = &self.gelu else {
+            return Ok((CpuStorage::F32(dst), shape));
+        };
+        let pre = CpuStorage::F32(dst);
+        let out = gelu.cpu_fwd(&pre, &Layout::contiguous(shape.clone()))?;
+        if let CpuStorage::F32(pre) = pre {
+            let _ = kept.set(Tensor::from_vec(pre, &shape, &candle_core::Device::Cpu)?);
+        }
+        Ok(out)
     }
 
     /// dx, dW ([`dense_grads`]) and db = Σ rows of g, each only for an input that takes
@@ -307,6 +352,20 @@ impl CustomOp3 for LinearOp {
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         // The residual's gradient is the output's.
         let want_sum = want_b && !self.residual;
+        // With a GELU, the gradient of the product before it.
+        let pre_grad;
+        let grad = match &self.gelu {
+            None => grad,
+            Some((gelu, kept)) => {
+                let Some(pre) = kept.get() else {
+                    candle_core::bail!("{}: a backward pass without its forward pass", self.name())
+                };
+                pre_grad = gelu.bwd(pre, _res, grad)?.ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{}: no gradient from the GELU", self.name()))
+                })?;
+                &pre_grad
+            }
+        };
         let mut dx = Fresh::new(if want_x { rows * input } else { 0 });
         let mut dw = Fresh::new(if want_w { input * output } else { 0 });
         let db = read(x, |xs| {

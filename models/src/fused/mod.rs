@@ -21,10 +21,12 @@
 //! One op a file: `linear` (with bias adds), `attention` (grouped-query too),
 //! `layer_norm`, `rms_norm`, `rope`, `softmax`, `gelu`, `swiglu` (SwiGLU's gate), `mlp`
 //! (Llama's gate and up products with the gate), `sdpa` (attention's ops as one),
+//! `cross_entropy` (the loss of rows of logits),
 //! `mask`; `gemm` holds the one `unsafe` matrix product they share, `rows` the blocks
 //! of rows the others split their work into, `written_out` the elementary-op forms.
 
 mod attention;
+mod cross_entropy;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -47,9 +49,10 @@ pub(crate) mod written_out;
 pub(crate) use attention::{attention_context, attention_scores};
 #[cfg(test)]
 use attention::{merge_heads, split_heads};
+pub(crate) use cross_entropy::{cross_entropy, cross_entropy_fits};
 pub(crate) use gelu::gelu;
 pub(crate) use layer_norm::layer_norm;
-pub(crate) use linear::{add_trailing, linear, linear_residual};
+pub(crate) use linear::{add_trailing, linear, linear_gelu, linear_residual};
 pub(crate) use lora::{LowRankInput, lora_fits, lora_linear};
 pub(crate) use mask::mul_mask;
 pub(crate) use mlp::swiglu_mlp;
@@ -58,7 +61,7 @@ pub(crate) use rope::{rope, rope_tables};
 #[cfg(test)]
 use rows::PARALLEL_ELEMENTS;
 use rows::{Out, rows_into};
-pub(crate) use sdpa::{sdpa, sdpa_fits};
+pub(crate) use sdpa::{Rotary, sdpa, sdpa_fits};
 pub(crate) use softmax::softmax_scaled_biased;
 pub(crate) use swiglu::silu_mul;
 

@@ -43,8 +43,28 @@ pub(crate) fn rope_tables(
 /// `q·cos + rotate_half(q)·sin`. Contiguous output; the tables get no gradient. Other
 /// dtypes and devices compute in x's dtype with the tables cast to it.
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Tensor> {
+    if !rope_fits(x, cos, sin, head_dim) {
+        return written_out::rope(x, cos, sin, head_dim);
+    }
+    let x = if x.stride()[2] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    x.apply_op1(Rope::new(cos, sin, head_dim)?)
+}
+
+/// One rotation: the tables `[t, half]` as host vectors.
+pub(super) struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Whether [`rope`]'s fused kernel takes `x` `[b, t, heads·head_dim]` and the tables.
+pub(super) fn rope_fits(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> bool {
     let half = head_dim / 2;
-    let fits = match x.dims() {
+    let shape = match x.dims() {
         [_, t, e] => {
             head_dim > 0
                 && head_dim.is_multiple_of(2)
@@ -54,26 +74,18 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> R
         }
         _ => false,
     };
-    if !fits || !fusable(&[x, cos, sin]) {
-        return written_out::rope(x, cos, sin, head_dim);
-    }
-    let x = if x.stride()[2] == 1 {
-        x.clone()
-    } else {
-        x.contiguous()?
-    };
-    x.apply_op1(Rope {
-        half,
-        cos: host(cos)?,
-        sin: host(sin)?,
-    })
+    shape && fusable(&[x, cos, sin])
 }
 
-/// One rotation: the tables `[t, half]` as host vectors.
-struct Rope {
-    half: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+impl Rope {
+    /// The rotation by tables `[t, head_dim/2]` (f32 on the CPU).
+    pub(super) fn new(cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Self> {
+        Ok(Rope {
+            half: head_dim / 2,
+            cos: host(cos)?,
+            sin: host(sin)?,
+        })
+    }
 }
 
 impl Rope {

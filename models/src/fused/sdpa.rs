@@ -8,7 +8,9 @@
 //! t, t]` each, and candle's backward gives each a freshly zeroed gradient that it then
 //! adds to. Here the op keeps the probabilities (and the dropped ones, with dropout),
 //! and its backward runs the four ops' backward passes in a row: the same kernels, the
-//! same values, without the scores kept or any gradient zeroed.
+//! same values, without the scores kept or any gradient zeroed. With [`Rotary`] tables
+//! (the Llama family) it rotates the queries and keys first, as [`rope`](super::rope)
+//! does, and keeps the rotated ones instead of the graph.
 
 use std::sync::{Arc, OnceLock};
 
@@ -19,16 +21,27 @@ use candle_core::{
 use super::attention::{AttentionContext, AttentionScores, group};
 use super::fusable;
 use super::mask::MulConstant;
+use super::rope::{Rope, rope_fits};
 use super::softmax::ScaledBiasedSoftmax;
 
+/// Rotary tables `[t, head_dim/2]` for the queries and keys ([`rope`](super::rope)).
+#[derive(Clone, Copy)]
+pub(crate) struct Rotary<'a> {
+    pub(crate) cos: &'a Tensor,
+    pub(crate) sin: &'a Tensor,
+    pub(crate) head_dim: usize,
+}
+
 /// Whether [`sdpa`] takes these inputs: f32 on the CPU, `[b, t, ·]` projections with
-/// whole heads and groups, a bias that broadcasts to the scores `[b, heads, tq, tk]`.
+/// whole heads and groups, a bias that broadcasts to the scores `[b, heads, tq, tk]`,
+/// and rotary tables that fit queries and keys of the same positions.
 pub(crate) fn sdpa_fits(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     (heads, kv_heads): (usize, usize),
     bias: &Tensor,
+    rotary: Option<Rotary<'_>>,
 ) -> bool {
     let Ok(group) = group(heads, kv_heads) else {
         return false;
@@ -46,19 +59,25 @@ pub(crate) fn sdpa_fits(
         && vd[2] % kv_heads == 0
         && vd[2] > 0
         && bias.broadcast_as((qd[0], heads, qd[1], kd[1])).is_ok()
+        && rotary.is_none_or(|r| {
+            qd[1] == kd[1]
+                && rope_fits(q, r.cos, r.sin, r.head_dim)
+                && rope_fits(k, r.cos, r.sin, r.head_dim)
+        })
 }
 
 /// softmax(q·kᵀ·scale + bias), times `mask` (dropout's values, 0 or 1/(1−p), one per
-/// score) when given, times v; the heads merged back into `[b, tq, heads·d_v]`. The
-/// caller checked [`sdpa_fits`].
+/// score) when given, times v; the heads merged back into `[b, tq, heads·d_v]`; q and
+/// k rotated first by `rotary`'s tables when given. The caller checked [`sdpa_fits`].
 pub(crate) fn sdpa(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (heads, kv_heads): (usize, usize),
     bias: &Tensor,
     scale: f64,
     mask: Option<Vec<f32>>,
+    rotary: Option<Rotary<'_>>,
 ) -> Result<Tensor> {
-    if !sdpa_fits(q, k, v, (heads, kv_heads), bias) {
+    if !sdpa_fits(q, k, v, (heads, kv_heads), bias, rotary) {
         candle_core::bail!("kiln: sdpa called on inputs it does not take")
     }
     let group = group(heads, kv_heads)?;
@@ -77,7 +96,12 @@ pub(crate) fn sdpa(
         },
         mask: mask.map(|m| MulConstant(Arc::new(m))),
         context: AttentionContext { heads, group },
+        rope: match rotary {
+            Some(r) => Some(Rope::new(r.cos, r.sin, r.head_dim)?),
+            None => None,
+        },
         saved: OnceLock::new(),
+        rotated: OnceLock::new(),
     };
     q.apply_op3(k, v, op)
 }
@@ -87,9 +111,12 @@ struct Sdpa {
     softmax: ScaledBiasedSoftmax,
     mask: Option<MulConstant>,
     context: AttentionContext,
+    rope: Option<Rope>,
     /// The probabilities and, with dropout, the dropped ones, as the forward pass
     /// computed them.
     saved: OnceLock<(Tensor, Option<Tensor>)>,
+    /// With `rope`, the rotated queries and keys.
+    rotated: OnceLock<(Tensor, Tensor)>,
 }
 
 /// A CPU f32 storage as a tensor of `shape`.
@@ -119,7 +146,20 @@ impl CustomOp3 for Sdpa {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (scores, shape) = self.scores.cpu_fwd(s1, l1, s2, l2)?;
+        let (scores, shape) = match &self.rope {
+            None => self.scores.cpu_fwd(s1, l1, s2, l2)?,
+            Some(rope) => {
+                let (q, qs) = rope.cpu_fwd(s1, l1)?;
+                let (k, ks) = rope.cpu_fwd(s2, l2)?;
+                let (lq, lk) = (
+                    Layout::contiguous(qs.clone()),
+                    Layout::contiguous(ks.clone()),
+                );
+                let scores = self.scores.cpu_fwd(&q, &lq, &k, &lk)?;
+                let _ = self.rotated.set((tensor(q, &qs)?, tensor(k, &ks)?));
+                scores
+            }
+        };
         let layout = Layout::contiguous(shape.clone());
         let (probs, _) = self.softmax.cpu_fwd(&scores, &layout)?;
         drop(scores);
@@ -139,7 +179,7 @@ impl CustomOp3 for Sdpa {
     }
 
     /// The context's backward (dP, dV), dropout's (dP·mask), the softmax's (dS) and the
-    /// scores' (dQ, dK), in a row.
+    /// scores' (dQ, dK), in a row; with rotary tables dQ and dK rotated back.
     fn bwd(
         &self,
         q: &Tensor,
@@ -158,7 +198,16 @@ impl CustomOp3 for Sdpa {
             dp = grad(m.bwd(probs, probs, &dp)?, "the dropout")?;
         }
         let ds = grad(self.softmax.bwd(probs, probs, &dp)?, "the scores")?;
-        let (dq, dk) = self.scores.bwd(q, k, res, &ds)?;
+        let Some(rope) = &self.rope else {
+            let (dq, dk) = self.scores.bwd(q, k, res, &ds)?;
+            return Ok((dq, dk, dv));
+        };
+        let Some((qr, kr)) = self.rotated.get() else {
+            candle_core::bail!("kiln-attention: a backward pass without its forward pass")
+        };
+        let (dqr, dkr) = self.scores.bwd(qr, kr, res, &ds)?;
+        let dq = rope.bwd(q, res, &grad(dqr, "the queries")?)?;
+        let dk = rope.bwd(k, res, &grad(dkr, "the keys")?)?;
         Ok((dq, dk, dv))
     }
 }

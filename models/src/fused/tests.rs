@@ -132,6 +132,41 @@ fn linear_matches_matmul_plus_bias_in_both_layouts() {
     );
 }
 
+/// A dense layer with its GELU in one op is the layer then the GELU, bit for bit
+/// (the same kernels), values and gradients: both GELUs, both layouts, with and
+/// without a bias, rows across the parallel threshold.
+#[test]
+fn linear_gelu_is_the_layer_then_the_gelu() {
+    for rows in [4, 700] {
+        let x = values(&[1, rows, 200], 0.0);
+        let w = (values(&[300, 200], 1.0) * 0.05).unwrap();
+        let b = values(&[300], 2.0);
+        let wt = w.t().unwrap().contiguous().unwrap();
+        for (tanh, transposed) in [(false, false), (true, true)] {
+            let w = if transposed { &wt } else { &w };
+            for bias in [true, false] {
+                let inputs = match bias {
+                    true => vec![x.clone(), w.clone(), b.clone()],
+                    false => vec![x.clone(), w.clone()],
+                };
+                let one = |t: &[Tensor]| linear_gelu(&t[0], &t[1], t.get(2), transposed, tanh);
+                let two = |t: &[Tensor]| gelu(&linear(&t[0], &t[1], t.get(2), transposed)?, tanh);
+                let (y1, g1) = value_and_grads(&inputs, one);
+                let (y2, g2) = value_and_grads(&inputs, two);
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(
+                    flat(&y1),
+                    flat(&y2),
+                    "rows {rows}, tanh {tanh}, bias {bias}"
+                );
+                for (a, c) in g1.iter().zip(&g2) {
+                    assert_eq!(flat(a), flat(c), "rows {rows}, tanh {tanh}, bias {bias}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn gelu_matches_candles_both_forms() {
     let x = (values(&[5, 7], 0.0) * 1.6).unwrap();

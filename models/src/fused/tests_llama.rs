@@ -400,12 +400,14 @@ fn grouped_query_attention_matches_repeat_kv() {
     }
 }
 
-/// The one-op attention gives the bits of its four ops, values and gradients: GQA and
-/// multi-head, a causal bias per batch entry or shared, dropout or none, and views of
-/// a fused projection (GPT-2's `c_attn`).
+/// The one-op attention gives the bits of its four ops (five with the rotation),
+/// values and gradients: GQA and multi-head, a causal bias per batch entry or shared,
+/// dropout or none, rotary tables or none, and views of a fused projection (GPT-2's
+/// `c_attn`).
 #[test]
 fn sdpa_is_its_four_ops_bit_for_bit() {
-    let (b, heads, d, t) = (2, 4, 5, 7);
+    let (b, heads, d, t) = (2, 4, 6, 7);
+    let (cos, sin) = rope_tables(&inv_freq(d, 10000.0), 0..t, 1.0, &Device::Cpu).unwrap();
     for kv in [4, 2] {
         for per_entry in [false, true] {
             // Causal; with a bias per entry, entry 1's first key is padding too.
@@ -426,43 +428,48 @@ fn sdpa_is_its_four_ops_bit_for_bit() {
                     Tensor::from_vec(bias[..t * t].to_vec(), (1, 1, t, t), &Device::Cpu).unwrap()
                 }
             };
-            for p in [0.0, 0.3] {
+            for (p, rotate) in [(0.0, false), (0.3, false), (0.0, true), (0.3, true)] {
                 let n = b * heads * t * t;
                 let mask: Option<Vec<f32>> = (p > 0.0).then(|| {
                     (0..n)
                         .map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / 0.7 })
                         .collect()
                 });
-                let (q, k, v) = (
-                    values(&[b, t, heads * d], 0.0),
-                    values(&[b, t, kv * d], 1.0),
-                    values(&[b, t, kv * d], 2.0),
-                );
+                let rotary = rotate.then_some(Rotary {
+                    cos: &cos,
+                    sin: &sin,
+                    head_dim: d,
+                });
                 let bias = &bias;
                 let one = |x: &[Tensor]| {
-                    sdpa((&x[0], &x[1], &x[2]), (heads, kv), bias, 0.37, mask.clone())
+                    let qkv = (&x[0], &x[1], &x[2]);
+                    sdpa(qkv, (heads, kv), bias, 0.37, mask.clone(), rotary)
                 };
-                let four = |x: &[Tensor]| {
-                    let s = attention_scores(&x[0], &x[1], heads, kv)?;
+                let five = |x: &[Tensor]| {
+                    let (q, k) = match rotate {
+                        true => (rope(&x[0], &cos, &sin, d)?, rope(&x[1], &cos, &sin, d)?),
+                        false => (x[0].clone(), x[1].clone()),
+                    };
+                    let s = attention_scores(&q, &k, heads, kv)?;
                     let mut probs = softmax_scaled_biased(&s, 0.37, bias)?;
                     if let Some(m) = &mask {
                         probs = mul_mask(&probs, m.clone())?;
                     }
                     attention_context(&probs, &x[2], heads, kv)
                 };
-                let inputs = [q, k, v];
-                assert!(sdpa_fits(
-                    &inputs[0],
-                    &inputs[1],
-                    &inputs[2],
-                    (heads, kv),
-                    bias
-                ));
+                let inputs = [
+                    values(&[b, t, heads * d], 0.0),
+                    values(&[b, t, kv * d], 1.0),
+                    values(&[b, t, kv * d], 2.0),
+                ];
+                let [q, k, v] = &inputs;
+                assert!(sdpa_fits(q, k, v, (heads, kv), bias, rotary));
                 let (y1, g1) = value_and_grads(&inputs, one);
-                let (y2, g2) = value_and_grads(&inputs, four);
-                assert_eq!(f32s(&y1), f32s(&y2), "kv {kv}, p {p}");
+                let (y2, g2) = value_and_grads(&inputs, five);
+                let case = format!("kv {kv}, p {p}, rotary {rotate}");
+                assert_eq!(f32s(&y1), f32s(&y2), "{case}");
                 for (a, c) in g1.iter().zip(&g2) {
-                    assert_eq!(f32s(a), f32s(c), "kv {kv}, p {p}");
+                    assert_eq!(f32s(a), f32s(c), "{case}");
                 }
             }
         }
@@ -480,7 +487,7 @@ fn sdpa_is_its_four_ops_bit_for_bit() {
     };
     let (y1, g1) = value_and_grads(std::slice::from_ref(&qkv), |x| {
         let [q, k, v] = split(&x[0])?;
-        sdpa((&q, &k, &v), (heads, heads), &zero, 0.37, None)
+        sdpa((&q, &k, &v), (heads, heads), &zero, 0.37, None, None)
     });
     let (y2, g2) = value_and_grads(std::slice::from_ref(&qkv), |x| {
         gqa(0, &split(&x[0])?, heads, heads, &zero)
@@ -490,12 +497,19 @@ fn sdpa_is_its_four_ops_bit_for_bit() {
     // What does not fit is refused by sdpa_fits (and by sdpa, in one line).
     let (q, k) = (values(&[b, t, e], 0.0), values(&[b, t, e], 1.0));
     let short_v = values(&[b, t - 1, e], 2.0);
-    assert!(!sdpa_fits(&q, &k, &short_v, (heads, heads), &zero));
-    assert!(!sdpa_fits(&q, &k, &k, (heads, 3), &zero));
+    assert!(!sdpa_fits(&q, &k, &short_v, (heads, heads), &zero, None));
+    assert!(!sdpa_fits(&q, &k, &k, (heads, 3), &zero, None));
     let wrong_bias = Tensor::zeros((1, 1, t, t + 1), DType::F32, &Device::Cpu).unwrap();
-    assert!(!sdpa_fits(&q, &k, &k, (heads, heads), &wrong_bias));
-    assert!(sdpa((&q, &k, &short_v), (heads, heads), &zero, 1.0, None).is_err());
-    assert!(sdpa((&q, &k, &k), (heads, heads), &zero, 1.0, Some(vec![1.0; 3])).is_err());
+    assert!(!sdpa_fits(&q, &k, &k, (heads, heads), &wrong_bias, None));
+    let odd = Rotary {
+        cos: &cos,
+        sin: &sin,
+        head_dim: 5,
+    };
+    assert!(!sdpa_fits(&q, &k, &k, (heads, heads), &zero, Some(odd)));
+    let ok = (&q, &k, &k);
+    assert!(sdpa((&q, &k, &short_v), (heads, heads), &zero, 1.0, None, None).is_err());
+    assert!(sdpa(ok, (heads, heads), &zero, 1.0, Some(vec![1.0; 3]), None).is_err());
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::config as shared;
 use crate::fused;
 use crate::layers::{
     Dense, Embedding, Freeze, Linear, MapVars, Param, Params, Visit, attention, checkpointed,
-    normal, run_layer, visit_param,
+    normal, rotary_attention, run_layer, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -366,30 +366,30 @@ impl Layer {
                 .forward(&k.reshape((b, t, kv, d))?)?
                 .reshape((b, t, kv * d))?;
         }
-        let q = fused::rope(&q, cos, sin, d)?;
-        let k = fused::rope(&k, cos, sin, d)?;
-        let (k, v) = match cache {
+        let rotary = fused::Rotary {
+            cos,
+            sin,
+            head_dim: d,
+        };
+        let (bias, scale, p) = (&inputs.bias, inputs.scale, inputs.dropout);
+        let context = match cache {
+            // Training and scoring: the rotation inside the attention's op.
+            None => {
+                let qkv = (&q, &k, &v);
+                rotary_attention(qkv, rotary, h, kv, bias, scale, p, rng.as_deref_mut())?
+            }
+            // Generation: the keys are rotated before they join the cache.
             Some(slot) => {
+                let q = fused::rope(&q, cos, sin, d)?;
+                let k = fused::rope(&k, cos, sin, d)?;
                 let (k, v) = match slot.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
                     None => (k, v),
                 };
                 *slot = Some((k.clone(), v.clone()));
-                (k, v)
+                attention(&q, &k, &v, h, kv, bias, scale, p, rng.as_deref_mut())?
             }
-            None => (k, v),
         };
-        let context = attention(
-            &q,
-            &k,
-            &v,
-            h,
-            kv,
-            &inputs.bias,
-            inputs.scale,
-            inputs.dropout,
-            rng.as_deref_mut(),
-        )?;
         let x = self.o_proj.forward_onto(&context, x, rng.as_deref_mut())?;
         let hidden = self.post_attention_layernorm.forward(&x)?;
         let gated = match (self.gate_proj.plain_weight(), self.up_proj.plain_weight()) {
