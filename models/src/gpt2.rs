@@ -12,7 +12,8 @@ use crate::fused;
 use crate::generation::Greedy;
 use crate::layers::{
     Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapVars, Param, Params, Visit,
-    attention, checkpointed, dropout, mask_to_bias, matmul_last, normal, run_layer, visit_param,
+    checkpointed, dropout, mask_to_bias, matmul_last, normal, packed_attention, run_layer,
+    visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -464,17 +465,11 @@ impl Block {
         let e = spec.embd;
         let h = self.ln_1.forward(x)?;
         let qkv = self.c_attn.forward(&h, rng.as_deref_mut())?;
-        let (q, k, v) = (
-            qkv.narrow(2, 0, e)?,
-            qkv.narrow(2, e, e)?,
-            qkv.narrow(2, 2 * e, e)?,
-        );
-        let context = attention(
-            &q,
-            &k,
-            &v,
-            spec.heads,
-            spec.heads,
+        let context = packed_attention(
+            &qkv,
+            (e, e, e),
+            None,
+            (spec.heads, spec.heads),
             bias,
             spec.scale,
             spec.attention_dropout,

@@ -230,6 +230,12 @@ impl Linear {
         fused::linear_gelu(x, &self.weight.t(), b.as_ref(), self.transposed, tanh)
     }
 
+    /// The weight and bias of a torch `Linear` without adapter, else None.
+    pub(crate) fn plain_parts(&self) -> Option<(Tensor, Option<Tensor>)> {
+        let plain = self.adapter.is_none() && !self.transposed;
+        plain.then(|| (self.weight.t(), self.bias.as_ref().map(|b| b.t())))
+    }
+
     /// `residual + self.forward(x)`: fused into the layer's product when the layer is
     /// [plain](Self::plain_weight) ([`fused::linear_residual`]).
     pub(crate) fn forward_onto(
@@ -269,6 +275,23 @@ impl Linear {
             bias: self.bias.is_some(),
         };
         f.dense(&layer, &mut self.adapter)
+    }
+}
+
+/// The weights of torch `Linear` layers without adapters stacked `[w1; w2; …]` (and
+/// their biases, when all have one): one product then serves them all, side by side
+/// in its output (q, k and v: [`packed_attention`]). None when any has an adapter, or
+/// some have a bias and others not.
+pub(crate) fn stacked(layers: [&Linear; 3]) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let parts = layers.map(Linear::plain_parts);
+    let [Some((w1, b1)), Some((w2, b2)), Some((w3, b3))] = parts else {
+        return Ok(None);
+    };
+    let w = Tensor::cat(&[&w1, &w2, &w3], 0)?;
+    match (b1, b2, b3) {
+        (None, None, None) => Ok(Some((w, None))),
+        (Some(b1), Some(b2), Some(b3)) => Ok(Some((w, Some(Tensor::cat(&[&b1, &b2, &b3], 0)?)))),
+        _ => Ok(None),
     }
 }
 
@@ -551,6 +574,37 @@ pub(crate) fn rotary_attention(
         p,
         rng,
     )
+}
+
+/// [`attention`] (with `rotary`: [`rotary_attention`]) of queries, keys and values
+/// side by side in one tensor `[b, t, eq + ek + ev]` (`widths`), as a fused
+/// projection returns them: in one op with one gradient for the whole tensor where
+/// it applies, else over three views of it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn packed_attention(
+    qkv: &Tensor,
+    widths: fused::Widths,
+    rotary: Option<fused::Rotary<'_>>,
+    (heads, kv_heads): (usize, usize),
+    bias: &Tensor,
+    scale: f64,
+    p: f64,
+    rng: Option<&mut Rng>,
+) -> Result<Tensor> {
+    let h = (heads, kv_heads);
+    if fused::sdpa_packed_fits(qkv, widths, h, bias, rotary) && p < 1.0 {
+        let n = qkv.dim(0)? * heads * qkv.dim(1)? * qkv.dim(1)?;
+        let mask = match rng {
+            Some(rng) if p > 0.0 => Some(rng.dropout_values(n, p)),
+            _ => None,
+        };
+        return fused::sdpa_packed(qkv, widths, h, bias, scale, mask, rotary);
+    }
+    let (eq, ek, ev) = widths;
+    let q = qkv.narrow(2, 0, eq)?;
+    let k = qkv.narrow(2, eq, ek)?;
+    let v = qkv.narrow(2, eq + ek, ev)?;
+    attend((&q, &k, &v), rotary, h, bias, scale, p, rng)
 }
 
 fn attend(

@@ -61,7 +61,7 @@ pub(crate) use rope::{rope, rope_tables};
 #[cfg(test)]
 use rows::PARALLEL_ELEMENTS;
 use rows::{Out, rows_into};
-pub(crate) use sdpa::{Rotary, sdpa, sdpa_fits};
+pub(crate) use sdpa::{Rotary, Widths, sdpa, sdpa_fits, sdpa_packed, sdpa_packed_fits};
 pub(crate) use softmax::softmax_scaled_biased;
 pub(crate) use swiglu::silu_mul;
 

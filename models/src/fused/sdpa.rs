@@ -80,6 +80,20 @@ pub(crate) fn sdpa(
     if !sdpa_fits(q, k, v, (heads, kv_heads), bias, rotary) {
         candle_core::bail!("kiln: sdpa called on inputs it does not take")
     }
+    let op = op((q, k, v), (heads, kv_heads), bias, scale, mask, rotary)?;
+    q.apply_op3(k, v, op)
+}
+
+/// The op of [`sdpa`] (a dropout mask of another size than the scores is an error);
+/// the caller checked [`sdpa_fits`].
+fn op(
+    (q, k, _): (&Tensor, &Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    bias: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+    rotary: Option<Rotary<'_>>,
+) -> Result<Sdpa> {
     let group = group(heads, kv_heads)?;
     let scores = (q.dim(0)?, heads, q.dim(1)?, k.dim(1)?);
     if mask
@@ -88,7 +102,7 @@ pub(crate) fn sdpa(
     {
         candle_core::bail!("kiln: a dropout mask that does not fit the attention scores")
     }
-    let op = Sdpa {
+    Ok(Sdpa {
         scores: AttentionScores { heads, group },
         softmax: ScaledBiasedSoftmax {
             scale: scale as f32,
@@ -102,8 +116,86 @@ pub(crate) fn sdpa(
         },
         saved: OnceLock::new(),
         rotated: OnceLock::new(),
-    };
-    q.apply_op3(k, v, op)
+    })
+}
+
+/// Widths of the queries, keys and values side by side in one projection's output.
+pub(crate) type Widths = (usize, usize, usize);
+
+/// The three views of `qkv` `[b, t, eq + ek + ev]` (a fused projection's output).
+fn views(qkv: &Tensor, (eq, ek, ev): Widths) -> Result<[Tensor; 3]> {
+    Ok([
+        qkv.narrow(2, 0, eq)?,
+        qkv.narrow(2, eq, ek)?,
+        qkv.narrow(2, eq + ek, ev)?,
+    ])
+}
+
+/// Whether [`sdpa_packed`] takes `qkv`: [`sdpa_fits`] for its three views.
+pub(crate) fn sdpa_packed_fits(
+    qkv: &Tensor,
+    widths: Widths,
+    heads: (usize, usize),
+    bias: &Tensor,
+    rotary: Option<Rotary<'_>>,
+) -> bool {
+    let whole = qkv.rank() == 3 && qkv.dim(2).ok() == Some(widths.0 + widths.1 + widths.2);
+    whole && views(qkv, widths).is_ok_and(|[q, k, v]| sdpa_fits(&q, &k, &v, heads, bias, rotary))
+}
+
+/// [`sdpa`] of the queries, keys and values side by side in one tensor (GPT-2's
+/// `c_attn`, the Llama family's q/k/v products as one): the same values, with one
+/// gradient for the whole tensor, where three views would each get candle's backward
+/// of a narrow (the gradient padded with zeros to the whole width, then added).
+pub(crate) fn sdpa_packed(
+    qkv: &Tensor,
+    widths: Widths,
+    heads: (usize, usize),
+    bias: &Tensor,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+    rotary: Option<Rotary<'_>>,
+) -> Result<Tensor> {
+    if !sdpa_packed_fits(qkv, widths, heads, bias, rotary) {
+        candle_core::bail!("kiln: sdpa_packed called on inputs it does not take")
+    }
+    let [q, k, v] = views(qkv, widths)?;
+    let inner = op((&q, &k, &v), heads, bias, scale, mask, rotary)?;
+    qkv.apply_op1(Packed { inner, widths })
+}
+
+/// The attention op over three views of one input.
+struct Packed {
+    inner: Sdpa,
+    widths: Widths,
+}
+
+impl CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "kiln-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (eq, ek, ev) = self.widths;
+        let (lq, lk, lv) = (
+            l.narrow(2, 0, eq)?,
+            l.narrow(2, eq, ek)?,
+            l.narrow(2, eq + ek, ev)?,
+        );
+        self.inner.cpu_fwd(s, &lq, s, &lk, s, &lv)
+    }
+
+    /// The attention's backward over the views; their gradients side by side.
+    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let [q, k, v] = views(&qkv.detach(), self.widths)?;
+        let (dq, dk, dv) = self.inner.bwd(&q, &k, &v, res, grad_out)?;
+        let parts = [
+            grad(dq, "the queries")?,
+            grad(dk, "the keys")?,
+            grad(dv, "the values")?,
+        ];
+        Ok(Some(Tensor::cat(&parts, 2)?))
+    }
 }
 
 struct Sdpa {

@@ -494,6 +494,45 @@ fn sdpa_is_its_four_ops_bit_for_bit() {
     });
     assert_eq!(f32s(&y1), f32s(&y2));
     assert_eq!(f32s(&g1[0]), f32s(&g2[0]));
+    // The packed op over the whole projection gives the views' bits: multi-head, and
+    // grouped with rotary tables and dropout (the Llama family's q/k/v product).
+    let kv = 2;
+    let rotary = Rotary {
+        cos: &cos,
+        sin: &sin,
+        head_dim: d,
+    };
+    let mask: Vec<f32> = (0..b * heads * t * t)
+        .map(|i| if i % 4 == 0 { 0.0 } else { 1.25 })
+        .collect();
+    for (widths, rotary, mask) in [
+        ((e, e, e), None, None),
+        ((e, kv * d, kv * d), Some(rotary), Some(mask)),
+    ] {
+        let hk = (heads, widths.1 / d);
+        let qkv = values(&[b, t, widths.0 + widths.1 + widths.2], 0.5);
+        assert!(sdpa_packed_fits(&qkv, widths, hk, &zero, rotary));
+        let (y1, g1) = value_and_grads(std::slice::from_ref(&qkv), |x| {
+            sdpa_packed(&x[0], widths, hk, &zero, 0.37, mask.clone(), rotary)
+        });
+        let (y2, g2) = value_and_grads(std::slice::from_ref(&qkv), |x| {
+            let (eq, ek, ev) = widths;
+            let q = x[0].narrow(2, 0, eq)?;
+            let (k, v) = (x[0].narrow(2, eq, ek)?, x[0].narrow(2, eq + ek, ev)?);
+            sdpa((&q, &k, &v), hk, &zero, 0.37, mask.clone(), rotary)
+        });
+        assert_eq!(f32s(&y1), f32s(&y2));
+        assert_eq!(f32s(&g1[0]), f32s(&g2[0]));
+    }
+    let qkv = values(&[b, t, 3 * e], 0.5);
+    assert!(!sdpa_packed_fits(
+        &qkv,
+        (e, e, e + 1),
+        (heads, heads),
+        &zero,
+        None
+    ));
+    assert!(sdpa_packed(&qkv, (e, e, e - 1), (heads, heads), &zero, 1.0, None, None).is_err());
     // What does not fit is refused by sdpa_fits (and by sdpa, in one line).
     let (q, k) = (values(&[b, t, e], 0.0), values(&[b, t, e], 1.0));
     let short_v = values(&[b, t - 1, e], 2.0);

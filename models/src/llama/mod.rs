@@ -20,7 +20,7 @@ use crate::config as shared;
 use crate::fused;
 use crate::layers::{
     Dense, Embedding, Freeze, Linear, MapVars, Param, Params, Visit, attention, checkpointed,
-    normal, rotary_attention, run_layer, visit_param,
+    normal, packed_attention, rotary_attention, run_layer, stacked, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -354,6 +354,24 @@ impl Layer {
         let (h, kv, d) = (inputs.heads, inputs.kv_heads, inputs.head_dim);
         let (cos, sin) = (&inputs.cos, &inputs.sin);
         let hidden = self.input_layernorm.forward(x)?;
+        let (bias, scale, p) = (&inputs.bias, inputs.scale, inputs.dropout);
+        let rotary = fused::Rotary {
+            cos,
+            sin,
+            head_dim: d,
+        };
+        if cache.is_none()
+            && self.qk_norm.is_none()
+            && let Some(w) = stacked([&self.q_proj, &self.k_proj, &self.v_proj])?
+        {
+            // Training and scoring: one product for q, k and v, and one attention op
+            // (the rotation inside) that takes them side by side.
+            let qkv = fused::linear(&hidden, &w.0, w.1.as_ref(), false)?;
+            let widths = (h * d, kv * d, kv * d);
+            let r = rng.as_deref_mut();
+            let context = packed_attention(&qkv, widths, Some(rotary), (h, kv), bias, scale, p, r)?;
+            return self.mlp(&context, x, rng);
+        }
         let mut q = self.q_proj.forward(&hidden, rng.as_deref_mut())?;
         let mut k = self.k_proj.forward(&hidden, rng.as_deref_mut())?;
         let v = self.v_proj.forward(&hidden, rng.as_deref_mut())?;
@@ -366,12 +384,6 @@ impl Layer {
                 .forward(&k.reshape((b, t, kv, d))?)?
                 .reshape((b, t, kv * d))?;
         }
-        let rotary = fused::Rotary {
-            cos,
-            sin,
-            head_dim: d,
-        };
-        let (bias, scale, p) = (&inputs.bias, inputs.scale, inputs.dropout);
         let context = match cache {
             // Training and scoring: the rotation inside the attention's op.
             None => {
@@ -390,7 +402,18 @@ impl Layer {
                 attention(&q, &k, &v, h, kv, bias, scale, p, rng.as_deref_mut())?
             }
         };
-        let x = self.o_proj.forward_onto(&context, x, rng.as_deref_mut())?;
+        self.mlp(&context, x, rng)
+    }
+
+    /// The rest of the layer from the attention's `context`: o_proj onto the residual
+    /// `x`, then the MLP block.
+    fn mlp(
+        &self,
+        context: &Tensor,
+        x: &Tensor,
+        mut rng: Option<&mut Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.o_proj.forward_onto(context, x, rng.as_deref_mut())?;
         let hidden = self.post_attention_layernorm.forward(&x)?;
         let gated = match (self.gate_proj.plain_weight(), self.up_proj.plain_weight()) {
             (Some(wg), Some(wu)) => fused::swiglu_mlp(&hidden, &wg, &wu)?,
