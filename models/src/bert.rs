@@ -405,16 +405,18 @@ impl BertLayer {
                 attention(&q, &k, &v, spec.heads, spec.heads, bias, spec.scale, p, r)?
             }
         };
-        let attended = self
-            .attention_output
-            .forward(&context, rng.as_deref_mut())?;
-        let attended = dropout(&attended, spec.hidden_dropout, rng.as_deref_mut())?;
+        let attended = self.attention_output.forward_dropout(
+            &context,
+            spec.hidden_dropout,
+            rng.as_deref_mut(),
+        )?;
         let x = self.attention_norm.forward(&(attended + x)?)?;
         let inner = self
             .intermediate
             .forward_activated(&x, spec.activation, rng.as_deref_mut())?;
-        let out = self.output.forward(&inner, rng.as_deref_mut())?;
-        let out = dropout(&out, spec.hidden_dropout, rng)?;
+        let out = self
+            .output
+            .forward_dropout(&inner, spec.hidden_dropout, rng)?;
         self.output_norm.forward(&(out + x)?)
     }
 

@@ -475,14 +475,16 @@ impl Block {
             spec.attention_dropout,
             rng.as_deref_mut(),
         )?;
-        let attended = self.attn_c_proj.forward(&context, rng.as_deref_mut())?;
-        let x = (x + dropout(&attended, spec.residual_dropout, rng.as_deref_mut())?)?;
+        let p = spec.residual_dropout;
+        let attended = self
+            .attn_c_proj
+            .forward_dropout(&context, p, rng.as_deref_mut())?;
+        let x = (x + attended)?;
         let h = self.ln_2.forward(&x)?;
         let inner = self
             .c_fc
             .forward_activated(&h, spec.activation, rng.as_deref_mut())?;
-        let out = self.mlp_c_proj.forward(&inner, rng.as_deref_mut())?;
-        x + dropout(&out, spec.residual_dropout, rng)?
+        x + self.mlp_c_proj.forward_dropout(&inner, p, rng)?
     }
 
     fn map(&mut self, prefix: &str, f: Visit<'_>) -> candle_core::Result<()> {

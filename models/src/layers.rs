@@ -236,6 +236,30 @@ impl Linear {
         plain.then(|| (self.weight.t(), self.bias.as_ref().map(|b| b.t())))
     }
 
+    /// `dropout(self.forward(x), p)`: in the layer's op for a layer without adapter
+    /// ([`fused::linear_dropout`]; dropout's values drawn as [`dropout`] draws them).
+    pub(crate) fn forward_dropout(
+        &self,
+        x: &Tensor,
+        p: f64,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let fused_here = self.adapter.is_none() && p > 0.0 && p < 1.0;
+        match rng.as_deref_mut() {
+            Some(rng) if fused_here => {
+                let output = self.weight.dims()[usize::from(self.transposed)];
+                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+                let mask = rng.dropout_values(rows * output, p);
+                let b = self.bias.as_ref().map(|b| b.t());
+                fused::linear_dropout(x, &self.weight.t(), b.as_ref(), self.transposed, mask)
+            }
+            _ => {
+                let y = self.forward(x, rng.as_deref_mut())?;
+                dropout(&y, p, rng)
+            }
+        }
+    }
+
     /// `residual + self.forward(x)`: fused into the layer's product when the layer is
     /// [plain](Self::plain_weight) ([`fused::linear_residual`]).
     pub(crate) fn forward_onto(

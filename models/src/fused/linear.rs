@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use super::gelu::Gelu;
 use super::gemm::{Fresh, Mat, gemm_raw, gemm_with};
+use super::mask::MulConstant;
 use super::{fusable, read, rows_into, slice, sum_rows};
 
 /// `x + b` where `b`'s shape is the trailing part of `x`'s (a bias `[out]` over
@@ -106,6 +107,29 @@ pub(crate) fn linear_gelu(
     dense_op(x, w, b, op)
 }
 
+/// Dropout of a dense layer's output, `(x · W(ᵀ) + b) · mask` for dropout's `mask` (0
+/// or 1/(1 − p), one value per output element), in the layer's op: the output before
+/// the dropout never becomes a tensor of the graph with a zeroed gradient of its own.
+/// The same values as [`mul_mask`](super::mul_mask) of [`linear`].
+pub(crate) fn linear_dropout(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+    mask: Vec<f32>,
+) -> Result<Tensor> {
+    if !dense_fits(x, w, b, transposed) {
+        return super::mul_mask(&linear(x, w, b, transposed)?, mask);
+    }
+    let output = if transposed { w.dim(1)? } else { w.dim(0)? };
+    if mask.len() != x.elem_count() / x.dim(x.rank() - 1)? * output {
+        candle_core::bail!("kiln: a dropout mask that does not fit the layer's output")
+    }
+    let mut op = LinearOp::new(transposed);
+    op.mask = Some(MulConstant(std::sync::Arc::new(mask)));
+    dense_op(x, w, b, op)
+}
+
 /// Whether the fused dense op takes these inputs (f32 on the CPU, shapes that fit).
 fn dense_fits(x: &Tensor, w: &Tensor, b: Option<&Tensor>, transposed: bool) -> bool {
     let (input, output) = match w.dims() {
@@ -159,11 +183,13 @@ pub(crate) fn linear_residual(x: &Tensor, w: &Tensor, residual: &Tensor) -> Resu
 
 /// A dense layer; its third input is the bias (`[out]`, broadcast over the rows) or,
 /// with `residual`, a tensor of the output's shape that the product is added onto.
-/// With `gelu`, the GELU of the product (and the product kept for the backward pass).
+/// With `gelu`, the GELU of the product (and the product kept for the backward pass);
+/// with `mask`, the product times dropout's mask.
 struct LinearOp {
     transposed: bool,
     residual: bool,
     gelu: Option<(Gelu, OnceLock<Tensor>)>,
+    mask: Option<MulConstant>,
 }
 
 impl LinearOp {
@@ -172,6 +198,7 @@ impl LinearOp {
             transposed,
             residual: false,
             gelu: None,
+            mask: None,
         }
     }
 }
@@ -322,6 +349,9 @@ impl CustomOp3 for LinearOp {
         }
         let dst = dense_fwd(self.transposed, x, w, b)?;
         let shape = out_shape(l1, b.len());
+        if let Some(mask) = &self.mask {
+            return mask.cpu_fwd(&CpuStorage::F32(dst), &Layout::contiguous(shape));
+        }
         let Some((gelu, kept)) = &self.gelu else {
             return Ok((CpuStorage::F32(dst), shape));
         };
@@ -352,6 +382,20 @@ impl CustomOp3 for LinearOp {
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         // The residual's gradient is the output's.
         let want_sum = want_b && !self.residual;
+        // With dropout, the gradient before it.
+        let undropped;
+        let grad = match &self.mask {
+            None => grad,
+            Some(mask) => {
+                undropped = mask.bwd(grad, _res, grad)?.ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{}: no gradient from the dropout",
+                        self.name()
+                    ))
+                })?;
+                &undropped
+            }
+        };
         // With a GELU, the gradient of the product before it.
         let pre_grad;
         let grad = match &self.gelu {

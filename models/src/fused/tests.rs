@@ -167,6 +167,40 @@ fn linear_gelu_is_the_layer_then_the_gelu() {
     }
 }
 
+/// A dense layer with its dropout in one op is the layer then the mask, bit for bit,
+/// values and gradients, in both layouts, with and without a bias.
+#[test]
+fn linear_dropout_is_the_layer_then_the_mask() {
+    let x = values(&[2, 300, 64], 0.0);
+    let w = (values(&[48, 64], 1.0) * 0.1).unwrap();
+    let wt = w.t().unwrap().contiguous().unwrap();
+    let b = values(&[48], 2.0);
+    let mask: Vec<f32> = (0..2 * 300 * 48)
+        .map(|i| if i % 5 == 2 { 0.0 } else { 1.0 / 0.8 })
+        .collect();
+    for transposed in [false, true] {
+        let w = if transposed { &wt } else { &w };
+        for inputs in [
+            vec![x.clone(), w.clone(), b.clone()],
+            vec![x.clone(), w.clone()],
+        ] {
+            let one =
+                |t: &[Tensor]| linear_dropout(&t[0], &t[1], t.get(2), transposed, mask.clone());
+            let two =
+                |t: &[Tensor]| mul_mask(&linear(&t[0], &t[1], t.get(2), transposed)?, mask.clone());
+            let (y1, g1) = value_and_grads(&inputs, one);
+            let (y2, g2) = value_and_grads(&inputs, two);
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&y1), flat(&y2));
+            for (a, c) in g1.iter().zip(&g2) {
+                assert_eq!(flat(a), flat(c));
+            }
+        }
+    }
+    // A mask of another size is an error.
+    assert!(linear_dropout(&x, &w, Some(&b), false, vec![1.0; 7]).is_err());
+}
+
 #[test]
 fn gelu_matches_candles_both_forms() {
     let x = (values(&[5, 7], 0.0) * 1.6).unwrap();
