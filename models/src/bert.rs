@@ -410,14 +410,14 @@ impl BertLayer {
             spec.hidden_dropout,
             rng.as_deref_mut(),
         )?;
-        let x = self.attention_norm.forward(&(attended + x)?)?;
+        let x = self.attention_norm.forward_residual(&attended, x)?;
         let inner = self
             .intermediate
             .forward_activated(&x, spec.activation, rng.as_deref_mut())?;
         let out = self
             .output
             .forward_dropout(&inner, spec.hidden_dropout, rng)?;
-        self.output_norm.forward(&(out + x)?)
+        self.output_norm.forward_residual(&out, &x)
     }
 
     fn map(&mut self, prefix: &str, f: Visit<'_>) -> candle_core::Result<()> {

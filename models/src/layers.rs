@@ -347,6 +347,19 @@ impl LayerNorm {
         fused::layer_norm(&x, &w, &b, self.eps)?.to_dtype(dtype)
     }
 
+    /// `self.forward(y + residual)`, the sum inside the norm's op for f32
+    /// ([`fused::layer_norm_residual`]).
+    pub(crate) fn forward_residual(&self, y: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (w, b) = (self.weight.t(), self.bias.t());
+        if [y, residual, &w, &b]
+            .iter()
+            .any(|t| t.dtype() != DType::F32)
+        {
+            return self.forward(&(y + residual)?);
+        }
+        fused::layer_norm_residual(y, residual, &w, &b, self.eps)
+    }
+
     pub(crate) fn push(&self, prefix: &str, out: &mut Params) {
         out.push((format!("{prefix}.weight"), self.weight.var().clone()));
         out.push((format!("{prefix}.bias"), self.bias.var().clone()));

@@ -51,7 +51,7 @@ pub(crate) use attention::{attention_context, attention_scores};
 use attention::{merge_heads, split_heads};
 pub(crate) use cross_entropy::{cross_entropy, cross_entropy_fits};
 pub(crate) use gelu::gelu;
-pub(crate) use layer_norm::layer_norm;
+pub(crate) use layer_norm::{layer_norm, layer_norm_residual};
 pub(crate) use linear::{add_trailing, linear, linear_dropout, linear_gelu, linear_residual};
 pub(crate) use lora::{LowRankInput, lora_fits, lora_linear};
 pub(crate) use mask::mul_mask;

@@ -201,6 +201,33 @@ fn linear_dropout_is_the_layer_then_the_mask() {
     assert!(linear_dropout(&x, &w, Some(&b), false, vec![1.0; 7]).is_err());
 }
 
+/// LayerNorm of a residual sum in one op is the sum then the norm, bit for bit, values
+/// and gradients of all four inputs, rows across the parallel threshold.
+#[test]
+fn layer_norm_of_a_residual_sum_is_the_sum_then_the_norm() {
+    for rows in [3, 1500] {
+        let inputs = [
+            values(&[1, rows, 96], 0.0),
+            values(&[1, rows, 96], 1.0),
+            (values(&[96], 2.0) * 0.5).unwrap(),
+            values(&[96], 3.0),
+        ];
+        let one = |t: &[Tensor]| layer_norm_residual(&t[0], &t[1], &t[2], &t[3], 1e-12);
+        let two = |t: &[Tensor]| layer_norm(&(&t[0] + &t[1])?, &t[2], &t[3], 1e-12);
+        let (y1, g1) = value_and_grads(&inputs, one);
+        let (y2, g2) = value_and_grads(&inputs, two);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&y1), flat(&y2), "rows {rows}");
+        for (a, c) in g1.iter().zip(&g2) {
+            assert_eq!(flat(a), flat(c), "rows {rows}");
+        }
+    }
+    // A residual of another shape takes the sum's path, which refuses it.
+    let (y, r) = (values(&[2, 96], 0.0), values(&[3, 96], 1.0));
+    let (w, b) = (values(&[96], 2.0), values(&[96], 3.0));
+    assert!(layer_norm_residual(&y, &r, &w, &b, 1e-5).is_err());
+}
+
 #[test]
 fn gelu_matches_candles_both_forms() {
     let x = (values(&[5, 7], 0.0) * 1.6).unwrap();
