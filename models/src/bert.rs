@@ -12,7 +12,7 @@ use crate::config::{self, ProblemType, TokenIds, check};
 use crate::fused;
 use crate::layers::{
     Activation, Dense, Embedding, Freeze, LayerNorm, Linear, MapVars, Params, Visit, attention,
-    checkpointed, dropout, mask_to_bias, packed_attention, run_layer, stacked,
+    checkpointed, dropout, mask_to_bias, run_layer,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -388,23 +388,11 @@ impl BertLayer {
         spec: LayerSpec,
         mut rng: Option<&mut Rng>,
     ) -> candle_core::Result<Tensor> {
-        let (heads, p) = ((spec.heads, spec.heads), spec.attention_dropout);
-        let context = match stacked([&self.query, &self.key, &self.value])? {
-            // One product for q, k and v, and one attention op that takes them side by side.
-            Some((w, b)) => {
-                let qkv = fused::linear(x, &w, b.as_ref(), false)?;
-                let e = w.dim(0)? / 3;
-                let r = rng.as_deref_mut();
-                packed_attention(&qkv, (e, e, e), None, heads, bias, spec.scale, p, r)?
-            }
-            None => {
-                let q = self.query.forward(x, rng.as_deref_mut())?;
-                let k = self.key.forward(x, rng.as_deref_mut())?;
-                let v = self.value.forward(x, rng.as_deref_mut())?;
-                let r = rng.as_deref_mut();
-                attention(&q, &k, &v, spec.heads, spec.heads, bias, spec.scale, p, r)?
-            }
-        };
+        let q = self.query.forward(x, rng.as_deref_mut())?;
+        let k = self.key.forward(x, rng.as_deref_mut())?;
+        let v = self.value.forward(x, rng.as_deref_mut())?;
+        let (p, r) = (spec.attention_dropout, rng.as_deref_mut());
+        let context = attention(&q, &k, &v, spec.heads, spec.heads, bias, spec.scale, p, r)?;
         let attended = self.attention_output.forward_dropout(
             &context,
             spec.hidden_dropout,

@@ -230,12 +230,6 @@ impl Linear {
         fused::linear_gelu(x, &self.weight.t(), b.as_ref(), self.transposed, tanh)
     }
 
-    /// The weight and bias of a torch `Linear` without adapter, else None.
-    pub(crate) fn plain_parts(&self) -> Option<(Tensor, Option<Tensor>)> {
-        let plain = self.adapter.is_none() && !self.transposed;
-        plain.then(|| (self.weight.t(), self.bias.as_ref().map(|b| b.t())))
-    }
-
     /// `dropout(self.forward(x), p)`: in the layer's op for a layer without adapter
     /// ([`fused::linear_dropout`]; dropout's values drawn as [`dropout`] draws them).
     pub(crate) fn forward_dropout(
@@ -299,23 +293,6 @@ impl Linear {
             bias: self.bias.is_some(),
         };
         f.dense(&layer, &mut self.adapter)
-    }
-}
-
-/// The weights of torch `Linear` layers without adapters stacked `[w1; w2; …]` (and
-/// their biases, when all have one): one product then serves them all, side by side
-/// in its output (q, k and v: [`packed_attention`]). None when any has an adapter, or
-/// some have a bias and others not.
-pub(crate) fn stacked(layers: [&Linear; 3]) -> Result<Option<(Tensor, Option<Tensor>)>> {
-    let parts = layers.map(Linear::plain_parts);
-    let [Some((w1, b1)), Some((w2, b2)), Some((w3, b3))] = parts else {
-        return Ok(None);
-    };
-    let w = Tensor::cat(&[&w1, &w2, &w3], 0)?;
-    match (b1, b2, b3) {
-        (None, None, None) => Ok(Some((w, None))),
-        (Some(b1), Some(b2), Some(b3)) => Ok(Some((w, Some(Tensor::cat(&[&b1, &b2, &b3], 0)?)))),
-        _ => Ok(None),
     }
 }
 
@@ -615,7 +592,7 @@ pub(crate) fn rotary_attention(
 
 /// [`attention`] (with `rotary`: [`rotary_attention`]) of queries, keys and values
 /// side by side in one tensor `[b, t, eq + ek + ev]` (`widths`), as a fused
-/// projection returns them: in one op with one gradient for the whole tensor where
+/// projection (GPT-2's `c_attn`) returns them: in one op with one gradient for the whole tensor where
 /// it applies, else over three views of it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn packed_attention(

@@ -237,28 +237,27 @@ pub(super) fn dense_fwd(transposed: bool, x: &[f32], w: &[f32], b: &[f32]) -> Re
     Ok(dst)
 }
 
-/// `residual + x · Wᵀ` (`w` `[output, input]`): the residual copied into the output
-/// (large ones on rayon's threads), one gemm added onto it.
+/// `residual + x · Wᵀ` (`w` `[output, input]`): the product as [`linear`] computes it,
+/// then the residual added in place (large outputs on rayon's threads), so the sum has
+/// the bits of the two ops it replaces (a layer with an adapter, which takes them,
+/// computes what the same layer without one does).
 fn residual_fwd(x: &[f32], w: &[f32], residual: &[f32], output: usize) -> Result<Vec<f32>> {
     let input = w.len() / output.max(1);
     let rows = x.len() / input.max(1);
     if output == 0 || input == 0 || residual.len() != rows * output {
         candle_core::bail!("kiln-linear: the residual does not fit the output")
     }
-    let ([mut dst], _) = rows_into(rows, output, |span, [out]| {
-        out.extend(
-            residual[span.start * output..span.end * output]
-                .iter()
-                .copied(),
-        )
-    })?;
-    gemm_with(
-        (rows, output, input),
-        (&mut dst, row_major(output)),
-        (x, row_major(input)),
-        (w, weight_rhs(false, input, output)),
-        true,
-    )?;
+    let mut dst = dense_fwd(false, x, w, &vec![0f32; output])?;
+    let add = |(d, r): (&mut [f32], &[f32])| d.iter_mut().zip(r).for_each(|(d, r)| *d += r);
+    let chunk = 1 << 16;
+    if dst.len() < super::rows::PARALLEL_ELEMENTS {
+        add((&mut dst, residual));
+    } else {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(chunk)
+            .zip(residual.par_chunks(chunk))
+            .for_each(add);
+    }
     Ok(dst)
 }
 

@@ -13,7 +13,7 @@ use super::gemm::Fresh;
 /// bundled models' sizes (at most 2^18 elements a tensor) handing work to rayon costs
 /// more than the second core gives; a larger model's GELU or LayerNorm alone would
 /// otherwise keep one core busy while the others wait.
-pub(super) const PARALLEL_ELEMENTS: usize = 1 << 17;
+pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 17;
 
 /// Rows per block for `rows` rows of `width` elements: all of them when they are few,
 /// else about 2^16 elements. Never depends on the thread count.

@@ -144,7 +144,7 @@ pub(crate) fn sdpa_packed_fits(
 }
 
 /// [`sdpa`] of the queries, keys and values side by side in one tensor (GPT-2's
-/// `c_attn`, the Llama family's q/k/v products as one): the same values, with one
+/// `c_attn`): the same values, with one
 /// gradient for the whole tensor, where three views would each get candle's backward
 /// of a narrow (the gradient padded with zeros to the whole width, then added).
 pub(crate) fn sdpa_packed(

@@ -20,7 +20,7 @@ use crate::config as shared;
 use crate::fused;
 use crate::layers::{
     Dense, Embedding, Freeze, Linear, MapVars, Param, Params, Visit, attention, checkpointed,
-    normal, packed_attention, rotary_attention, run_layer, stacked, visit_param,
+    normal, rotary_attention, run_layer, visit_param,
 };
 use crate::loss;
 use crate::{Error, Result};
@@ -360,18 +360,6 @@ impl Layer {
             sin,
             head_dim: d,
         };
-        if cache.is_none()
-            && self.qk_norm.is_none()
-            && let Some(w) = stacked([&self.q_proj, &self.k_proj, &self.v_proj])?
-        {
-            // Training and scoring: one product for q, k and v, and one attention op
-            // (the rotation inside) that takes them side by side.
-            let qkv = fused::linear(&hidden, &w.0, w.1.as_ref(), false)?;
-            let widths = (h * d, kv * d, kv * d);
-            let r = rng.as_deref_mut();
-            let context = packed_attention(&qkv, widths, Some(rotary), (h, kv), bias, scale, p, r)?;
-            return self.mlp(&context, x, rng);
-        }
         let mut q = self.q_proj.forward(&hidden, rng.as_deref_mut())?;
         let mut k = self.k_proj.forward(&hidden, rng.as_deref_mut())?;
         let v = self.v_proj.forward(&hidden, rng.as_deref_mut())?;
