@@ -250,3 +250,32 @@ fn a_classifier_adapter_on_new_labels_loads_back_onto_its_base() {
         .to_string();
     assert!(e.contains("config.json") && !e.contains('\n'), "{e}");
 }
+
+/// A fresh adapter on every dense layer of a Llama leaves its logits unchanged, bit for
+/// bit: the layers with adapters take the unfused path (their products, SwiGLU's gate,
+/// the residual sums), the model without them the fused ops, which compute the same.
+#[test]
+fn a_fresh_adapter_on_every_llama_layer_changes_no_logit() {
+    let mut rng = Rng::seed_from_u64(11);
+    let config = kiln_models::LlamaConfig {
+        vocab_size: 40,
+        hidden_size: 32,
+        intermediate_size: 88,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 16,
+        ..kiln_models::LlamaConfig::default_for(kiln_models::LlamaVariant::Llama)
+    };
+    let base = kiln_models::LlamaForCausalLM::new(config, &mut rng, &Device::Cpu).unwrap();
+    let before = logits(&base);
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Some(Targets::Pattern("all-linear".into())),
+        ..Default::default()
+    };
+    let model = PeftModel::new(base, lora, Task::CausalLm, None, &mut rng).unwrap();
+    assert_eq!(model.resolved().target_names.len(), 2 * 7);
+    assert_eq!(logits(&model), before);
+}
