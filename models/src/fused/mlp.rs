@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::gemm::{Fresh, gemm_raw};
 use super::linear::{out_shape, row_major, weight_rhs};
-use super::{fusable, read, rows_into, slice};
+use super::{fusable, read, slice};
 
 /// `silu(x·W_gateᵀ) · (x·W_upᵀ)` for `x` `[…, hidden]` and torch `Linear` weights
 /// `[intermediate, hidden]` without biases: the same values as `silu_mul(linear(x,
@@ -74,18 +74,7 @@ fn forward(
         Ok(unsafe { out.finish() })
     };
     let (gate, up) = (product(wg)?, product(wu)?);
-    let ([out, denoms], _) = rows_into(rows, inter, |span, [out, denoms]| {
-        let span = span.start * inter..span.end * inter;
-        denoms.extend(gate[span.clone()].iter().map(|&g| 1.0 + (-g).exp()));
-        let e1 = denoms.written_from(0);
-        out.extend(
-            gate[span.clone()]
-                .iter()
-                .zip(&up[span])
-                .zip(e1.iter())
-                .map(|((&g, u), &e1)| g / e1 * u),
-        )
-    })?;
+    let (out, denoms) = super::swiglu::gate(&gate, &up)?;
     Ok((out, Saved { gate, up, denoms }))
 }
 
@@ -159,17 +148,12 @@ impl CustomOp3 for SwigluMlp {
                                 &recomputed
                             }
                         };
-                        let ([dg, du], _) = rows_into(rows, inter, |span, [dg, du]| {
-                            let span = span.start * inter..span.end * inter;
-                            let gs = saved.gate[span.clone()].iter();
-                            let rest = saved.up[span.clone()].iter().zip(&dy[span.clone()]);
-                            for ((&e1, &g), (&u, &d)) in saved.denoms[span].iter().zip(gs).zip(rest)
-                            {
-                                let (sigmoid, silu) = (1.0 / e1, g / e1);
-                                dg.extend([d * u * (sigmoid * (1.0 - silu) + silu)]);
-                                du.extend([d * silu]);
-                            }
-                        })?;
+                        let (dg, du) = super::swiglu::gate_grads(
+                            &saved.gate,
+                            &saved.up,
+                            dy,
+                            Some(&saved.denoms),
+                        )?;
                         let (gm, xm) = (row_major(inter), row_major(hidden));
                         let wm = weight_rhs(false, hidden, inter).t();
                         if want_x {

@@ -44,17 +44,7 @@ impl CustomOp2 for SiluMul {
         if g.len() != u.len() {
             candle_core::bail!("{}: gate and up differ in size", self.name())
         }
-        let ([out, denoms], _) = rows_into(g.len(), 1, |span, [out, denoms]| {
-            denoms.extend(g[span.clone()].iter().map(|&g| 1.0 + (-g).exp()));
-            let e1 = denoms.written_from(0);
-            out.extend(
-                g[span.clone()]
-                    .iter()
-                    .zip(&u[span])
-                    .zip(e1.iter())
-                    .map(|((&g, u), &e1)| g / e1 * u),
-            )
-        })?;
+        let (out, denoms) = gate(g, u)?;
         // Run once per op; a second run (there is none) would recompute in `bwd`.
         let _ = self.saved.set(denoms);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -69,26 +59,14 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ([dg, du], _) = read(gate, |gs| {
+        let (dg, du) = read(gate, |gs| {
             read(up, |us| {
                 read(grad, |dy| {
                     if us.len() != gs.len() || dy.len() != gs.len() {
                         candle_core::bail!("{}: the gradient does not fit", self.name())
                     }
                     let saved = self.saved.get().filter(|e| e.len() == gs.len());
-                    rows_into(gs.len(), 1, |span, [dg, du]| {
-                        let saved = saved.map(|e| &e[span.clone()]);
-                        let (gs, us, dy) = (&gs[span.clone()], &us[span.clone()], &dy[span]);
-                        for (i, ((&g, &u), &d)) in gs.iter().zip(us).zip(dy).enumerate() {
-                            let e1 = match saved {
-                                Some(e) => e[i],
-                                None => 1.0 + (-g).exp(),
-                            };
-                            let (sigmoid, silu) = (1.0 / e1, g / e1);
-                            dg.extend([d * u * (sigmoid * (1.0 - silu) + silu)]);
-                            du.extend([d * silu]);
-                        }
-                    })
+                    gate_grads(gs, us, dy, saved.map(|e| &e[..]))
                 })
             })
         })?;
@@ -98,4 +76,45 @@ impl CustomOp2 for SiluMul {
             Some(Tensor::from_vec(du, up.shape(), dev)?),
         ))
     }
+}
+
+/// `silu(g) · u` element by element, with each element's 1 + e^−g (kept for the
+/// backward pass, which then computes no `exp`).
+pub(super) fn gate(g: &[f32], u: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let ([out, denoms], _) = rows_into(g.len(), 1, |span, [out, denoms]| {
+        denoms.extend(g[span.clone()].iter().map(|&g| 1.0 + (-g).exp()));
+        let e1 = denoms.written_from(0);
+        out.extend(
+            g[span.clone()]
+                .iter()
+                .zip(&u[span])
+                .zip(e1.iter())
+                .map(|((&g, u), &e1)| g / e1 * u),
+        )
+    })?;
+    Ok((out, denoms))
+}
+
+/// [`gate`]'s gradients for `dy`, from the kept 1 + e^−g when given (else recomputed):
+/// with σ = σ(g) and s = g·σ, d gate = dy·up·(σ(1 − s) + s), d up = dy·s.
+pub(super) fn gate_grads(
+    gs: &[f32],
+    us: &[f32],
+    dy: &[f32],
+    saved: Option<&[f32]>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let ([dg, du], _) = rows_into(gs.len(), 1, |span, [dg, du]| {
+        let saved = saved.map(|e| &e[span.clone()]);
+        let (gs, us, dy) = (&gs[span.clone()], &us[span.clone()], &dy[span]);
+        for (i, ((&g, &u), &d)) in gs.iter().zip(us).zip(dy).enumerate() {
+            let e1 = match saved {
+                Some(e) => e[i],
+                None => 1.0 + (-g).exp(),
+            };
+            let (sigmoid, silu) = (1.0 / e1, g / e1);
+            dg.extend([d * u * (sigmoid * (1.0 - silu) + silu)]);
+            du.extend([d * silu]);
+        }
+    })?;
+    Ok((dg, du))
 }
