@@ -160,9 +160,9 @@ fn dense_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: LinearOp) -> Result<
 }
 
 /// `residual + x · Wᵀ` for a torch `Linear` weight `w` `[out, in]` without bias, and
-/// `residual` of the output's shape (a transformer's residual stream): one gemm onto a
-/// copy of the residual. Written out, the sum is one more op, whose backward zeroes
-/// and adds a gradient for both of its inputs.
+/// `residual` of the output's shape (a transformer's residual stream): the product,
+/// then the residual added in place, in one op. Written out, the sum is one more op,
+/// whose backward zeroes and adds a gradient for both of its inputs.
 pub(crate) fn linear_residual(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
     let fits = match (
         w.dims(),
@@ -369,7 +369,7 @@ impl CustomOp3 for LinearOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let output = match self.residual {
@@ -386,7 +386,7 @@ impl CustomOp3 for LinearOp {
         let grad = match &self.mask {
             None => grad,
             Some(mask) => {
-                undropped = mask.bwd(grad, _res, grad)?.ok_or_else(|| {
+                undropped = mask.bwd(grad, res, grad)?.ok_or_else(|| {
                     candle_core::Error::Msg(format!(
                         "{}: no gradient from the dropout",
                         self.name()
@@ -403,7 +403,7 @@ impl CustomOp3 for LinearOp {
                 let Some(pre) = kept.get() else {
                     candle_core::bail!("{}: a backward pass without its forward pass", self.name())
                 };
-                pre_grad = gelu.bwd(pre, _res, grad)?.ok_or_else(|| {
+                pre_grad = gelu.bwd(pre, res, grad)?.ok_or_else(|| {
                     candle_core::Error::Msg(format!("{}: no gradient from the GELU", self.name()))
                 })?;
                 &pre_grad
