@@ -607,11 +607,7 @@ pub(crate) fn packed_attention(
 ) -> Result<Tensor> {
     let h = (heads, kv_heads);
     if fused::sdpa_packed_fits(qkv, widths, h, bias, rotary) && p < 1.0 {
-        let n = qkv.dim(0)? * heads * qkv.dim(1)? * qkv.dim(1)?;
-        let mask = match rng {
-            Some(rng) if p > 0.0 => Some(rng.dropout_values(n, p)),
-            _ => None,
-        };
+        let mask = attention_dropout(rng, qkv.dim(0)? * heads * qkv.dim(1)? * qkv.dim(1)?, p);
         return fused::sdpa_packed(qkv, widths, h, bias, scale, mask, rotary);
     }
     let (eq, ek, ev) = widths;
@@ -619,6 +615,15 @@ pub(crate) fn packed_attention(
     let k = qkv.narrow(2, eq, ek)?;
     let v = qkv.narrow(2, eq + ek, ev)?;
     attend((&q, &k, &v), rotary, h, bias, scale, p, rng)
+}
+
+/// Dropout's values for `n` attention probabilities while training with `p` > 0
+/// (drawn as [`dropout`] draws them), else none.
+fn attention_dropout(rng: Option<&mut Rng>, n: usize, p: f64) -> Option<Vec<f32>> {
+    match rng {
+        Some(rng) if p > 0.0 => Some(rng.dropout_values(n, p)),
+        _ => None,
+    }
 }
 
 fn attend(
@@ -632,11 +637,7 @@ fn attend(
 ) -> Result<Tensor> {
     // One fused op where it applies (dropout's values drawn as `dropout` draws them).
     if fused::sdpa_fits(q, k, v, (heads, kv_heads), bias, rotary) && p < 1.0 {
-        let n = q.dim(0)? * heads * q.dim(1)? * k.dim(1)?;
-        let mask = match rng {
-            Some(rng) if p > 0.0 => Some(rng.dropout_values(n, p)),
-            _ => None,
-        };
+        let mask = attention_dropout(rng, q.dim(0)? * heads * q.dim(1)? * k.dim(1)?, p);
         return fused::sdpa((q, k, v), (heads, kv_heads), bias, scale, mask, rotary);
     }
     if let Some(r) = rotary {
